@@ -1,0 +1,188 @@
+"""The shared numerics harness: a persistent group of gloo workers, and the comparison
+of a parallel module against the unsharded original (outputs and every gradient).
+
+Starting processes costs seconds; a test or a hypothesis example costs milliseconds. So
+the workers are started once per test session and fed jobs: ``pool.run(fn, *args)`` runs
+``fn(rank, *args)`` on every rank (``fn`` must be importable: a module-level function) and
+returns the per-rank results. A job that fails on some ranks only, or hangs, gets the
+pool restarted so the next job starts clean.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import tempfile
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+JOB_TIMEOUT_S = 300.0
+_MESHES: dict[tuple, Any] = {}
+
+
+class WorkerError(RuntimeError):
+    """A job raised on a worker; carries that worker's traceback text."""
+
+
+def _serve(rank: int, world: int, store_path: str, jobs: Any, results: Any) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            results.put((rank, True, fn(rank, *args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
+            results.put((rank, False, (type(e).__name__, str(e), traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self._procs: list[Any] = []
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._tmp = tempfile.mkdtemp(prefix="tpc-pool-")
+        self._jobs = [ctx.Queue() for _ in range(self.world)]
+        self._results = ctx.Queue()
+        store = os.path.join(self._tmp, "store")
+        self._procs = [ctx.Process(target=_serve, args=(r, self.world, store, self._jobs[r],
+                                                        self._results), daemon=True)
+                       for r in range(self.world)]
+        for p in self._procs:
+            p.start()
+
+    def close(self) -> None:
+        for q in self._jobs:
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001
+                pass
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def restart(self) -> None:
+        for p in self._procs:
+            p.kill()
+        self.restarts += 1
+        self._start()
+
+    def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list[Any]:
+        """``[fn(rank, *args, **kwargs) for each rank]``, run concurrently on the workers.
+        Raises ``WorkerError`` (or the exception type named ``expect``) if a rank raised."""
+        for q in self._jobs:
+            q.put((fn, args, kwargs))
+        got: dict[int, tuple[bool, Any]] = {}
+        try:
+            while len(got) < self.world:
+                rank, ok, val = self._results.get(timeout=JOB_TIMEOUT_S)
+                got[rank] = (ok, val)
+        except queue.Empty:
+            self.restart()
+            raise WorkerError(f"job {fn.__name__} timed out after {JOB_TIMEOUT_S}s "
+                              f"(ranks done: {sorted(got)}); pool restarted") from None
+        failed = {r: v for r, (ok, v) in got.items() if not ok}
+        if failed:
+            if len(failed) < self.world:
+                self.restart()  # the others may have left collectives half done
+            r, (name, msg, tb) = min(failed.items())
+            raise WorkerError(f"rank {r} raised {name}: {msg}\n{tb}")
+        return [got[r][1] for r in range(self.world)]
+
+
+# ----------------------------------------------------------------------------- on a worker
+
+def mesh(shape: tuple[int, ...], names: tuple[str, ...] | None = None) -> Any:
+    """A cached DeviceMesh on this worker (new process groups are costly to create)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    key = (shape, names)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    return _MESHES[key]
+
+
+def tp_mesh(tp: int) -> Any:
+    """A 1-D tensor-parallel mesh of size ``tp`` carved out of the whole world (ranks in
+    other slices run the same job on their own slice)."""
+    world = dist.get_world_size()
+    if tp == world:
+        return mesh((tp,), ("tp",))
+    return mesh((world // tp, tp), ("rep", "tp"))["tp"]
+
+
+@dataclass
+class Report:
+    """The worst relative error of the outputs and of each parameter's gradient."""
+
+    output_err: float
+    grad_errs: dict[str, float]
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        name, err = max(self.grad_errs.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        return (name, err) if err > self.output_err else ("<output>", self.output_err)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, the floor of the denominator at 1e-6 (for all-zero b)."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float("inf")
+    scale = max(b.abs().max().item() if b.numel() else 0.0, 1e-6)
+    return (a - b).abs().max().item() / scale if b.numel() else 0.0
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """A loss that weighs every output element differently, so no gradient is symmetric."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    total = 0
+    for o in outs:
+        w = torch.linspace(0.5, 1.5, o.numel(), dtype=torch.float64).view(o.shape)
+        total = total + (o.double().pow(2) * w).sum() / o.numel()
+    return total  # type: ignore[return-value]
+
+
+def compare(ref: torch.nn.Module, par: torch.nn.Module, inputs: tuple,
+            loss_fn: Callable[[Any], torch.Tensor] = default_loss) -> Report:
+    """Forward and backward both modules on ``inputs``; compare outputs and every grad.
+    Parameters are matched by name; one missing on either side fails the comparison."""
+    out_ref, out_par = ref(*inputs), par(*inputs)
+    loss_fn(out_ref).backward()
+    loss_fn(out_par).backward()
+    o_ref = out_ref if isinstance(out_ref, (tuple, list)) else (out_ref,)
+    o_par = out_par if isinstance(out_par, (tuple, list)) else (out_par,)
+    out_err = max(rel_err(full(a), b) for a, b in zip(o_par, o_ref))
+    ref_params = dict(ref.named_parameters())
+    par_params = dict(par.named_parameters())
+    if set(ref_params) != set(par_params):
+        raise AssertionError(f"parameter names differ: {set(ref_params) ^ set(par_params)}")
+    errs = {}
+    for name, p in ref_params.items():
+        q = par_params[name]
+        if p.grad is None or q.grad is None:
+            errs[name] = 0.0 if p.grad is None and q.grad is None else float("inf")
+            continue
+        errs[name] = rel_err(full(q.grad), p.grad)
+    return Report(out_err, errs)

@@ -1,0 +1,53 @@
+"""Jobs the worker pool runs (module level, so they pickle by reference)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import tpcompile
+from models.llama2 import Transformer, config
+from models.toy import GatedMLPStack, ToyModel
+from tests.harness import compare, full, tp_mesh
+
+
+def build(name: str, seed: int = 0, **kw: Any) -> tuple[nn.Module, tuple]:
+    """A model and inputs, identical on every rank (same seed)."""
+    torch.manual_seed(seed)
+    if name == "toy":
+        return ToyModel(), (torch.randn(4, 10),)
+    if name == "gated":
+        dtype = getattr(torch, kw.get("dtype", "float32"))
+        m = GatedMLPStack(dim=kw.get("dim", 32), hidden=kw.get("hidden", 64),
+                          n_layers=kw.get("n_layers", 3), bias=kw.get("bias", True)).to(dtype)
+        return m, (torch.randn(2, kw.get("seq", 8), kw.get("dim", 32), dtype=dtype),)
+    if name == "llama":
+        args = config("debug", **kw)
+        m = Transformer(args)
+        m.init_weights(seed)
+        return m, (torch.randint(0, args.vocab_size, (2, 8)),)
+    raise KeyError(name)
+
+
+def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,
+             seq: int | None = None, **options: Any) -> dict:
+    ref, inputs = build(name, **(kw or {}))
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp,
+                                     **options)
+    if seq is not None:  # run at a sequence length other than the traced one
+        torch.manual_seed(5)
+        inputs = (torch.randint(0, ref.args.vocab_size, (3, seq)),)
+    rep = compare(ref, par, inputs)
+    return {"output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+def weights_roundtrip(rank: int, tp: int) -> dict:
+    ref, _ = build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp))
+    ref_sd, par_sd = ref.state_dict(), par.state_dict()
+    equal = {k: bool(torch.equal(full(par_sd[k]), v)) for k, v in ref_sd.items() if k in par_sd}
+    return {"ref_keys": list(ref_sd), "par_keys": list(par_sd), "equal": equal}

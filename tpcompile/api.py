@@ -1,0 +1,128 @@
+"""``auto_parallelize``: trace -> analyze -> plan -> rewrite -> distribute, in that order.
+
+Everything that can fail runs before the first change to the user's model; the commit
+at the end only swaps parameters for DTensors and installs the rewritten forwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
+
+from .errors import PlanError, TPCompileError
+from .plan import Compiled, Plan, Unit, compile_model
+from .rewrite import Rewritten, install, rewrite
+
+_PLACEMENT = {
+    ("colwise", "weight"): Shard(0), ("colwise", "bias"): Shard(0),
+    ("rowwise", "weight"): Shard(1), ("vocab_parallel", "weight"): Shard(0),
+}
+
+
+def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
+    """(tp mesh, dp mesh or None) from a 1-D mesh or a 2-D ("dp", "tp") mesh."""
+    if mesh.ndim == 1:
+        return mesh, None
+    names = mesh.mesh_dim_names
+    if mesh.ndim == 2 and names is not None and set(names) == {"dp", "tp"}:
+        return mesh["tp"], mesh["dp"]
+    raise TPCompileError(
+        f"mesh {mesh} must be 1-D (all tensor parallel) or 2-D with mesh_dim_names "
+        f"('dp', 'tp'); got ndim={mesh.ndim}, names={names}"
+    )
+
+
+def load_plan(plan: Plan | str | Path | None) -> Plan | None:
+    if plan is None or isinstance(plan, Plan):
+        return plan
+    from .plan_io import load
+    return load(plan)
+
+
+def placements_for(unit: Unit, member: str, module: nn.Module) -> dict[str, list[Placement]]:
+    """Absolute parameter name -> placements on the tp mesh, for one traced member."""
+    out: dict[str, list[Placement]] = {}
+    for rel, style in unit.styles.items():
+        layer = module.get_submodule(rel)
+        for pname, _ in layer.named_parameters(recurse=False):
+            full = f"{member}.{rel}.{pname}" if member else f"{rel}.{pname}"
+            out[full] = [_PLACEMENT.get((style, pname), Replicate())]
+    return out
+
+
+def distribute_parameters(model: nn.Module, placements: dict[str, list[Placement]],
+                          tp_mesh: DeviceMesh) -> None:
+    """Swap every parameter for a DTensor on the tp mesh (sharded where the plan says,
+    replicated elsewhere). New values are all made first, then set, so a failure midway
+    leaves the model as it was."""
+    new: list[tuple[nn.Module, str, nn.Parameter]] = []
+    for name, p in model.named_parameters():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        pl = placements.get(name, [Replicate()])
+        dt = distribute_tensor(p.detach(), tp_mesh, pl)
+        new.append((owner, attr, nn.Parameter(dt, requires_grad=p.requires_grad)))
+    for owner, attr, param in new:
+        owner.register_parameter(attr, param)
+
+
+def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tuple | None = None,
+                     sequence_parallel: bool = True, plan: Plan | str | Path | None = None,
+                     on_indivisible: str = "error", tracer: str = "fx",
+                     **fsdp_kwargs: Any) -> nn.Module:
+    """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
+
+    The returned module takes the same inputs as ``model`` (full tensors on every rank)
+    and returns the same full outputs on every tp rank; gradients of every parameter
+    equal the unsharded model's. On failure the model is left untouched.
+    """
+    tp_mesh, dp_mesh = split_mesh(mesh)
+    tp = tp_mesh.size()
+    compiled = compile_model(model, tp=tp, sequence_parallel=sequence_parallel,
+                             example_inputs=example_inputs, on_indivisible=on_indivisible,
+                             given=load_plan(plan), tracer=tracer)  # type: ignore[arg-type]
+    group = tp_mesh.get_group().group_name
+    programs = _rewrite_all(compiled, tp, group)
+    placements: dict[str, list[Placement]] = {}
+    for unit in compiled.units:
+        for member in unit.members:
+            placements.update(placements_for(unit, member, model.get_submodule(member)))
+    distribute_parameters(model, placements, tp_mesh)
+    for unit, rw in zip(compiled.units, programs):
+        for member in unit.members:
+            install(model.get_submodule(member), rw)
+    model.__dict__["_tpcompile_plan"] = compiled.plan
+    if dp_mesh is not None:
+        from .distribute import apply_fsdp
+        apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
+    elif fsdp_kwargs:
+        raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh")
+    return model
+
+
+def _rewrite_all(compiled: Compiled, tp: int, group: str) -> list[Rewritten]:
+    out = []
+    for u in compiled.units:
+        try:
+            out.append(rewrite(u.gm, u.prop, u.styles, u.q_nodes, tp, group, u.contracts))
+        except PlanError:
+            raise
+        except Exception as e:  # a bug of ours must not look like the user's fault
+            raise PlanError(f"internal error rewriting {u.plan.path or 'the root'}: {e}") from e
+    return out
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan a module was parallelized with."""
+    p = model.__dict__.get("_tpcompile_plan")
+    if p is None:
+        raise TPCompileError("this module was not made by tpcompile.auto_parallelize")
+    return p
+
+
+__all__ = ["auto_parallelize", "plan_of", "split_mesh", "torch"]

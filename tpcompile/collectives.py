@@ -1,0 +1,218 @@
+"""Functions the rewritten graphs call: layout conversions with the right backward.
+
+Each conversion is a pair (forward collective, backward collective), built on
+``torch.distributed._functional_collectives`` so that every collective is a c10d
+functional op (visible to a ``TorchDispatchMode`` and to compilers). The process group
+is named by its c10d group name, a string, so the graphs print and pickle.
+
+    conversion          forward             backward        used for
+    enter   R -> E      identity            all-reduce      input of colwise layers
+    all_reduce P -> R   all-reduce          identity        output of rowwise layers
+    sp_gather Q -> E    all-gather(seq)     reduce-scatter  colwise input under SP
+    reduce_scatter P->Q reduce-scatter(seq) all-gather      rowwise output under SP
+    split  R -> S/Q     keep local chunk    all-gather      replicated -> sharded
+    gather S/Q -> R     all-gather          keep chunk      sharded -> replicated consumers
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from .errors import RuntimeShapeError
+
+
+@lru_cache(maxsize=None)
+def _pg(group: str) -> dist.ProcessGroup:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(group)
+
+
+def _rank(group: str) -> int:
+    return dist.get_rank(_pg(group))
+
+
+def _size(group: str) -> int:
+    return dist.get_world_size(_pg(group))
+
+
+# torch >= 2.12 names these *_single; older releases only have the *_tensor spellings
+_gather_fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_scatter_fn = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
+def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return funcol.wait_tensor(_gather_fn(x.contiguous(), dim, group))
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    _check_divisible(x, dim, group, "reduce-scatter")
+    return funcol.wait_tensor(_scatter_fn(x.contiguous(), "sum", dim, group))
+
+
+def _chunk(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    _check_divisible(x, dim, group, "split")
+    return x.chunk(_size(group), dim)[_rank(group)].contiguous()
+
+
+def _check_divisible(x: torch.Tensor, dim: int, group: str, what: str) -> None:
+    n = _size(group)
+    if x.shape[dim] % n:
+        raise RuntimeShapeError(
+            f"sequence parallelism: cannot {what} a tensor of shape {list(x.shape)} along "
+            f"dim {dim} over tp = {n} ranks ({x.shape[dim]} % {n} != 0). Use a sequence "
+            f"length divisible by {n}, or sequence_parallel=False."
+        )
+
+
+class _Enter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: str) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return _all_reduce(g, ctx.group), None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: str) -> torch.Tensor:
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return g, None
+
+
+def _pair(fwd: Any, bwd: Any, name: str) -> type:
+    """An autograd Function whose forward is ``fwd(x, dim, group)`` and backward ``bwd``."""
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        return fwd(x, dim, group)
+
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return bwd(g, ctx.dim, ctx.group), None, None
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_SpGather = _pair(_all_gather, _reduce_scatter, "_SpGather")
+_ReduceScatter = _pair(_reduce_scatter, _all_gather, "_ReduceScatter")
+_Split = _pair(_chunk, _all_gather, "_Split")
+_Gather = _pair(_all_gather, _chunk, "_Gather")
+
+
+def enter(x: torch.Tensor, group: str) -> torch.Tensor:
+    return _Enter.apply(x, group)
+
+
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    return _AllReduce.apply(x, group)
+
+
+def sp_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return _SpGather.apply(x, dim, group)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return _ReduceScatter.apply(x, dim, group)
+
+
+def split(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return _Split.apply(x, dim, group)
+
+
+def gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return _Gather.apply(x, dim, group)
+
+
+class _SyncGrads(torch.autograd.Function):
+    """Identity on replicated parameters read by sequence-sharded activations; in backward
+    their gradients are partial per rank, so they are summed over tp, all in one
+    all-reduce."""
+
+    @staticmethod
+    def forward(ctx: Any, group: str, *ps: torch.Tensor) -> tuple:
+        ctx.group = group
+        ctx.meta = [(p.shape, p.dtype) for p in ps]
+        return tuple(p.view_as(p) for p in ps)
+
+    @staticmethod
+    def backward(ctx: Any, *gs: torch.Tensor) -> tuple:
+        grads = [torch.zeros(s, dtype=d, device=_device(gs)) if g is None else g
+                 for g, (s, d) in zip(gs, ctx.meta)]
+        flat = _all_reduce(torch.cat([g.reshape(-1) for g in grads]), ctx.group)
+        out, i = [], 0
+        for g in grads:
+            out.append(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+        return (None, *out)
+
+
+def _device(gs: Sequence[Any]) -> torch.device:
+    return next(g.device for g in gs if g is not None)
+
+
+def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
+    return _SyncGrads.apply(group, *ps)
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, group: str) -> torch.Tensor:
+    """Embedding with the vocabulary split over tp: rows outside this rank's range give
+    zeros, so the per-rank results are partial sums of the full lookup."""
+    rows = weight.shape[0]
+    start = _rank(group) * rows
+    outside = (ids < start) | (ids >= start + rows)
+    out = F.embedding((ids - start).masked_fill(outside, 0), weight)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def module_call(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Run a leaf module tpcompile has no rule for, replicated, on local parameters."""
+    params = {n: local(p) for n, p in mod.named_parameters()}
+    return torch.func.functional_call(mod, params, args, kwargs)
+
+
+def logical_shape(x: torch.Tensor, dim: int, tp: int) -> torch.Size:
+    """The shape of the full tensor a shard stands for (what the original code saw)."""
+    s = list(x.shape)
+    s[dim] *= tp
+    return torch.Size(s)
+
+
+def logical_size(x: torch.Tensor, dim: int, tp: int, *args: Any) -> Any:
+    s = logical_shape(x, dim, tp)
+    return s[args[0]] if args else s
+
+
+def logical_numel(x: torch.Tensor, dim: int, tp: int) -> int:
+    return x.numel() * tp
+
+
+def localize_shape(sizes: Sequence[int], pos: int, tp: int) -> tuple:
+    """Sizes for a view of a shard: the sharded position divided by tp (-1 stays)."""
+    out = list(sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes)
+    if out[pos] != -1:
+        out[pos] = out[pos] // tp
+    return tuple(out)
+
+
+COLLECTIVE_HELPERS = (enter, all_reduce, sp_gather, reduce_scatter, split, gather, sync_grads)

@@ -1,0 +1,60 @@
+"""Count the collectives a program runs, by kind, with their bytes.
+
+Every collective tpcompile inserts (and every one DTensor issues) is a c10d functional
+op, so a ``TorchDispatchMode`` sees each of them, in forward and in backward alike.
+
+    with CollectiveCounter() as c:
+        loss = model(x).sum()
+    c.counts   # {"all_reduce": 2}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# c10d functional op name -> kind; the in-place c10d ops DTensor/FSDP may use are counted too
+_KINDS = {
+    "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
+    "all_gather_into_tensor": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "all_to_all_single": "all_to_all", "broadcast": "broadcast",
+    "allreduce_": "all_reduce", "_allgather_base_": "all_gather", "allgather_": "all_gather",
+    "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
+    "broadcast_": "broadcast",
+}
+
+
+@dataclass
+class CollectiveCounter(TorchDispatchMode):
+    """Counts collectives by kind; ``bytes`` sums the size of each one's input."""
+
+    counts: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    log: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        ns = func.namespace
+        if ns in ("_c10d_functional", "c10d_functional", "c10d"):
+            kind = _KINDS.get(func._opname)
+            if kind is not None:
+                t = next((x for x in tree_leaves(args) if isinstance(x, torch.Tensor)), None)
+                self.counts[kind] += 1
+                if t is not None:
+                    self.bytes[kind] += t.numel() * t.element_size()
+                    self.log.append((kind, tuple(t.shape)))
+        return func(*args, **(kwargs or {}))
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.bytes.clear()
+        self.log.clear()

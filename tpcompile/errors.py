@@ -1,0 +1,35 @@
+"""Error types. Every message names the layer, the numbers involved and the fix."""
+
+from __future__ import annotations
+
+
+class TPCompileError(Exception):
+    """Base class of every error tpcompile raises on purpose."""
+
+
+class TraceError(TPCompileError):
+    """The model (or one of its blocks) could not be traced into a graph."""
+
+
+class IndivisibleError(TPCompileError):
+    """A dimension that must be split over the tensor-parallel ranks is not divisible."""
+
+    def __init__(self, layer: str, what: str, size: int, tp: int) -> None:
+        self.layer, self.what, self.size, self.tp = layer, what, size, tp
+        super().__init__(
+            f"{layer}: {what} = {size} is not divisible by tp = {tp}. "
+            f"Pick a tp that divides {size}, change the layer's width, or pass "
+            f"on_indivisible='replicate' to keep this segment replicated."
+        )
+
+
+class PlanError(TPCompileError):
+    """A plan (detected or given) is inconsistent with the model's graph."""
+
+
+class UnsupportedError(TPCompileError):
+    """The model uses a construct tpcompile cannot parallelize safely."""
+
+
+class RuntimeShapeError(TPCompileError):
+    """An input at run time cannot be split the way the compiled program needs."""

@@ -1,0 +1,219 @@
+"""Stage 3: the Plan, a pydantic value that says everything the rewrite will do.
+
+``compile_model`` runs trace -> analyze for the root module and, recursively, once per
+distinct block signature; it returns the Plan plus the traced graphs the rewrite needs.
+Nothing here touches the user's model or needs a process group.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import analyze as A
+from .analyze import Contract, Propagation
+from .trace import TracerName, block_signature, find_blocks, propagate_shapes, synthesize_inputs, trace
+
+Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SegmentPlan(_Model):
+    kind: Literal["mlp", "gated_mlp", "attention", "head", "generic"]
+    colwise: list[str]
+    rowwise: list[str] = []
+
+
+class NotePlan(_Model):
+    layer: str
+    reason: str
+
+
+class ModulePlan(_Model):
+    """The plan of one traced module: the root (``path=""``) or a group of identical
+    blocks (``path="layers.*"``). Layer names in ``styles`` are relative to the module."""
+
+    path: str
+    members: list[str]
+    module_type: str
+    styles: dict[str, Style] = {}
+    segments: list[SegmentPlan] = []
+    inputs: list[Literal["R", "Q"]] = []
+    output: Literal["R", "Q"] = "R"
+    notes: list[NotePlan] = []
+
+
+class Plan(_Model):
+    version: Literal[1] = 1
+    tracer: TracerName = "fx"
+    tp: int = Field(ge=1)
+    sequence_parallel: bool = True
+    mesh_dim_names: tuple[str, ...] = ("tp",)
+    modules: list[ModulePlan]
+
+    def layer_styles(self) -> dict[str, Style]:
+        """Absolute layer name -> style, every block expanded."""
+        out: dict[str, Style] = {}
+        for m in self.modules:
+            for member in m.members:
+                for rel, style in m.styles.items():
+                    out[f"{member}.{rel}" if member else rel] = style
+        return dict(sorted(out.items()))
+
+    def module_for(self, path: str) -> ModulePlan | None:
+        return next((m for m in self.modules if path in m.members), None)
+
+    def notes(self) -> list[NotePlan]:
+        return [n for m in self.modules for n in m.notes]
+
+
+@dataclass
+class Unit:
+    """One traced module and everything the rewrite needs for it."""
+
+    gm: fx.GraphModule
+    prop: Propagation
+    styles: dict[str, str]
+    q_nodes: set[fx.Node]
+    contracts: dict[str, Contract]
+    contract: Contract | None
+    plan: ModulePlan
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Compiled:
+    plan: Plan
+    units: list[Unit]
+    seconds: float
+
+
+def _group_path(members: list[str], blocks_by_parent: dict[str, int]) -> str:
+    if len(members) <= 1:
+        return members[0] if members else ""
+    parent = members[0].rsplit(".", 1)[0]
+    same = all(m.rsplit(".", 1)[0] == parent for m in members)
+    return f"{parent}.*" if same and blocks_by_parent.get(parent) == len(members) else members[0]
+
+
+def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
+                  example_inputs: tuple | None = None, on_indivisible: str = "error",
+                  given: Plan | None = None, tracer: TracerName = "fx") -> Compiled:
+    if on_indivisible not in ("error", "replicate"):
+        raise ValueError("on_indivisible must be 'error' or 'replicate'")
+    t0 = time.perf_counter()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    units: dict[Any, Unit] = {}
+    order: list[Any] = []
+    parents: dict[str, int] = {}
+
+    def process(module: nn.Module, path: str, args: tuple, kwargs: dict, is_root: bool,
+                key: Any) -> tuple[Unit, Any]:
+        gm = trace(module, tracer=tracer, where=path or type(module).__name__)
+        blocks = find_blocks(module)
+        for rel in blocks:
+            parent = f"{path}.{rel}".strip(".").rsplit(".", 1)[0]
+            parents[parent] = parents.get(parent, 0) + 1
+        sigs = {rel: block_signature(b) for rel, b in blocks.items()}
+        contracts: dict[str, Contract] = {}
+        outs: dict[Any, Any] = {}
+
+        def on_block(target: str, a: tuple, k: dict) -> Any:
+            sig = sigs[target]
+            member = f"{path}.{target}".strip(".")
+            if sig not in units:
+                unit, out = process(blocks[target], member, a, k, False, sig)
+                outs[(sig, _shapes(a))] = out
+            units[sig].members.append(member)
+            contracts[target] = units[sig].contract  # type: ignore[assignment]
+            if (sig, _shapes(a)) not in outs:
+                with mode:
+                    outs[(sig, _shapes(a))] = blocks[target](*a, **k)
+            return outs[(sig, _shapes(a))]
+
+        if is_root and not args:
+            args = synthesize_inputs(model, gm, batch=2, seq=2 * max(tp, 1))
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) and not
+                          isinstance(a, torch._subclasses.FakeTensor) else a for a in args)
+        out = propagate_shapes(gm, fake_args, mode, set(blocks), on_block, where=path)
+        unit = _analyze(gm, module, path, contracts, tp, sequence_parallel, on_indivisible,
+                        is_root, given)
+        units[key] = unit
+        order.append(key)
+        return unit, out
+
+    process(model, "", tuple(example_inputs or ()), {}, True, "<root>")
+    units["<root>"].members.append("")
+    plans = []
+    for key in reversed(order):  # root first, then blocks in the order first met
+        u = units[key]
+        u.plan.members = list(u.members)
+        u.plan.path = _group_path(u.members, parents)
+        plans.append(u.plan)
+    plan = Plan(tracer=tracer, tp=tp, sequence_parallel=sequence_parallel, modules=plans)
+    return Compiled(plan, [units[k] for k in reversed(order)], time.perf_counter() - t0)
+
+
+def _shapes(a: tuple) -> tuple:
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in a)
+
+
+def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[str, Contract],
+             tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None) -> Unit:
+    prefix = f"{path}." if path else ""
+    notes: list[A.Note] = []
+    if given is not None:
+        mp = given.module_for(path)
+        styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
+        segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
+        try:
+            prop = A.propagate(gm, styles, tp, contracts=contracts)
+        except A.Unsafe as u:
+            raise A.PlanError(f"the given plan does not fit {path or 'the root'}: {u.reason}") from None
+    else:
+        styles, segments, notes = A.detect_segments(gm, contracts)
+        styles.update(A.embedding_styles(gm))
+        styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
+                                                      prefix, contracts)
+        for n in more:
+            warnings.warn(f"tpcompile: {prefix}{n.layer} {n.reason}", stacklevel=4)
+        notes += more
+        prop = A.propagate(gm, styles, tp, contracts=contracts)
+    A.apply_block_needs(gm, prop, contracts)
+    q = A.sequence_parallel(gm, prop, styles, contracts, is_root) if sp else set()
+    contract = None if is_root else A.block_contract(gm, prop)
+    all_styles: dict[str, Style] = dict(styles)  # type: ignore[arg-type]
+    for name in A.norm_layers(gm, q):
+        all_styles[name] = "sequence_parallel"
+    mp = ModulePlan(
+        path=path, members=[], module_type=type(module).__name__, styles=all_styles,
+        segments=[SegmentPlan(kind=s.kind, colwise=s.colwise, rowwise=s.rowwise) for s in segments],  # type: ignore[arg-type]
+        inputs=[l.kind if l.kind == "Q" else "R" for l in contract.inputs] if contract else [],  # type: ignore[misc]
+        output=contract.output.kind if contract and contract.output.kind == "Q" else "R",  # type: ignore[arg-type]
+        notes=[NotePlan(layer=n.layer, reason=n.reason) for n in notes],
+    )
+    return Unit(gm, prop, styles, q, contracts, contract, mp)
+
+
+def plan(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
+         example_inputs: tuple | None = None, on_indivisible: str = "error",
+         tracer: TracerName = "fx") -> Plan:
+    """Detect a tensor-parallel plan for ``model`` at tensor-parallel degree ``tp``.
+
+    Needs no process group and no real weights: a model built under
+    ``torch.device("meta")`` plans the same as a real one.
+    """
+    return compile_model(model, tp=tp, sequence_parallel=sequence_parallel,
+                         example_inputs=example_inputs, on_indivisible=on_indivisible,
+                         tracer=tracer).plan

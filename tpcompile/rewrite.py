@@ -1,0 +1,230 @@
+"""Stage 4: rewrite a traced graph into an SPMD graph on local shards.
+
+The new graph computes on plain local tensors. It reads each parameter through the
+live module (``self.attention.wq.weight``), takes its local shard (``p.to_local()``),
+and calls the conversions of :mod:`tpcompile.collectives` where a producer's layout
+differs from what its consumer needs. The generated Python is bound as ``forward`` of
+the original module objects, so parameter names, ``state_dict`` keys and module hooks
+(FSDP2's included) stay exactly the user's.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.node import map_arg
+
+from . import collectives as C
+from . import ops
+from .analyze import NORM_MODULES, Contract, Propagation, submodule
+from .errors import PlanError
+from .ops import Layout, R, info
+
+
+@dataclass
+class Rewritten:
+    graph: fx.Graph
+    forward: Callable  # unbound: forward(self, *args)
+    code: str
+
+
+def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -> fx.Node:
+    k = (src.kind, dst.kind)
+    if k == ("R", "E"):
+        return g.call_function(C.enter, (x, group))
+    if k == ("Q", "E"):
+        return g.call_function(C.sp_gather, (x, src.dim, group))
+    if src.sharded and dst.kind == "R":
+        return g.call_function(C.gather, (x, src.dim, group))
+    if src.kind == "R" and dst.sharded:
+        return g.call_function(C.split, (x, dst.dim, group))
+    raise PlanError(f"no conversion from {src} to {dst}")
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
+                 q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract]):
+        self.gm, self.prop, self.styles, self.q = gm, prop, styles, q_nodes
+        self.tp, self.group, self.contracts = tp, group, contracts
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.conv: dict[tuple[fx.Node, Layout], fx.Node] = {}
+        self.params: dict[str, fx.Node] = {}
+
+    # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
+    def _params(self) -> None:
+        names = dict(self.gm.named_parameters())
+        used: list[str] = []
+        sync: set[str] = set()
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and n.target in names:
+                used.append(n.target)
+                if any(u in self.q for u in n.users):
+                    sync.add(n.target)
+            mod = submodule(self.gm, n)
+            if mod is not None and n.target not in self.contracts and not self._opaque(mod):
+                for pn, _ in mod.named_parameters(recurse=False):
+                    full = f"{n.target}.{pn}"
+                    used.append(full)
+                    if n in self.q and (isinstance(mod, NORM_MODULES) or pn == "bias"):
+                        sync.add(full)
+        for name in dict.fromkeys(used):
+            self.params[name] = self.g.call_function(C.local, (self.g.get_attr(name),))
+        if sync:
+            order = [s for s in self.params if s in sync]
+            out = self.g.call_function(C.sync_grads, (self.group, *[self.params[s] for s in order]))
+            for i, s in enumerate(order):
+                self.params[s] = self.g.call_function(getattr(__import__("operator"), "getitem"), (out, i))
+
+    @staticmethod
+    def _opaque(mod: nn.Module) -> bool:
+        return not isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES))
+
+    # -- values with conversions
+    def value(self, p: fx.Node, consumer: fx.Node) -> Any:
+        v = self.env[p]
+        if not isinstance(v, fx.Node) or p.meta.get("tpc") is None:
+            return v
+        src = self.prop.layouts.get(p, R)
+        dst = self.prop.need.get(consumer, {}).get(p, R)
+        if src == dst:
+            return v
+        key = (p, dst)
+        if key not in self.conv:
+            self.conv[key] = _conversion(v, src, dst, self.g, self.group)
+        return self.conv[key]
+
+    def args(self, node: fx.Node) -> tuple[Any, Any]:
+        f = lambda p: self.value(p, node)  # noqa: E731
+        return map_arg(node.args, f), map_arg(node.kwargs, f)
+
+    # -- the walk
+    def build(self) -> fx.Graph:
+        nodes = list(self.gm.graph.nodes)
+        for n in nodes:
+            if n.op == "placeholder":
+                self.env[n] = self.g.node_copy(n, lambda x: self.env[x])
+        self._params()
+        for n in nodes:
+            if n.op == "placeholder":
+                continue
+            self.env[n] = self._node(n)
+        return self.g
+
+    def _node(self, n: fx.Node) -> Any:
+        g = self.g
+        if n.op == "get_attr":
+            return self.params.get(n.target) or g.get_attr(n.target)
+        if n.op == "output":
+            a, _ = self.args(n)
+            return g.output(a[0])
+        mod = submodule(self.gm, n)
+        if isinstance(mod, nn.Linear):
+            return self._linear(n, mod)
+        if isinstance(mod, nn.Embedding):
+            return self._embedding(n, mod)
+        if isinstance(mod, NORM_MODULES):
+            return self._norm(n, mod)
+        if mod is not None and n.target not in self.contracts and any(
+                True for _ in mod.parameters()):
+            a, k = self.args(n)
+            return g.call_function(C.module_call, (g.get_attr(n.target), *a), k)
+        src_lay = self._sharded_input(n)
+        if src_lay is not None and ops.is_meta_op(n):
+            return self._meta(n, src_lay)
+        lay = self.prop.layouts.get(n, R)
+        if lay.kind == "S" and n.op in ("call_method", "call_function") and (
+                n.target in ops.SIZED_METHODS or n.target in ops.SIZED_FUNCTIONS):
+            return self._sized_view(n, lay)
+        a, k = self.args(n)
+        return g.create_node(n.op, n.target, a, k, n.name)
+
+    def _sharded_input(self, n: fx.Node) -> Layout | None:
+        x = n.args[0] if n.args else None
+        if isinstance(x, fx.Node):
+            lay = self.prop.layouts.get(x, R)
+            return lay if lay.sharded else None
+        return None
+
+    def _linear(self, n: fx.Node, mod: nn.Linear) -> fx.Node:
+        g, style = self.g, self.styles.get(n.target)
+        x = self.value(n.args[0], n)
+        w, b = self.params[f"{n.target}.weight"], self.params.get(f"{n.target}.bias")
+        if style != "rowwise":
+            return g.call_function(F.linear, (x, w, b))
+        y = g.call_function(F.linear, (x, w, None))
+        y = self._reduce(n, y)
+        return g.call_function(torch.add, (y, b)) if b is not None else y
+
+    def _reduce(self, n: fx.Node, partial: fx.Node) -> fx.Node:
+        if n in self.q:
+            return self.g.call_function(C.reduce_scatter, (partial, 1, self.group))
+        return self.g.call_function(C.all_reduce, (partial, self.group))
+
+    def _embedding(self, n: fx.Node, mod: nn.Embedding) -> fx.Node:
+        ids, w = self.value(n.args[0], n), self.params[f"{n.target}.weight"]
+        if self.styles.get(n.target) == "vocab_parallel":
+            return self._reduce(n, self.g.call_function(C.vocab_embedding, (ids, w, self.group)))
+        return self.g.call_function(C.module_call, (self.g.get_attr(n.target), ids))
+
+    def _norm(self, n: fx.Node, mod: nn.Module) -> fx.Node:
+        x = self.value(n.args[0], n)
+        w, b = self.params.get(f"{n.target}.weight"), self.params.get(f"{n.target}.bias")
+        shape = tuple(mod.normalized_shape)
+        if isinstance(mod, nn.LayerNorm):
+            return self.g.call_function(F.layer_norm, (x, shape, w, b, mod.eps))
+        return self.g.call_function(F.rms_norm, (x, shape, w, mod.eps))
+
+    def _meta(self, n: fx.Node, lay: Layout) -> fx.Node:
+        x = self.env[n.args[0]]
+        g = self.g
+        if n.target == "numel":
+            return g.call_function(C.logical_numel, (x, lay.dim, self.tp))
+        if n.target == "size":
+            rest = map_arg(n.args[1:], lambda p: self.env[p])
+            return g.call_function(C.logical_size, (x, lay.dim, self.tp, *rest),
+                                   {k: self.env.get(v, v) for k, v in n.kwargs.items()})
+        if n.op == "call_function" and n.args[1] == "shape":
+            return g.call_function(C.logical_shape, (x, lay.dim, self.tp))
+        a, k = self.args(n)
+        return g.create_node(n.op, n.target, a, k, n.name)
+
+    def _sized_view(self, n: fx.Node, lay: Layout) -> fx.Node:
+        """``x.view(b, s, n_heads, hd)`` on a shard -> ``x.view(b, s, n_heads // tp, hd)``."""
+        x = self.value(n.args[0], n)
+        rest = map_arg(n.args[1:], lambda p: self.env[p])
+        if n.target == "unflatten":
+            d0 = ops.norm_dim(rest[0], info(n.args[0]).rank)  # type: ignore[union-attr]
+            sizes = self.g.call_function(C.localize_shape, (tuple(rest[1]), lay.dim - d0, self.tp))
+            return self.g.create_node(n.op, n.target, (x, rest[0], sizes), {}, n.name)
+        shape = rest[0] if len(rest) == 1 else tuple(rest)
+        if not shape and "shape" in n.kwargs:
+            shape = self.env.get(n.kwargs["shape"], n.kwargs["shape"])
+        if isinstance(shape, fx.Node):
+            shape = (shape,)
+        sizes = self.g.call_function(C.localize_shape, (tuple(shape), lay.dim, self.tp))
+        return self.g.create_node(n.op, n.target, (x, sizes), {}, n.name)
+
+
+def rewrite(gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
+            q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract]
+            ) -> Rewritten:
+    graph = _Builder(gm, prop, styles, q_nodes, tp, group, contracts).build()
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    scope: dict[str, Any] = dict(code.globals)
+    exec(compile(code.src, f"<tpcompile:{type(gm).__name__}>", "exec"), scope)
+    return Rewritten(graph, scope["forward"], code.src)
+
+
+def install(module: nn.Module, rw: Rewritten) -> None:
+    """Make ``module`` run the rewritten program (an instance attribute shadows the class
+    ``forward``; parameters are still looked up on the module at every call)."""
+    module.forward = types.MethodType(rw.forward, module)  # type: ignore[method-assign]
+    module.__dict__["_tpcompile_code"] = rw.code
