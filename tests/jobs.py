@@ -51,3 +51,34 @@ def weights_roundtrip(rank: int, tp: int) -> dict:
     ref_sd, par_sd = ref.state_dict(), par.state_dict()
     equal = {k: bool(torch.equal(full(par_sd[k]), v)) for k, v in ref_sd.items() if k in par_sd}
     return {"ref_keys": list(ref_sd), "par_keys": list(par_sd), "equal": equal}
+
+
+def collective_counts(rank: int, tp: int, sp: bool, n_layers: int) -> dict:
+    """Collectives by kind in one forward and in one backward of the Llama model."""
+    from tpcompile.counting import CollectiveCounter
+    ref, inputs = build("llama", n_layers=n_layers)
+    par = tpcompile.auto_parallelize(ref, tp_mesh(tp), sequence_parallel=sp)
+    with CollectiveCounter() as fwd:
+        out = par(*inputs)
+    with CollectiveCounter() as bwd:
+        out.pow(2).mean().backward()
+    return {"fwd": dict(fwd.counts), "bwd": dict(bwd.counts)}
+
+
+def indivisible(rank: int, tp: int, on_indivisible: str) -> dict:
+    """A gated MLP whose hidden width (6) is not divisible by tp=4."""
+    ref, inputs = build("gated", hidden=6)
+    model = copy.deepcopy(ref)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        par = tpcompile.auto_parallelize(model, tp_mesh(tp), on_indivisible=on_indivisible)
+    except tpcompile.TPCompileError as e:
+        same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        untouched = same and "forward" not in model.layers[0].__dict__ and not any(
+            type(p).__name__ == "DTensor" for p in model.parameters())
+        out_same = torch.equal(model(*inputs), ref(*inputs))
+        return {"error": type(e).__name__, "message": str(e), "untouched": untouched,
+                "out_same": out_same}
+    rep = compare(ref, par, inputs)
+    return {"output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}

@@ -1,0 +1,68 @@
+"""Bad input: a clear TPCompileError naming the layer, the numbers and the fix; or the
+announced fallback with correct numbers; and the user's model untouched after a failure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tpcompile
+from models.toy import GatedMLPStack
+from tests import jobs
+from tests.test_numerics import check
+
+
+def test_indivisible_error_names_layer_and_numbers(pool):
+    res = pool.run(jobs.indivisible, 4, "error")
+    for r in res:
+        assert r["error"] == "IndivisibleError"
+        msg = r["message"]
+        assert "layers.0.mlp.w1" in msg and "6" in msg and "tp = 4" in msg, msg
+        assert "on_indivisible='replicate'" in msg
+        assert r["untouched"] and r["out_same"]
+
+
+def test_indivisible_fallback_replicates_with_correct_numbers(pool):
+    res = pool.run(jobs.indivisible, 4, "replicate")
+    check(res)
+    styles = res[0]["styles"]
+    assert not any(v in ("colwise", "rowwise") for k, v in styles.items() if ".mlp." in k)
+
+
+def test_indivisible_plan_warns_and_records_note():
+    with pytest.warns(UserWarning, match="not divisible by tp = 4"):
+        p = tpcompile.plan(GatedMLPStack(hidden=6), tp=4, on_indivisible="replicate")
+    notes = p.notes()
+    assert notes and all("not divisible" in n.reason for n in notes)
+
+
+def test_bad_on_indivisible_value():
+    with pytest.raises(ValueError, match="on_indivisible"):
+        tpcompile.plan(GatedMLPStack(), tp=2, on_indivisible="ignore")
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if h.sum() > 0:  # control flow on a tensor value: not traceable
+            h = h.relu()
+        return self.down(h)
+
+
+def test_untraceable_names_construct_and_place():
+    with pytest.raises(tpcompile.TraceError) as e:
+        tpcompile.plan(DataDependent(), tp=2, example_inputs=(torch.randn(2, 8),))
+    msg = str(e.value)
+    assert "DataDependent" in msg and "test_errors.py" in msg and "h.sum() > 0" in msg
+
+
+def test_errors_are_tpcompile_errors():
+    for cls in (tpcompile.TraceError, tpcompile.IndivisibleError, tpcompile.PlanError,
+                tpcompile.UnsupportedError, tpcompile.RuntimeShapeError):
+        assert issubclass(cls, tpcompile.TPCompileError)

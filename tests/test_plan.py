@@ -1,0 +1,160 @@
+"""Planning: no process group, no real weights. Detection comes from dataflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tpcompile
+from models.llama2 import Transformer, config
+from models.toy import GatedMLPStack, ToyModel
+
+
+def megatron_llama_plan(n_layers: int) -> dict[str, str]:
+    """The hand-written Megatron / torchtitan Llama plan, as layer -> style."""
+    plan = {"tok_embeddings": "vocab_parallel", "norm": "sequence_parallel",
+            "output": "colwise"}
+    for i in range(n_layers):
+        for name in ("attention.wq", "attention.wk", "attention.wv",
+                     "feed_forward.w1", "feed_forward.w3"):
+            plan[f"layers.{i}.{name}"] = "colwise"
+        for name in ("attention.wo", "feed_forward.w2"):
+            plan[f"layers.{i}.{name}"] = "rowwise"
+        for name in ("attention_norm", "ffn_norm"):
+            plan[f"layers.{i}.{name}"] = "sequence_parallel"
+    return dict(sorted(plan.items()))
+
+
+def test_llama_plan_is_the_megatron_plan():
+    p = tpcompile.plan(Transformer(config("debug")), tp=2)
+    assert p.layer_styles() == megatron_llama_plan(2)
+    block = p.module_for("layers.0")
+    assert block is not None and block.path == "layers.*"
+    assert [s.kind for s in block.segments] == ["attention", "gated_mlp"]
+    assert block.inputs[0] == "Q" and block.output == "Q"  # blocks exchange seq shards
+
+
+def test_llama_plan_without_sequence_parallel():
+    p = tpcompile.plan(Transformer(config("debug")), tp=2, sequence_parallel=False)
+    expected = {k: v for k, v in megatron_llama_plan(2).items() if v != "sequence_parallel"}
+    assert p.layer_styles() == expected
+
+
+def test_repeated_blocks_are_analysed_once():
+    with torch.device("meta"):
+        model = Transformer(config("debug", n_layers=12))
+    p = tpcompile.plan(model, tp=2)
+    assert len(p.modules) == 2  # the root and one group for all 12 blocks
+    assert p.modules[1].members == [f"layers.{i}" for i in range(12)]
+
+
+def test_meta_model_plans_like_a_real_one():
+    real = tpcompile.plan(Transformer(config("debug")), tp=4)
+    with torch.device("meta"):
+        meta = tpcompile.plan(Transformer(config("debug")), tp=4)
+    assert real == meta
+
+
+def test_7b_meta_plan():
+    with torch.device("meta"):
+        model = Transformer(config("7B"))
+    p = tpcompile.plan(model, tp=8)
+    assert p.layer_styles() == megatron_llama_plan(32)
+
+
+def test_toy_model_plan():
+    p = tpcompile.plan(ToyModel(), tp=2, example_inputs=(torch.randn(4, 10),))
+    assert p.layer_styles() == {"in_proj": "colwise", "out_proj": "rowwise"}
+    assert p.modules[0].segments[0].kind == "mlp"
+
+
+def test_gated_stack_plan():
+    p = tpcompile.plan(GatedMLPStack(), tp=2)
+    s = p.layer_styles()
+    assert s["layers.2.mlp.w1"] == s["layers.2.mlp.w3"] == "colwise"
+    assert s["layers.2.mlp.w2"] == "rowwise"
+    assert s["layers.2.norm"] == s["norm"] == "sequence_parallel"
+
+
+class ExplicitAttention(nn.Module):
+    """q @ k^T -> softmax -> @ v, heads split with view/transpose, a biased projection."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.norm = nn.RMSNorm(dim)
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=True) for _ in range(3))
+        self.o = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k = self.k(h).view(b, s, self.heads, self.hd).transpose(1, 2)
+        v = self.v(h).view(b, s, -1, self.hd).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+        y = att.softmax(dim=-1) @ v
+        return x + self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_explicit_softmax_attention():
+    p = tpcompile.plan(ExplicitAttention(), tp=2, example_inputs=(torch.randn(2, 4, 32),))
+    assert p.layer_styles() == {"q": "colwise", "k": "colwise", "v": "colwise",
+                                "o": "rowwise", "norm": "sequence_parallel"}
+    assert p.modules[0].segments[0].kind == "attention"
+
+
+@pytest.mark.parametrize("act", [F.relu, F.gelu, F.silu, torch.tanh, nn.GELU("tanh")])
+def test_mlp_activations(act):
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), act, nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    p = tpcompile.plan(MLP(), tp=2, example_inputs=(torch.randn(2, 8),))
+    assert p.layer_styles() == {"fc1": "colwise", "fc2": "rowwise"}
+
+
+class Unsafe(nn.Module):
+    """The hidden activation is normalised over its features: a sum over the sharded dim,
+    which shards would get wrong; the analysis must leave it replicated and say why."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h / h.sum(-1, keepdim=True))
+
+
+def test_unsafe_structure_stays_replicated_with_reason():
+    p = tpcompile.plan(Unsafe(), tp=2, example_inputs=(torch.randn(2, 8),))
+    # fc1 stays replicated; fc2, the last layer, may still become a colwise head
+    assert "fc1" not in p.layer_styles()
+    reasons = " ".join(n.reason for n in p.notes())
+    assert "fc1" in " ".join(n.layer for n in p.notes()) and "sharded dim" in reasons
+
+
+def test_fused_qkv_is_not_split_with_a_plain_shard():
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).split(16, dim=-1)
+            return self.o(F.scaled_dot_product_attention(
+                q.unflatten(-1, (4, 4)).transpose(1, 2), k.unflatten(-1, (4, 4)).transpose(1, 2),
+                v.unflatten(-1, (4, 4)).transpose(1, 2)).transpose(1, 2).flatten(-2))
+
+    p = tpcompile.plan(Fused(), tp=2, example_inputs=(torch.randn(2, 4, 16),))
+    assert p.layer_styles().get("qkv") != "colwise"  # a plain Shard(0) would mix q, k, v
+    assert any("qkv" in n.layer for n in p.notes())
