@@ -122,8 +122,10 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
         except Unsafe as u:
             u.reason = f"{where(node)}: {u.reason}"
             raise
+        # A replicated operand of a sharded op gets a partial gradient on each rank (each
+        # computes only its slice of the output): it enters as E, summed over tp in backward.
         for p in ins:
-            res.need[node][p] = lay[p]
+            res.need[node][p] = lay[p] if lay[p].sharded else E
     return res
 
 
