@@ -66,3 +66,15 @@ def test_errors_are_tpcompile_errors():
     for cls in (tpcompile.TraceError, tpcompile.IndivisibleError, tpcompile.PlanError,
                 tpcompile.UnsupportedError, tpcompile.RuntimeShapeError):
         assert issubclass(cls, tpcompile.TPCompileError)
+
+
+def test_fewer_kv_heads_than_tp_is_refused_clearly():
+    from models.llama2 import Transformer, config
+    with pytest.raises(tpcompile.IndivisibleError) as e:
+        tpcompile.plan(Transformer(config("debug", n_kv_heads=1)), tp=4)
+    assert "layers.0.attention" in str(e.value) and "tp = 4" in str(e.value)
+    with pytest.warns(UserWarning, match="not divisible by tp = 4|stays replicated"):
+        p = tpcompile.plan(Transformer(config("debug", n_kv_heads=1)), tp=4,
+                           on_indivisible="replicate")
+    assert "layers.0.attention.wq" not in p.layer_styles()
+    assert p.layer_styles()["layers.0.feed_forward.w1"] == "colwise"  # the MLP still splits

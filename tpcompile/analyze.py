@@ -57,6 +57,7 @@ class Segment:
 class Note:
     layer: str
     reason: str
+    indivisible: tuple[str, int] | None = None  # the structure is fine, a size is not
 
 
 def submodule(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -201,7 +202,7 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
         if lin.target in styles:
             continue
         entries = {lin.target}
-        reason = ""
+        reason, indivisible = "", None
         for _ in range(len(linears) + 1):
             trial = dict(styles, **{e: "colwise" for e in entries})
             try:
@@ -212,7 +213,7 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
                 if new:
                     entries |= new
                     continue
-                reason = u.reason
+                reason, indivisible = u.reason, u.indivisible
                 break
             if res.found_rowwise and res.gathered_outputs:
                 reason = "its output leaves the block both through a Linear and directly"
@@ -224,7 +225,7 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
                 segments.append(_segment(gm, g, res, entries))
             break
         if reason and lin.target not in styles:
-            notes.append(Note(str(lin.target), f"replicated: {reason}"))
+            notes.append(Note(str(lin.target), f"replicated: {reason}", indivisible))
     return styles, segments, notes
 
 

@@ -214,13 +214,19 @@ def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int],
     return groups
 
 
-def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, name: str) -> int:
+def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, name: str,
+                 explicit: bool = True) -> int:
     for ga, gb in view_groups(a, b):
         if d not in ga:
             continue
         if [k for k in ga if a[k] != 1][:1] != [d]:
             raise Unsafe(f"{name}: reshape merges the sharded dim {d} of {list(a)} under "
                          f"an outer dim; the shards would interleave")
+        if explicit and len(gb) > 1 and b[gb[0]] == 1 and a[d] != 1:
+            # view(b, s, 1, head_dim): one head. The shard would have to split that 1.
+            raise Unsafe(f"{name}: reshape {list(a)} -> {list(b)} splits the sharded dim "
+                         f"into 1 group (a single head?), which cannot be split over tp",
+                         indivisible=(f"dim {gb[0]} of reshape to {list(b)}", 1))
         outer = [k for k in gb if b[k] != 1]
         if not outer:
             raise Unsafe(f"{name}: reshape drops the sharded dim")
@@ -242,7 +248,8 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
     a, b = info(src), info(node)
     assert a is not None and b is not None
-    return S(view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name))
+    explicit = node.target in ("view", "reshape", "unflatten", torch.reshape, torch.unflatten)
+    return S(view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name, explicit))
 
 
 @register("transpose", torch.transpose, "permute", torch.permute, "t", "mT")
@@ -376,6 +383,9 @@ def sdpa(node: fx.Node, ctx: Ctx) -> Layout:
             raise Unsafe(f"{node.name}: attention needs {n.name} sharded on heads",
                          demand=(n, heads))
         if lay.dim != heads:
+            if info(n).shape[heads] == 1:  # type: ignore[union-attr]
+                raise Unsafe(f"{node.name}: {n.name} has a single head, which cannot be "
+                             "split over tp", indivisible=("heads", 1))
             raise Unsafe(f"{node.name}: {n.name} sharded on dim {lay.dim}, not the heads dim")
     mask = arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node) and not ctx.of(mask).sharded:

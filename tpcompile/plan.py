@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from . import analyze as A
 from .analyze import Contract, Propagation
+from .errors import IndivisibleError
 from .trace import TracerName, block_signature, find_blocks, propagate_shapes, synthesize_inputs, trace
 
 Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
@@ -183,6 +184,7 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
             raise A.PlanError(f"the given plan does not fit {path or 'the root'}: {u.reason}") from None
     else:
         styles, segments, notes = A.detect_segments(gm, contracts)
+        _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
                                                       prefix, contracts)
@@ -204,6 +206,19 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
         notes=[NotePlan(layer=n.layer, reason=n.reason) for n in notes],
     )
     return Unit(gm, prop, styles, q, contracts, contract, mp)
+
+
+def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible: str) -> None:
+    """Linears the analysis leaves replicated are never silent at tp > 1: a size that
+    cannot be split (one kv head at tp 4) raises under ``on_indivisible='error'``; every
+    other reason is a warning (and stays in the plan's notes)."""
+    if tp == 1:
+        return
+    for n in notes:
+        if n.indivisible is not None and on_indivisible == "error":
+            what, size = n.indivisible
+            raise IndivisibleError(prefix + n.layer, what, size, tp)
+        warnings.warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}", stacklevel=5)
 
 
 def plan(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
