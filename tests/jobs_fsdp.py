@@ -79,6 +79,8 @@ def train_vs_reference(rank: int, steps: int = 3, lr: float = 1e-3, **fsdp: Any)
     pars = dict(par.named_parameters())
     out["params"] = {n: rel_err(full(pars[n]), p) for n, p in ref.named_parameters()}
     out["placements"] = {n: [str(pl) for pl in p.placements] for n, p in pars.items()}
+    from torch.distributed.fsdp import FSDPModule
+    out["fsdp_modules"] = [n for n, mod in par.named_modules() if isinstance(mod, FSDPModule)]
     return out
 
 

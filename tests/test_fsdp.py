@@ -31,6 +31,7 @@ def _check_training(res: list[dict]) -> None:
 def test_fsdp_tp_matches_single_process(pool):
     res = pool.run(J.train_vs_reference, 3)
     _check_training(res)
+    assert res[0]["fsdp_modules"] == ["", "layers.0", "layers.1"]  # per block, then the root
     pl = res[0]["placements"]
     # FSDP's dp shard sits on top of tpcompile's tp placement of every parameter
     assert pl["layers.0.attention.wo.weight"] == ["S(0)", "S(1)"]
