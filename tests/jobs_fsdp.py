@@ -205,3 +205,13 @@ def meta_errors(rank: int) -> dict:
 
     return {"no_init": _error(no_init), "lazy_init": _error(lazy_init),
             "init_fn_on_real": _error(init_fn_on_real)}
+
+
+def meta_1d(rank: int, seed: int = 5) -> dict:
+    """The meta path on a 1-D (all tensor parallel) mesh: no FSDP, same weights."""
+    from tests.harness import tp_mesh
+    with torch.device("meta"):
+        meta_model = Transformer(config("debug"))
+    a = dict(tpcompile.auto_parallelize(meta_model, tp_mesh(2), seed=seed).named_parameters())
+    b = dict(tpcompile.auto_parallelize(llama(seed), tp_mesh(2)).named_parameters())
+    return {n: bool(torch.equal(a[n].to_local(), b[n].to_local())) for n in b}

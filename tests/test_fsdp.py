@@ -83,3 +83,8 @@ def test_meta_init_errors(pool):
         assert "init_weights" in r["no_init"] and "init_fn" in r["no_init"], r
         assert "NaN" in r["lazy_init"] and "output.weight" in r["lazy_init"], r
         assert "meta" in r["init_fn_on_real"], r
+
+
+def test_meta_init_on_1d_mesh(pool):
+    for r in pool.run(J.meta_1d):
+        assert len(r) == 21 and all(r.values()), r
