@@ -7,7 +7,7 @@ at the end only swaps parameters for DTensors and installs the rewritten forward
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -74,14 +74,26 @@ def distribute_parameters(model: nn.Module, placements: dict[str, list[Placement
 def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tuple | None = None,
                      sequence_parallel: bool = True, plan: Plan | str | Path | None = None,
                      on_indivisible: str = "error", tracer: str = "fx",
+                     init_fn: Callable[[nn.Module], None] | None = None, seed: int = 0,
                      **fsdp_kwargs: Any) -> nn.Module:
     """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
 
     The returned module takes the same inputs as ``model`` (full tensors on every rank)
     and returns the same full outputs on every tp rank; gradients of every parameter
     equal the unsharded model's. On failure the model is left untouched.
+
+    A model built under ``torch.device("meta")`` is materialised sharded on the mesh's
+    device: ``init_fn(model)`` if given, else ``model.init_weights(seed)``, else each
+    module's ``reset_parameters`` (see :mod:`tpcompile.distribute`).
     """
     tp_mesh, dp_mesh = split_mesh(mesh)
+    from .distribute import check_fsdp_options, choose_init, materialize, on_meta
+    check_fsdp_options(fsdp_kwargs)
+    init = choose_init(model, init_fn, seed) if on_meta(model) else None
+    if init_fn is not None and init is None:
+        raise TPCompileError("init_fn is for models built on the meta device; this model "
+                             "already has values. Drop init_fn or build it under "
+                             "torch.device('meta').")
     tp = tp_mesh.size()
     compiled = compile_model(model, tp=tp, sequence_parallel=sequence_parallel,
                              example_inputs=example_inputs, on_indivisible=on_indivisible,
@@ -102,6 +114,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
     elif fsdp_kwargs:
         raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh")
+    if init is not None:
+        materialize(model, mesh.device_type, init)
     return model
 
 

@@ -1,0 +1,168 @@
+"""Stage 5: distribute. The dp mesh dimension goes to FSDP2; meta models are materialised.
+
+``apply_fsdp`` runs after the rewrite: parameters are already DTensors on the tp mesh.
+FSDP2 composes with them (its "TP path"): each parameter becomes a DTensor on the 2-D
+(dp, tp) mesh, sharded over dp on dim 0 on top of its tp placement. Before a block runs,
+FSDP all-gathers over dp and sets the tp DTensor back on the module, so the rewritten
+graph's ``p.to_local()`` reads the tp-local shard, and the gradient it produces (a tp
+DTensor) is reduce-scattered (averaged) over dp by FSDP in backward.
+
+``materialize`` turns a model built under ``torch.device("meta")`` into real storage
+after sharding, so every rank allocates only its own shards (``to_empty``), then fills
+them with the model's init.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .errors import TPCompileError
+
+InitFn = Callable[[nn.Module], None]
+
+
+def _fsdp_options() -> set[str]:
+    from torch.distributed.fsdp import fully_shard
+    return {n for n, p in inspect.signature(fully_shard).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n != "mesh"}
+
+
+def check_fsdp_options(options: dict[str, Any]) -> None:
+    """Refuse unknown FSDP knobs before anything is changed."""
+    known = _fsdp_options()
+    bad = sorted(set(options) - known)
+    if bad:
+        raise TPCompileError(
+            f"auto_parallelize: unknown option(s) {bad}. Options other than tpcompile's own "
+            f"are passed to FSDP2 fully_shard, which accepts {sorted(known)}.")
+
+
+def fsdp_targets(compiled: Any) -> list[str]:
+    """Module paths to ``fully_shard`` one by one: every traced block member, deepest
+    first (FSDP2 needs children wrapped before their parents). The root comes last."""
+    paths = {m for unit in compiled.units for m in unit.members if m}
+    return sorted(paths, key=lambda p: (-p.count("."), p))
+
+
+def apply_fsdp(model: nn.Module, compiled: Any, dp_mesh: DeviceMesh, **fsdp_kwargs: Any) -> nn.Module:
+    """``fully_shard`` each block on ``dp_mesh``, then the root, passing ``fsdp_kwargs``
+    (``reshard_after_forward``, ``mp_policy``, ``offload_policy``, ...) through."""
+    from torch.distributed.fsdp import fully_shard
+    check_fsdp_options(fsdp_kwargs)
+    for path in fsdp_targets(compiled):
+        fully_shard(model.get_submodule(path), mesh=dp_mesh, **fsdp_kwargs)
+    fully_shard(model, mesh=dp_mesh, **fsdp_kwargs)
+    return model
+
+
+# ----------------------------------------------------------------------------- meta models
+
+def on_meta(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    metas = [t.is_meta for t in tensors]
+    if any(metas) and not all(metas):
+        names = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        raise TPCompileError(
+            f"auto_parallelize: the model is partly on the meta device ({len(names)} of "
+            f"{len(tensors)} tensors, e.g. {names[:3]}). Build it all under "
+            f"torch.device('meta') (materialised sharded) or all on a real device.")
+    return bool(metas) and all(metas)
+
+
+def choose_init(model: nn.Module, init_fn: InitFn | None, seed: int) -> InitFn:
+    """The function that fills a materialised model, decided before anything changes:
+    ``init_fn`` if given, else ``model.init_weights(seed)``, else ``reset_parameters``
+    of every module (one module at a time, full size, then sharded)."""
+    if init_fn is not None:
+        return init_fn
+    if callable(getattr(model, "init_weights", None)):
+        return lambda m: m.init_weights(seed)  # type: ignore[operator]
+    orphans = [f"{mn}.{pn}".strip(".") for mn, m in model.named_modules()
+               for pn, _ in m.named_parameters(recurse=False)
+               if not callable(getattr(m, "reset_parameters", None))]
+    buffers = [n for n, _ in model.named_buffers()]
+    if orphans or buffers:
+        what = (f"parameters {orphans[:4]} belong to modules without reset_parameters"
+                if orphans else f"buffers {buffers[:4]} would stay uninitialised")
+        raise TPCompileError(
+            f"auto_parallelize: cannot initialise the meta-device model {type(model).__name__}: "
+            f"{what}. Give it an init_weights(seed) method or pass init_fn=.")
+    return lambda m: reset_by_module(m, seed)
+
+
+@torch.no_grad()
+def reset_by_module(model: nn.Module, seed: int) -> None:
+    """``reset_parameters`` of every module in ``model.modules()`` order, from one RNG
+    seeded with ``seed``. Each module's parameters are drawn at full size on a plain
+    copy (one module at a time, never the whole model) and each rank keeps its shard, so
+    the values equal those of running the same loop on the unsharded model."""
+    torch.manual_seed(seed)
+    for mod in model.modules():
+        params = dict(mod.named_parameters(recurse=False))
+        if not params or not callable(getattr(mod, "reset_parameters", None)):
+            continue
+        full = {n: torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
+                for n, p in params.items()}
+        _reset_plain(mod, full)
+        for n, p in params.items():
+            copy_full_into(p, full[n])
+
+
+def _reset_plain(mod: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Run ``mod.reset_parameters`` with its parameters temporarily swapped for ``full``."""
+    saved = dict(mod._parameters)
+    try:
+        for n, t in full.items():
+            mod._parameters[n] = nn.Parameter(t, requires_grad=False)
+        mod.reset_parameters()  # type: ignore[operator]
+        for n in full:
+            full[n] = mod._parameters[n].detach()  # type: ignore[union-attr]
+    finally:
+        mod._parameters.clear()
+        mod._parameters.update(saved)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+@torch.no_grad()
+def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-size value into ``p``, keeping only this rank's shard if ``p`` is a
+    DTensor (any placements, FSDP's strided dp shard included)."""
+    if isinstance(p, DTensor):
+        shard = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements,
+                                  src_data_rank=None)
+        p.to_local().copy_(shard.to_local())
+    else:
+        p.copy_(full.to(p.dtype))
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: str | torch.device, init: InitFn) -> None:
+    """Allocate this rank's shards on ``device`` and fill them with ``init``. A value the
+    init left unwritten would be garbage, so every float tensor is first set to NaN and
+    checked after."""
+    model.to_empty(device=device)
+    for t in [*model.parameters(), *model.buffers()]:
+        if _local(t).is_floating_point():
+            _local(t).fill_(float("nan"))
+    init(model)
+    missed = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if _local(t).is_floating_point() and bool(_local(t).isnan().any())]
+    if missed:
+        raise TPCompileError(
+            f"auto_parallelize: after materialising the meta-device model, the init left "
+            f"{len(missed)} tensor(s) unset (NaN), e.g. {missed[:4]}. The init (init_fn, "
+            f"init_weights or reset_parameters) must write every parameter and buffer.")
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of parameter storage this rank holds (its shards only)."""
+    return sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
