@@ -180,11 +180,11 @@ class Transformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 full = torch.randn(p.shape, generator=g) * std
             _copy_into(p, full)
-        if self.rope_cos.device.type == "meta" or True:
-            cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len,
-                                   self.args.rope_theta)
-            self.rope_cos = cos.to(self.rope_cos.device if self.rope_cos.device.type != "meta" else "cpu")
-            self.rope_sin = sin.to(self.rope_cos.device)
+        # buffers are not parameters: after to_empty() they hold garbage, so recompute
+        device = self.output.weight.device
+        cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len,
+                               self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
 
 def _name_seed(seed: int, name: str) -> int:

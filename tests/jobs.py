@@ -82,3 +82,40 @@ def indivisible(rank: int, tp: int, on_indivisible: str) -> dict:
     rep = compare(ref, par, inputs)
     return {"output": rep.output_err, "grads": rep.grad_errs,
             "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+def failure_midway(rank: int, where: str) -> dict:
+    """auto_parallelize fails after it has started changing the model (the second block's
+    forward cannot be installed, or FSDP fails on the second block): the model must be
+    exactly as before."""
+    from unittest import mock
+
+    import torch.distributed.fsdp as fsdp
+
+    import tpcompile.api as api
+    from tests.harness import mesh
+    ref, inputs = build("llama")
+    model = copy.deepcopy(ref)
+    params_before = {k: v for k, v in model.named_parameters()}
+    calls = {"n": 0}
+    owner, name = (api, "install") if where == "install" else (fsdp, "fully_shard")
+    real = getattr(owner, name)
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    target = mesh((2, 2), ("dp", "tp")) if where == "fsdp" else tp_mesh(2)
+    with mock.patch.object(owner, name, flaky):
+        try:
+            tpcompile.auto_parallelize(model, target)
+        except RuntimeError as e:
+            assert "injected" in str(e)
+    same_objects = all(p is params_before[k] for k, p in model.named_parameters())
+    no_forward = not any("forward" in m.__dict__ for m in model.modules())
+    classes = [type(m).__name__ for m in model.modules()]
+    out_same = torch.equal(model(*inputs), ref(*inputs))
+    return {"same_objects": same_objects, "no_forward": no_forward, "out_same": out_same,
+            "classes": classes, "calls": calls["n"]}

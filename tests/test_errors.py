@@ -78,3 +78,11 @@ def test_fewer_kv_heads_than_tp_is_refused_clearly():
                            on_indivisible="replicate")
     assert "layers.0.attention.wq" not in p.layer_styles()
     assert p.layer_styles()["layers.0.feed_forward.w1"] == "colwise"  # the MLP still splits
+
+
+@pytest.mark.parametrize("where", ["install", "fsdp"])
+def test_failure_midway_leaves_the_model_untouched(pool, where):
+    for r in pool.run(jobs.failure_midway, where):
+        assert r["calls"] == 2
+        assert r["same_objects"] and r["no_forward"] and r["out_same"], r
+        assert not any(c.startswith("FSDP") for c in r["classes"]), r["classes"]

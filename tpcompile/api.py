@@ -94,6 +94,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         raise TPCompileError("init_fn is for models built on the meta device; this model "
                              "already has values. Drop init_fn or build it under "
                              "torch.device('meta').")
+    if dp_mesh is None and fsdp_kwargs:
+        raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh; "
+                             f"got a 1-D mesh {mesh}")
     tp = tp_mesh.size()
     compiled = compile_model(model, tp=tp, sequence_parallel=sequence_parallel,
                              example_inputs=example_inputs, on_indivisible=on_indivisible,
@@ -104,19 +107,48 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     for unit in compiled.units:
         for member in unit.members:
             placements.update(placements_for(unit, member, model.get_submodule(member)))
-    distribute_parameters(model, placements, tp_mesh)
-    for unit, rw in zip(compiled.units, programs):
-        for member in unit.members:
-            install(model.get_submodule(member), rw)
-    model.__dict__["_tpcompile_plan"] = compiled.plan
-    if dp_mesh is not None:
-        from .distribute import apply_fsdp
-        apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
-    elif fsdp_kwargs:
-        raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh")
-    if init is not None:
-        materialize(model, mesh.device_type, init)
+    snapshot = _Snapshot(model)
+    try:
+        distribute_parameters(model, placements, tp_mesh)
+        for unit, rw in zip(compiled.units, programs):
+            for member in unit.members:
+                install(model.get_submodule(member), rw)
+        model.__dict__["_tpcompile_plan"] = compiled.plan
+        if dp_mesh is not None:
+            from .distribute import apply_fsdp
+            apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
+        if init is not None:
+            materialize(model, mesh.device_type, init)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
+
+
+class _Snapshot:
+    """What the commit changes on each module (parameters, an instance ``forward``, the
+    class FSDP2 swaps in, hooks), recorded so a failure midway can put it all back."""
+
+    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_plan")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(m, m.__class__, dict(m._parameters), dict(m._forward_pre_hooks),
+                       dict(m._forward_hooks), {k: m.__dict__[k] for k in self._KEYS
+                                                if k in m.__dict__})
+                      for m in model.modules()]
+
+    def restore(self) -> None:
+        for m, cls, params, pre, post, attrs in self.saved:
+            m.__class__ = cls
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._forward_pre_hooks.clear()
+            m._forward_pre_hooks.update(pre)
+            m._forward_hooks.clear()
+            m._forward_hooks.update(post)
+            for k in self._KEYS:
+                m.__dict__.pop(k, None)
+            m.__dict__.update(attrs)
 
 
 def _rewrite_all(compiled: Compiled, tp: int, group: str) -> list[Rewritten]:
@@ -139,4 +171,4 @@ def plan_of(model: nn.Module) -> Plan:
     return p
 
 
-__all__ = ["auto_parallelize", "plan_of", "split_mesh", "torch"]
+__all__ = ["auto_parallelize", "plan_of", "split_mesh"]
