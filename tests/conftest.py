@@ -33,7 +33,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     errors = ", ".join(f"{k} {v}" for k, v in sorted(STATS.errors.items())) or "none"
     terminalreporter.write_sep("-", "property tests")
     terminalreporter.write_line(
-        f"examples run: {STATS.examples} ({STATS.compared} compared with the unsharded "
-        f"model; documented errors: {errors})")
+        f"examples run: {STATS.examples} ({STATS.two_d} on a 2-D (dp, tp) mesh; "
+        f"{STATS.compared} compared with the unsharded model; documented errors: {errors})")
     terminalreporter.write_line(
         f"worst relative error: {STATS.worst:.2e} ({STATS.worst_where})")

@@ -155,24 +155,34 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def default_loss(out: Any) -> torch.Tensor:
-    """A loss that weighs every output element differently, so no gradient is symmetric."""
+    """A loss that weighs every element of a sample differently, so no gradient is
+    symmetric. The weights do not depend on the batch row and the sum is divided by the
+    element count, so the loss of a full batch is the mean of its data-parallel shares'."""
     outs = out if isinstance(out, (tuple, list)) else (out,)
     total = 0
     for o in outs:
-        w = torch.linspace(0.5, 1.5, o.numel(), dtype=torch.float64).view(o.shape)
+        per_row = o[0].numel() if o.ndim else 1
+        w = torch.linspace(0.5, 1.5, per_row, dtype=torch.float64).view(o.shape[1:])
         total = total + (o.double().pow(2) * w).sum() / o.numel()
     return total  # type: ignore[return-value]
 
 
 def compare(ref: torch.nn.Module, par: torch.nn.Module, inputs: tuple,
-            loss_fn: Callable[[Any], torch.Tensor] = default_loss) -> Report:
+            loss_fn: Callable[[Any], torch.Tensor] = default_loss,
+            dp: tuple[int, int] | None = None) -> Report:
     """Forward and backward both modules on ``inputs``; compare outputs and every grad.
-    Parameters are matched by name; one missing on either side fails the comparison."""
-    out_ref, out_par = ref(*inputs), par(*inputs)
+    Parameters are matched by name; one missing on either side fails the comparison.
+    ``dp=(dp_rank, dp_size)``: the parallel module gets this dp rank's rows of the batch
+    (FSDP averages gradients over dp), the reference the whole batch."""
+    def rows(x: Any) -> Any:
+        return x.chunk(dp[1], 0)[dp[0]] if dp and isinstance(x, torch.Tensor) else x
+
+    out_ref, out_par = ref(*inputs), par(*(rows(x) for x in inputs))
     loss_fn(out_ref).backward()
     loss_fn(out_par).backward()
     o_ref = out_ref if isinstance(out_ref, (tuple, list)) else (out_ref,)
     o_par = out_par if isinstance(out_par, (tuple, list)) else (out_par,)
+    o_ref = tuple(rows(o) for o in o_ref)
     out_err = max(rel_err(full(a), b) for a, b in zip(o_par, o_ref))
     ref_params = dict(ref.named_parameters())
     par_params = dict(par.named_parameters())

@@ -191,7 +191,8 @@ def make_inputs(spec: Spec, batch: int, seq: int, seed: int,
     return (torch.randn(batch, seq, spec.dim, generator=g).to(dtype),)
 
 
-def repro(spec: Spec, seed: int, tp: int, sp: bool, batch: int, seq: int, on_indivisible: str) -> str:
+def repro(spec: Spec, seed: int, tp: int, sp: bool, batch: int, seq: int, on_indivisible: str,
+          dp: bool = False) -> str:
     """A failing example as Python a person can paste and run."""
     return (
         "# tpcompile property-test failure: run with `python repro.py` from the repo root\n"
@@ -199,5 +200,5 @@ def repro(spec: Spec, seed: int, tp: int, sp: bool, batch: int, seq: int, on_ind
         "from tests.property.repro import main\n"
         f"spec = Spec.model_validate_json({spec.model_dump_json()!r})\n"
         f"main(spec, seed={seed}, tp={tp}, sp={sp}, batch={batch}, seq={seq}, "
-        f"on_indivisible={on_indivisible!r})\n"
+        f"on_indivisible={on_indivisible!r}, dp={dp})\n"
     )

@@ -11,7 +11,7 @@ from unittest import mock
 import torch
 
 import tpcompile
-from tests.harness import compare, tp_mesh
+from tests.harness import compare, mesh, tp_mesh
 from tests.property.arch import Spec, build, make_inputs
 
 # Faults injected on purpose, to show the suite catches a broken rewrite.
@@ -40,7 +40,9 @@ FAULTS["bias_before_reduce"] = ("tpcompile.rewrite._Builder._linear", _linear_bi
 
 def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch: int,
                   seq: int, on_indivisible: str, fault: str | None = None,
-                  dtype: str = "float32") -> dict[str, Any]:
+                  dtype: str = "float32", dp: bool = False) -> dict[str, Any]:
+    """One example: ``dp`` runs it on the 2-D (dp=2, tp) mesh with FSDP2, each dp rank
+    on its own ``batch`` rows of a ``2 * batch`` batch the reference sees whole."""
     spec = Spec.model_validate_json(spec_json)
     dt = getattr(torch, dtype)
     ref = build(spec, seed, dt)
@@ -51,14 +53,16 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
             target, fn = FAULTS[fault]  # type: ignore[misc]
             stack.enter_context(mock.patch(target, fn))
         try:
-            par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp),
+            target = mesh((2, tp), ("dp", "tp")) if dp else tp_mesh(tp)
+            par = tpcompile.auto_parallelize(copy.deepcopy(ref), target,
                                              sequence_parallel=sp, on_indivisible=on_indivisible)
         except tpcompile.TPCompileError as e:
             return {"error": type(e).__name__, "message": str(e)}
         plan = tpcompile.plan_of(par)
         styles = plan.layer_styles()
         try:
-            rep = compare(ref, par, make_inputs(spec, batch, seq, seed, dt))
+            inputs = make_inputs(spec, batch * (2 if dp else 1), seq, seed, dt)
+            rep = compare(ref, par, inputs, dp=(target["dp"].get_local_rank(), 2) if dp else None)
         except tpcompile.TPCompileError as e:
             return {"error": type(e).__name__, "message": str(e), "styles": styles}
     name, worst = rep.worst

@@ -58,16 +58,17 @@ def cases(draw: st.DrawFn) -> dict:
     seq = draw(st.integers(1, 4)) * tp if draw(st.integers(0, 9)) else draw(st.integers(1, 9))
     return dict(spec=spec, seed=draw(st.integers(0, 2**16)), tp=tp, sp=sp,
                 batch=draw(st.integers(1, 3)), seq=seq,
-                on_indivisible=draw(st.sampled_from(["error", "replicate"])))
+                on_indivisible=draw(st.sampled_from(["error", "replicate"])),
+                dp=tp == 2 and draw(st.booleans()))  # 2-D: (dp=2, tp=2), FSDP2 on dp
 
 
 def run_case(pool, case: dict, fault: str | None = None) -> None:
     spec: Spec = case["spec"]
     note(repro(**case))
     r = pool.run(check_example, spec.model_dump_json(), case["seed"], case["tp"], case["sp"],
-                 case["batch"], case["seq"], case["on_indivisible"], fault)[0]
+                 case["batch"], case["seq"], case["on_indivisible"], fault, dp=case["dp"])[0]
     if fault is None:
-        STATS.record(r)
+        STATS.record(r, case["dp"])
     divisible = spec.divisible(case["tp"])
     if r["error"] == "RuntimeShapeError":
         assert case["sp"] and case["seq"] % case["tp"], r["message"]
