@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import TraceError
+from .errors import TPCompileError, TraceError
 
 TracerName = Literal["fx", "export"]
 
@@ -120,6 +120,7 @@ class _ShapeProp(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, opaque: set[str], on_block: Callable) -> None:
         super().__init__(gm)
+        self.extra_traceback = False  # our errors from nested blocks keep their own message
         self._opaque = opaque
         self._on_block = on_block
 
@@ -151,6 +152,8 @@ def propagate_shapes(
     try:
         with mode:
             return interp.run(*args)
+    except TPCompileError:  # raised while planning a nested block: already clear
+        raise
     except Exception as e:
         raise TraceError(
             f"could not run {where or gm.__class__.__name__} on example inputs of shapes "
