@@ -19,7 +19,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from . import ops
-from .analyze import NORM_MODULES, submodule
+from .analyze import NORM_MODULES, submodule, where
 from .api import _PLACEMENT
 from .ops import R, Layout, info
 from .plan import Compiled, Unit
@@ -135,8 +135,9 @@ def _consumed(gm: fx.GraphModule, n: fx.Node) -> list[fx.Node]:
     return [p for p in n.all_input_nodes if isinstance(p.meta.get("tpc"), ops.TensorInfo)]
 
 
-def unit_collectives(u: Unit, tp: int) -> list[tuple[str, str, str, str, tuple, torch.dtype]]:
-    """(at, kind, phase, why, full shape, dtype) for one call of the unit's program."""
+def unit_collectives(u: Unit, tp: int) -> list[tuple]:
+    """(at, kind, phase, why, full shape, dtype, (from node, to node)) for one call of the
+    unit's program; the node names are None where the collective has no such edge."""
     out = []
     seen: set[tuple[fx.Node, Layout]] = set()
     lay, need = u.prop.layouts, u.prop.need
@@ -150,7 +151,8 @@ def unit_collectives(u: Unit, tp: int) -> list[tuple[str, str, str, str, tuple, 
             fwd, bwd, why = _CONVERSIONS[(src.kind, dst.kind)]
             for kind, phase in ((fwd, "forward"), (bwd, "backward")):
                 if kind:
-                    out.append((p.name, kind, phase, why, t.shape, t.dtype))
+                    out.append((f"{p.name} -> {where(n)}", kind, phase, why, t.shape, t.dtype,
+                                (p.name, n.name)))
         out += _reductions(u, n)
     out += _grad_syncs(u)
     return out
@@ -165,10 +167,11 @@ def _reductions(u: Unit, n: fx.Node) -> list[tuple]:
     t = info(n)
     if n in u.q_nodes:
         return [(str(n.target), "reduce_scatter", "forward", f"{style} partial sums, to sequence shards",
-                 t.shape, t.dtype),
+                 t.shape, t.dtype, (n.name, None)),
                 (str(n.target), "all_gather", "backward", "gradient of the reduce-scatter",
-                 t.shape, t.dtype)]
-    return [(str(n.target), "all_reduce", "forward", f"{style} partial sums", t.shape, t.dtype)]
+                 t.shape, t.dtype, (n.name, None))]
+    return [(str(n.target), "all_reduce", "forward", f"{style} partial sums", t.shape, t.dtype,
+             (n.name, None))]
 
 
 def _grad_syncs(u: Unit) -> list[tuple]:
@@ -188,7 +191,8 @@ def _grad_syncs(u: Unit) -> list[tuple]:
     numel = sum(p.numel() for p in synced.values())
     dtype = next(iter(synced.values())).dtype
     return [(", ".join(synced), "all_reduce", "backward",
-             "gradients of replicated parameters used on sequence shards", (numel,), dtype)]
+             "gradients of replicated parameters used on sequence shards", (numel,), dtype,
+             (None, None))]
 
 
 def collectives(c: Compiled) -> list[CollectiveReport]:
@@ -196,7 +200,7 @@ def collectives(c: Compiled) -> list[CollectiveReport]:
     out = []
     for u in c.units:
         count = len(u.members)
-        for at, kind, phase, why, shape, dtype in unit_collectives(u, tp):
+        for at, kind, phase, why, shape, dtype, _ in unit_collectives(u, tp):
             b = _bytes(shape, dtype)
             out.append(CollectiveReport(
                 module=u.plan.path or "<root>", at=at, kind=kind, phase=phase, why=why,  # type: ignore[arg-type]
@@ -226,3 +230,113 @@ def megatron_min(c: Compiled) -> int:
                 per_call += _wire("all_reduce", _bytes(t.shape, t.dtype), tp)
         total += per_call * len(u.members)
     return total
+
+
+# ------------------------------------------------------------------- blocks, memory
+
+def _placements(style: str, module: nn.Module) -> dict[str, str]:
+    out = {}
+    for pn, _ in module.named_parameters(recurse=False):
+        pl = _PLACEMENT.get((style, pn))
+        out[pn] = repr(pl) if pl is not None else (
+            "Replicate (grad summed over tp)" if style == "sequence_parallel" else
+            "Replicate (added once, after the reduction)" if style == "rowwise" else "Replicate")
+    return out
+
+
+def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
+    out = []
+    for u in c.units:
+        mp, owner = u.plan, model.get_submodule(u.members[0])
+        layer = lambda n: LayerReport(name=n, style=mp.styles[n],  # noqa: E731
+                                      placements=_placements(mp.styles[n], owner.get_submodule(n)))
+        segs = [SegmentReport(kind=s.kind, layers=[layer(n) for n in s.colwise + s.rowwise])
+                for s in mp.segments]
+        in_seg = {n for s in mp.segments for n in s.colwise + s.rowwise}
+        lone = [layer(n) for n, st in mp.styles.items() if n not in in_seg and st != "sequence_parallel"]
+        if lone:
+            segs.append(SegmentReport(kind="embedding", layers=lone))
+        norms = [layer(n) for n, st in mp.styles.items() if st == "sequence_parallel"]
+        out.append(BlockReport(path=mp.path or "<root>", module_type=mp.module_type,
+                               members=len(u.members), inputs=list(mp.inputs), output=mp.output,
+                               segments=segs, norms=norms))
+    return out
+
+
+def param_memory(c: Compiled, model: nn.Module, dp: int) -> tuple[int, int, int]:
+    """(sharded, replicated, total) parameter bytes on one rank; FSDP divides by dp."""
+    styles, tp = c.plan.layer_styles(), c.plan.tp
+    sharded = replicated = total = 0
+    for name, p in model.named_parameters():
+        owner, _, pn = name.rpartition(".")
+        b = p.numel() * p.dtype.itemsize
+        total += b
+        if (styles.get(owner), pn) in _PLACEMENT:
+            sharded += b // tp
+        else:
+            replicated += b
+    return sharded // dp, replicated // dp, total
+
+
+def activation_memory(c: Compiled) -> int:
+    """Bytes of every intermediate tensor the traced programs produce on one rank (what
+    autograd could keep for backward; attention internals not counted): sharded tensors
+    count 1/tp, each block once per member."""
+    tp, total = c.plan.tp, 0
+    for u in c.units:
+        per_call = 0
+        for n in u.gm.graph.nodes:
+            t = info(n)
+            if t is None or n.op in ("placeholder", "get_attr", "output") or ops.is_meta_op(n):
+                continue
+            if n.op == "call_module" and n.target in u.contracts:
+                continue  # a block's tensors are counted in its own program
+            per_call += _bytes(t.shape, t.dtype) // (tp if u.prop.layouts.get(n, R).sharded else 1)
+        total += per_call * len(u.members)
+    return total
+
+
+def replicated(c: Compiled, model: nn.Module) -> list[Replicated]:
+    out = [Replicated(layer=n.layer, reason=n.reason) for n in c.plan.notes()]
+    styles = c.plan.layer_styles()
+    noted = {n.layer for n in c.plan.notes()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and name not in styles and name not in noted:
+            out.append(Replicated(layer=name, reason="not part of any segment the analysis "
+                                  "could prove safe to shard"))
+    return out
+
+
+def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int = 2048,
+            sequence_parallel: bool = True, example_inputs: tuple | None = None,
+            name: str = "", plan: object = None) -> tuple[Explanation, Compiled]:
+    """Plan ``model`` (meta device is fine) at ``tp`` and say what the rewrite would do for
+    inputs of ``batch`` x ``seq`` (or ``example_inputs``)."""
+    from .api import load_plan
+    from .plan import compile_model
+    from .trace import synthesize_inputs, trace
+    if example_inputs is None:
+        example_inputs = synthesize_inputs(model, trace(model), batch=batch, seq=seq)
+    given = load_plan(plan)  # type: ignore[arg-type]
+    kw = dict(tp=tp, example_inputs=example_inputs, given=given)
+    c = compile_model(model, sequence_parallel=sequence_parallel, **kw)  # type: ignore[arg-type]
+    other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
+    sp_c, no_c = (c, other) if sequence_parallel else (other, c)
+    colls = collectives(c)
+    fwd = sum(x.wire_bytes_per_rank for x in colls if x.phase == "forward")
+    bwd = sum(x.wire_bytes_per_rank for x in colls if x.phase == "backward")
+    sh, rep, total = param_memory(c, model, dp)
+    per_rank = sh + rep
+    dp_wire = int(round(3 * per_rank * dp * (dp - 1) / dp)) if dp > 1 else 0
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return Explanation(
+        model=name or type(model).__name__, tp=tp, dp=dp, batch=batch, seq=seq,
+        dtype=str(dtype).removeprefix("torch."), sequence_parallel=sequence_parallel,
+        plan_seconds=round(c.seconds, 4), blocks=blocks(c, model), collectives=colls,
+        memory=MemoryReport(params_per_rank_bytes=per_rank, params_sharded_bytes=sh,
+                            params_replicated_bytes=rep, params_total_bytes=total,
+                            activations_sp_bytes=activation_memory(sp_c),
+                            activations_no_sp_bytes=activation_memory(no_c)),
+        comm=CommReport(forward_wire_bytes=fwd, backward_wire_bytes=bwd, total_wire_bytes=fwd + bwd,
+                        megatron_min_wire_bytes=megatron_min(c), dp_wire_bytes=dp_wire),
+        replicated=replicated(c, model)), c
