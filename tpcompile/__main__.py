@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import logging
 import sys
 import time
 from pathlib import Path
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         args.batch, args.seq = 2, 2 * args.tp
     t0 = time.perf_counter()
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)  # we report it
     try:
         out = cmd_explain(args) if args.command == "explain" else cmd_plan(args)
     except TPCompileError as e:
