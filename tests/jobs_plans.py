@@ -60,3 +60,20 @@ def refused_plan(rank: int, name: str, tp: int, plan_path: str) -> dict:
         return {"error": type(e).__name__, "message": str(e), "unchanged": same,
                 "forward_kept": "forward" not in model.__dict__}
     return {"error": None}
+
+
+def counted_collectives(rank: int, tp: int, batch: int, seq: int) -> list[tuple[str, int]]:
+    """(kind, numel of the full tensor) of every collective one forward+backward runs."""
+    from tpcompile.counting import CollectiveCounter
+    ref, _ = build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp))
+    tokens = torch.randint(0, ref.args.vocab_size, (batch, seq))
+    with CollectiveCounter() as c:
+        par(tokens).float().pow(2).mean().backward()
+    out = []
+    for kind, shape in c.log:
+        n = 1
+        for s in shape:
+            n *= s
+        out.append((kind, n * tp if kind == "all_gather" else n))
+    return sorted(out)
