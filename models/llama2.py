@@ -203,3 +203,8 @@ def _copy_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.to_local().copy_(shard.to_local())
     else:
         p.copy_(full.to(p.dtype))
+
+
+def build_model(config_name: str = "7B") -> Transformer:
+    """For ``python -m tpcompile explain models/llama2.py --config debug``."""
+    return Transformer(config(config_name))

@@ -53,3 +53,12 @@ class GatedMLPStack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
+
+
+def build_model(config_name: str = "toy") -> nn.Module:
+    """For ``python -m tpcompile``: ``--config toy`` (the tutorial's MLP) or ``gated``."""
+    if config_name == "toy":
+        return ToyModel()
+    if config_name == "gated":
+        return GatedMLPStack()
+    raise KeyError(f"models/toy.py: unknown config {config_name!r}; use 'toy' or 'gated'")

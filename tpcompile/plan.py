@@ -78,6 +78,38 @@ class Plan(_Model):
     def notes(self) -> list[NotePlan]:
         return [n for m in self.modules for n in m.notes]
 
+    # -- files and interop (tpcompile/plan_io.py, tpcompile/interop.py)
+    def to_yaml(self) -> str:
+        from .plan_io import to_yaml
+        return to_yaml(self)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Plan":
+        from .plan_io import from_yaml
+        return from_yaml(text)
+
+    def save(self, path: Any) -> Any:
+        from .plan_io import save
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path: Any) -> "Plan":
+        from .plan_io import load
+        return load(path)
+
+    def to_parallelize_plan(self) -> dict[str, Any]:
+        from .interop import to_parallelize_plan
+        return to_parallelize_plan(self)
+
+    def to_hf_tp_plan(self) -> dict[str, str]:
+        from .interop import to_hf_tp_plan
+        return to_hf_tp_plan(self)
+
+    @classmethod
+    def from_hf_tp_plan(cls, tp_plan: dict[str, str]) -> "Plan":
+        from .interop import from_hf_tp_plan
+        return from_hf_tp_plan(tp_plan)
+
 
 @dataclass
 class Unit:
@@ -114,6 +146,9 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     if on_indivisible not in ("error", "replicate"):
         raise ValueError("on_indivisible must be 'error' or 'replicate'")
     t0 = time.perf_counter()
+    if given is not None:
+        from .plan_bind import bind
+        given = bind(given, model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     units: dict[Any, Unit] = {}
     order: list[Any] = []
@@ -178,10 +213,16 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
         mp = given.module_for(path)
         styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
         segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
+        from .plan_bind import check_graph
+        check_graph(gm, styles, path)
         try:
             prop = A.propagate(gm, styles, tp, contracts=contracts)
         except A.Unsafe as u:
-            raise A.PlanError(f"the given plan does not fit {path or 'the root'}: {u.reason}") from None
+            raise A.PlanError(
+                f"the given plan does not fit {path or 'the root'}: {u.reason}. It would compute "
+                "wrong numbers: make every Linear that feeds the segment colwise and every "
+                "Linear it feeds rowwise, or replicate them (`python -m tpcompile plan` writes "
+                "a plan that fits)") from None
     else:
         styles, segments, notes = A.detect_segments(gm, contracts)
         _report_unsharded(notes, prefix, tp, on_indivisible)

@@ -1,0 +1,79 @@
+"""Worker-pool jobs for plan files and interop (module level, so they pickle by reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.distributed.tensor.parallel import parallelize_module
+
+import tpcompile
+from tests.harness import compare, full, rel_err, tp_mesh
+from tests.jobs import build
+
+
+def _divide_heads(model: torch.nn.Module, tp: int) -> None:
+    """What every hand-written parallelize_module plan needs for views by head count."""
+    for m in model.modules():
+        if hasattr(m, "n_heads") and hasattr(m, "n_kv_heads") and m is not model:
+            m.n_heads //= tp
+            m.n_kv_heads //= tp
+
+
+def parallelize_module_matches(rank: int, name: str, tp: int, sp: bool) -> dict:
+    """Apply Plan.to_parallelize_plan() with parallelize_module; compare it with tpcompile's
+    rewrite (outputs) and with the unsharded model (outputs and every gradient)."""
+    ref, inputs = build(name)
+    plan = tpcompile.plan(ref, tp=tp, sequence_parallel=sp)
+    pt = copy.deepcopy(ref)
+    _divide_heads(pt, tp)
+    parallelize_module(pt, tp_mesh(tp), plan.to_parallelize_plan())
+    ours = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp)
+    with torch.no_grad():
+        vs_ours = rel_err(full(pt(*inputs)), ours(*inputs))
+    rep = compare(ref, pt, inputs)
+    sharded = sorted(n for n, p in pt.named_parameters()
+                     if hasattr(p, "placements") and any(pl.is_shard() for pl in p.placements))
+    return {"vs_ours": vs_ours, "output": rep.output_err, "grads": rep.grad_errs,
+            "sharded": sharded}
+
+
+def given_plan(rank: int, name: str, tp: int, plan_path: str) -> dict:
+    """auto_parallelize with a plan file: numerics and the styles it applied."""
+    ref, inputs = build(name)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), plan=plan_path)
+    rep = compare(ref, par, inputs)
+    return {"output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+def refused_plan(rank: int, name: str, tp: int, plan_path: str) -> dict:
+    """A plan that does not fit is refused with a PlanError, the model left unchanged."""
+    model, _ = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        tpcompile.auto_parallelize(model, tp_mesh(tp), plan=plan_path)
+    except tpcompile.TPCompileError as e:
+        after = model.state_dict()
+        same = all(type(after[k]) is torch.Tensor and torch.equal(after[k], v)
+                   for k, v in before.items())
+        return {"error": type(e).__name__, "message": str(e), "unchanged": same,
+                "forward_kept": "forward" not in model.__dict__}
+    return {"error": None}
+
+
+def counted_collectives(rank: int, tp: int, batch: int, seq: int) -> list[tuple[str, int]]:
+    """(kind, numel of the full tensor) of every collective one forward+backward runs."""
+    from tpcompile.counting import CollectiveCounter
+    ref, _ = build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp))
+    tokens = torch.randint(0, ref.args.vocab_size, (batch, seq))
+    with CollectiveCounter() as c:
+        par(tokens).float().pow(2).mean().backward()
+    out = []
+    for kind, shape in c.log:
+        n = 1
+        for s in shape:
+            n *= s
+        out.append((kind, n * tp if kind == "all_gather" else n))
+    return sorted(out)

@@ -1,0 +1,79 @@
+"""explain's numbers against hand-computed values for the Llama debug config, and its
+collective list against the collectives a real run issues (gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.llama2 import Transformer, config
+from tests import jobs_plans
+from tpcompile.explain import Explanation, explain
+
+TP, B, S = 2, 2, 8
+A = config("debug")  # dim 64, 2 layers, 8 heads, 4 kv heads, vocab 512, ffn hidden 192
+HIDDEN = 192
+F32 = 4
+
+
+@pytest.fixture(scope="module")
+def exp() -> Explanation:
+    with torch.device("meta"):
+        m = Transformer(A)
+    return explain(m, tp=TP, batch=B, seq=S)[0]
+
+
+def rows(e: Explanation, module: str, phase: str) -> list[tuple[str, int]]:
+    return sorted((c.kind, c.bytes) for c in e.collectives if c.module == module and c.phase == phase)
+
+
+def test_block_collectives(exp):
+    act = B * S * A.dim * F32  # one [b, s, dim] float32 activation
+    fwd = [("all_gather", act)] * 2 + [("reduce_scatter", act)] * 2
+    assert rows(exp, "layers.*", "forward") == sorted(fwd)
+    norms = 2 * A.dim * F32  # attention_norm + ffn_norm weight gradients, one all-reduce
+    assert rows(exp, "layers.*", "backward") == sorted(
+        [("all_gather", act)] * 2 + [("reduce_scatter", act)] * 2 + [("all_reduce", norms)])
+    assert all(c.count == A.n_layers for c in exp.collectives if c.module == "layers.*")
+
+
+def test_root_collectives(exp):
+    act, logits = B * S * A.dim * F32, B * S * A.vocab_size * F32
+    assert rows(exp, "<root>", "forward") == sorted(
+        [("reduce_scatter", act), ("all_gather", act), ("all_gather", logits)])
+    assert rows(exp, "<root>", "backward") == sorted(
+        [("all_gather", act), ("reduce_scatter", act), ("all_reduce", A.dim * F32)])
+
+
+def test_wire_bytes_and_megatron_minimum(exp):
+    act, frac = B * S * A.dim * F32, (TP - 1) / TP
+    per_block = 8 * frac * act  # 4 AG/RS forward, 4 backward
+    root = 4 * frac * act + frac * B * S * A.vocab_size * F32
+    grads = 2 * frac * (A.dim + A.n_layers * 2 * A.dim) * F32
+    assert exp.comm.total_wire_bytes == pytest.approx(A.n_layers * per_block + root + grads, abs=4)
+    # Megatron: per segment one all-reduce forward and one backward; embedding one; head one
+    ar = 2 * frac * act
+    assert exp.comm.megatron_min_wire_bytes == pytest.approx(A.n_layers * 4 * ar + 2 * ar, abs=4)
+
+
+def test_parameter_memory(exp):
+    kv = A.dim // A.n_heads * A.n_kv_heads
+    block = A.dim * A.dim * 2 + kv * A.dim * 2 + 3 * A.dim * HIDDEN
+    sharded = A.n_layers * block + 2 * A.vocab_size * A.dim
+    replicated = A.n_layers * 2 * A.dim + A.dim
+    assert exp.memory.params_sharded_bytes == sharded // TP * F32
+    assert exp.memory.params_replicated_bytes == replicated * F32
+    assert exp.memory.params_total_bytes == (sharded + replicated) * F32
+    assert exp.memory.activations_sp_bytes < exp.memory.activations_no_sp_bytes
+
+
+def test_schema_round_trip(exp):
+    assert Explanation.model_validate_json(exp.model_dump_json()) == exp
+    assert exp.replicated == []
+
+
+def test_predicted_collectives_match_a_real_run(pool, exp):
+    """Every collective explain predicts, and no other, runs in forward+backward."""
+    counted = pool.run(jobs_plans.counted_collectives, TP, B, S)[0]
+    predicted = sorted((c.kind, c.bytes // F32) for c in exp.collectives for _ in range(c.count))
+    assert counted == predicted

@@ -1,0 +1,342 @@
+"""What a plan does to a model, in numbers: segments and placements per block, every
+collective the rewrite inserts (shape, bytes, forward and backward), per-rank memory.
+
+Everything is derived from the Plan and the traced graphs (``Compiled.units``), the same
+facts the rewrite reads, so it needs no process group: a meta-device 70B model explains
+in seconds. Byte counts are of the full (logical) tensor a collective moves; ``wire``
+bytes are what each rank sends in a ring implementation: ``2 (t-1)/t`` of the tensor for
+an all-reduce, ``(t-1)/t`` for an all-gather or reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from . import ops
+from .analyze import NORM_MODULES, submodule, where
+from .api import _PLACEMENT
+from .ops import R, Layout, info
+from .plan import Compiled, Unit
+
+Kind = Literal["all_reduce", "all_gather", "reduce_scatter"]
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LayerReport(_M):
+    name: str
+    style: str
+    placements: dict[str, str]  # parameter -> placement on the tp mesh
+
+
+class SegmentReport(_M):
+    kind: str
+    layers: list[LayerReport]
+
+
+class BlockReport(_M):
+    path: str
+    module_type: str
+    members: int
+    inputs: list[str]
+    output: str
+    segments: list[SegmentReport]
+    norms: list[LayerReport]
+
+
+class CollectiveReport(_M):
+    module: str  # the traced module (root or block group) it sits in
+    at: str  # the graph node or layer it serves
+    kind: Kind
+    phase: Literal["forward", "backward"]
+    why: str
+    shape: list[int]  # the full tensor
+    dtype: str
+    bytes: int  # of the full tensor, per call
+    count: int  # calls per step (blocks of the group times one)
+    wire_bytes_per_rank: int  # per step, all calls
+
+
+class MemoryReport(_M):
+    params_per_rank_bytes: int
+    params_sharded_bytes: int
+    params_replicated_bytes: int
+    params_total_bytes: int
+    activations_sp_bytes: int
+    activations_no_sp_bytes: int
+
+
+class CommReport(_M):
+    forward_wire_bytes: int
+    backward_wire_bytes: int
+    total_wire_bytes: int
+    megatron_min_wire_bytes: int
+    dp_wire_bytes: int
+
+
+class Replicated(_M):
+    layer: str
+    reason: str
+
+
+class Explanation(_M):
+    schema_version: Literal[1] = 1
+    model: str
+    tp: int
+    dp: int
+    batch: int
+    seq: int
+    dtype: str
+    sequence_parallel: bool
+    plan_seconds: float
+    blocks: list[BlockReport]
+    collectives: list[CollectiveReport]
+    memory: MemoryReport
+    comm: CommReport
+    replicated: list[Replicated]
+
+
+def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _wire(kind: str, nbytes: int, tp: int) -> int:
+    frac = (tp - 1) / tp
+    return int(round(nbytes * frac * (2 if kind == "all_reduce" else 1)))
+
+
+# ------------------------------------------------------------------- collectives
+
+_CONVERSIONS = {  # (src kind, dst kind) -> (forward, backward, what it is)
+    ("R", "E"): (None, "all_reduce", "input of colwise layers: gradient summed over tp"),
+    ("Q", "E"): ("all_gather", "reduce_scatter", "sequence-parallel input of colwise layers"),
+    ("S", "R"): ("all_gather", None, "sharded tensor read replicated"),
+    ("Q", "R"): ("all_gather", None, "sequence-sharded tensor read replicated"),
+    ("R", "S"): (None, "all_gather", "replicated tensor split (gradient gathered)"),
+    ("R", "Q"): (None, "all_gather", "replicated tensor split on the sequence"),
+}
+
+
+def _consumed(gm: fx.GraphModule, n: fx.Node) -> list[fx.Node]:
+    """The inputs of ``n`` the rewrite converts (mirrors rewrite._Builder)."""
+    if ops.is_meta_op(n) or n.op in ("placeholder", "get_attr"):
+        return []
+    mod = submodule(gm, n)
+    if isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES)):
+        return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+    return [p for p in n.all_input_nodes if isinstance(p.meta.get("tpc"), ops.TensorInfo)]
+
+
+def unit_collectives(u: Unit, tp: int) -> list[tuple]:
+    """(at, kind, phase, why, full shape, dtype, (from node, to node)) for one call of the
+    unit's program; the node names are None where the collective has no such edge."""
+    out = []
+    seen: set[tuple[fx.Node, Layout]] = set()
+    lay, need = u.prop.layouts, u.prop.need
+    for n in u.gm.graph.nodes:
+        for p in _consumed(u.gm, n):
+            src, dst = lay.get(p, R), need.get(n, {}).get(p, R)
+            t = info(p)
+            if src == dst or (p, dst) in seen or t is None:
+                continue
+            seen.add((p, dst))
+            fwd, bwd, why = _CONVERSIONS[(src.kind, dst.kind)]
+            for kind, phase in ((fwd, "forward"), (bwd, "backward")):
+                if kind:
+                    out.append((f"{p.name} -> {where(n)}", kind, phase, why, t.shape, t.dtype,
+                                (p.name, n.name)))
+        out += _reductions(u, n)
+    out += _grad_syncs(u)
+    return out
+
+
+def _reductions(u: Unit, n: fx.Node) -> list[tuple]:
+    mod = submodule(u.gm, n)
+    style = u.styles.get(n.target) if n.op == "call_module" else None
+    if not (isinstance(mod, nn.Linear) and style == "rowwise"
+            or isinstance(mod, nn.Embedding) and style == "vocab_parallel"):
+        return []
+    t = info(n)
+    if n in u.q_nodes:
+        return [(str(n.target), "reduce_scatter", "forward", f"{style} partial sums, to sequence shards",
+                 t.shape, t.dtype, (n.name, None)),
+                (str(n.target), "all_gather", "backward", "gradient of the reduce-scatter",
+                 t.shape, t.dtype, (n.name, None))]
+    return [(str(n.target), "all_reduce", "forward", f"{style} partial sums", t.shape, t.dtype,
+             (n.name, None))]
+
+
+def _grad_syncs(u: Unit) -> list[tuple]:
+    """Replicated parameters read by sequence-sharded ops: one all-reduce of their grads."""
+    names = dict(u.gm.named_parameters())
+    synced: dict[str, nn.Parameter] = {}
+    for n in u.gm.graph.nodes:
+        if n.op == "get_attr" and n.target in names and any(x in u.q_nodes for x in n.users):
+            synced[n.target] = names[n.target]
+        mod = submodule(u.gm, n)
+        if isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES)) and n in u.q_nodes:
+            for pn, p in mod.named_parameters(recurse=False):
+                if isinstance(mod, NORM_MODULES) or pn == "bias":
+                    synced[f"{n.target}.{pn}"] = p
+    if not synced:
+        return []
+    numel = sum(p.numel() for p in synced.values())
+    dtype = next(iter(synced.values())).dtype
+    return [(", ".join(synced), "all_reduce", "backward",
+             "gradients of replicated parameters used on sequence shards", (numel,), dtype,
+             (None, None))]
+
+
+def collectives(c: Compiled) -> list[CollectiveReport]:
+    tp = c.plan.tp
+    out = []
+    for u in c.units:
+        count = len(u.members)
+        for at, kind, phase, why, shape, dtype, _ in unit_collectives(u, tp):
+            b = _bytes(shape, dtype)
+            out.append(CollectiveReport(
+                module=u.plan.path or "<root>", at=at, kind=kind, phase=phase, why=why,  # type: ignore[arg-type]
+                shape=list(shape), dtype=str(dtype).removeprefix("torch."), bytes=b, count=count,
+                wire_bytes_per_rank=_wire(kind, b, tp) * count))
+    return out
+
+
+def megatron_min(c: Compiled) -> int:
+    """Per step: every segment one all-reduce of its output in forward (none for a head,
+    whose logits a vocab-parallel loss could keep sharded) and one of its input gradient in
+    backward; a vocab-parallel embedding one all-reduce in forward."""
+    tp, total = c.plan.tp, 0
+    for u in c.units:
+        mods = {str(n.target): n for n in u.gm.graph.nodes if n.op == "call_module"}
+        per_call = 0
+        for seg in u.plan.segments:
+            inputs = {mods[x].args[0] for x in seg.colwise if x in mods}
+            per_call += sum(_wire("all_reduce", _bytes(info(i).shape, info(i).dtype), tp)
+                            for i in inputs if info(i) is not None)
+            for r in seg.rowwise if seg.kind != "head" else []:
+                t = info(mods[r])
+                per_call += _wire("all_reduce", _bytes(t.shape, t.dtype), tp)
+        for name, style in u.styles.items():
+            if style == "vocab_parallel" and name in mods:
+                t = info(mods[name])
+                per_call += _wire("all_reduce", _bytes(t.shape, t.dtype), tp)
+        total += per_call * len(u.members)
+    return total
+
+
+# ------------------------------------------------------------------- blocks, memory
+
+def _placements(style: str, module: nn.Module) -> dict[str, str]:
+    out = {}
+    for pn, _ in module.named_parameters(recurse=False):
+        pl = _PLACEMENT.get((style, pn))
+        out[pn] = repr(pl) if pl is not None else (
+            "Replicate (grad summed over tp)" if style == "sequence_parallel" else
+            "Replicate (added once, after the reduction)" if style == "rowwise" else "Replicate")
+    return out
+
+
+def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
+    out = []
+    for u in c.units:
+        mp, owner = u.plan, model.get_submodule(u.members[0])
+        layer = lambda n: LayerReport(name=n, style=mp.styles[n],  # noqa: E731
+                                      placements=_placements(mp.styles[n], owner.get_submodule(n)))
+        segs = [SegmentReport(kind=s.kind, layers=[layer(n) for n in s.colwise + s.rowwise])
+                for s in mp.segments]
+        in_seg = {n for s in mp.segments for n in s.colwise + s.rowwise}
+        lone = [layer(n) for n, st in mp.styles.items() if n not in in_seg and st != "sequence_parallel"]
+        if lone:
+            segs.append(SegmentReport(kind="embedding", layers=lone))
+        norms = [layer(n) for n, st in mp.styles.items() if st == "sequence_parallel"]
+        out.append(BlockReport(path=mp.path or "<root>", module_type=mp.module_type,
+                               members=len(u.members), inputs=list(mp.inputs), output=mp.output,
+                               segments=segs, norms=norms))
+    return out
+
+
+def param_memory(c: Compiled, model: nn.Module, dp: int) -> tuple[int, int, int]:
+    """(sharded, replicated, total) parameter bytes on one rank; FSDP divides by dp."""
+    styles, tp = c.plan.layer_styles(), c.plan.tp
+    sharded = replicated = total = 0
+    for name, p in model.named_parameters():
+        owner, _, pn = name.rpartition(".")
+        b = p.numel() * p.dtype.itemsize
+        total += b
+        if (styles.get(owner), pn) in _PLACEMENT:
+            sharded += b // tp
+        else:
+            replicated += b
+    return sharded // dp, replicated // dp, total
+
+
+def activation_memory(c: Compiled) -> int:
+    """Bytes of every intermediate tensor the traced programs produce on one rank (what
+    autograd could keep for backward; attention internals not counted): sharded tensors
+    count 1/tp, each block once per member."""
+    tp, total = c.plan.tp, 0
+    for u in c.units:
+        per_call = 0
+        for n in u.gm.graph.nodes:
+            t = info(n)
+            if t is None or n.op in ("placeholder", "get_attr", "output") or ops.is_meta_op(n):
+                continue
+            if n.op == "call_module" and n.target in u.contracts:
+                continue  # a block's tensors are counted in its own program
+            per_call += _bytes(t.shape, t.dtype) // (tp if u.prop.layouts.get(n, R).sharded else 1)
+        total += per_call * len(u.members)
+    return total
+
+
+def replicated(c: Compiled, model: nn.Module) -> list[Replicated]:
+    out = [Replicated(layer=n.layer, reason=n.reason) for n in c.plan.notes()]
+    styles = c.plan.layer_styles()
+    noted = {n.layer for n in c.plan.notes()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and name not in styles and name not in noted:
+            out.append(Replicated(layer=name, reason="not part of any segment the analysis "
+                                  "could prove safe to shard"))
+    return out
+
+
+def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int = 2048,
+            sequence_parallel: bool = True, example_inputs: tuple | None = None,
+            name: str = "", plan: object = None) -> tuple[Explanation, Compiled]:
+    """Plan ``model`` (meta device is fine) at ``tp`` and say what the rewrite would do for
+    inputs of ``batch`` x ``seq`` (or ``example_inputs``)."""
+    from .api import load_plan
+    from .plan import compile_model
+    from .trace import synthesize_inputs, trace
+    if example_inputs is None:
+        example_inputs = synthesize_inputs(model, trace(model), batch=batch, seq=seq)
+    given = load_plan(plan)  # type: ignore[arg-type]
+    kw = dict(tp=tp, example_inputs=example_inputs, given=given)
+    c = compile_model(model, sequence_parallel=sequence_parallel, **kw)  # type: ignore[arg-type]
+    other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
+    sp_c, no_c = (c, other) if sequence_parallel else (other, c)
+    colls = collectives(c)
+    fwd = sum(x.wire_bytes_per_rank for x in colls if x.phase == "forward")
+    bwd = sum(x.wire_bytes_per_rank for x in colls if x.phase == "backward")
+    sh, rep, total = param_memory(c, model, dp)
+    per_rank = sh + rep
+    dp_wire = int(round(3 * per_rank * dp * (dp - 1) / dp)) if dp > 1 else 0
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return Explanation(
+        model=name or type(model).__name__, tp=tp, dp=dp, batch=batch, seq=seq,
+        dtype=str(dtype).removeprefix("torch."), sequence_parallel=sequence_parallel,
+        plan_seconds=round(c.seconds, 4), blocks=blocks(c, model), collectives=colls,
+        memory=MemoryReport(params_per_rank_bytes=per_rank, params_sharded_bytes=sh,
+                            params_replicated_bytes=rep, params_total_bytes=total,
+                            activations_sp_bytes=activation_memory(sp_c),
+                            activations_no_sp_bytes=activation_memory(no_c)),
+        comm=CommReport(forward_wire_bytes=fwd, backward_wire_bytes=bwd, total_wire_bytes=fwd + bwd,
+                        megatron_min_wire_bytes=megatron_min(c), dp_wire_bytes=dp_wire),
+        replicated=replicated(c, model)), c

@@ -1,0 +1,121 @@
+"""A Plan in other tools' terms: PyTorch ``parallelize_module`` styles, Hugging Face
+``tp_plan`` strings, and back.
+
+PyTorch: each sharded layer gets the ParallelStyle that shards it the same way, with the
+input/output layouts of sequence parallelism where the plan has it (as in the PyTorch
+tutorial's Llama plan). One thing a plan cannot carry into PyTorch: modules that store
+head counts (``self.n_heads``) and view activations with them must have those counts
+divided by tp by the caller, as with any hand-written ``parallelize_module`` plan;
+tpcompile's own rewrite divides them in the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import PlanError
+from .plan import ModulePlan, Plan, SegmentPlan
+
+# HF tp_plan string -> tpcompile style; the first HF name listed per style is the one written
+_FROM_HF = {
+    "colwise": "colwise", "colwise_rep": "colwise", "local_colwise": "colwise",
+    "rowwise": "rowwise", "rowwise_rep": "rowwise", "local_rowwise": "rowwise",
+    "embedding_rowwise": "vocab_parallel", "sequence_parallel": "sequence_parallel",
+    "replicate": "replicate",
+}
+_TO_HF = {"colwise": "colwise", "rowwise": "rowwise", "vocab_parallel": "embedding_rowwise",
+          "sequence_parallel": "sequence_parallel", "replicate": "replicate"}
+HEAD_HF = "colwise_rep"  # a colwise head whose output is gathered (tpcompile's I/O contract)
+
+
+def _keys(mp: ModulePlan) -> list[str]:
+    """Prefixes naming the module plan's members: its glob path, or each member."""
+    return [mp.path] if "*" in mp.path else list(mp.members)
+
+
+def _heads(mp: ModulePlan) -> set[str]:
+    return {n for s in mp.segments if s.kind == "head" for n in s.colwise}
+
+
+def _abs(prefix: str, rel: str) -> str:
+    return f"{prefix}.{rel}" if prefix else rel
+
+
+def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
+    """``{fqn_or_glob: hf_style}``; a colwise head is ``colwise_rep`` (output gathered)."""
+    out: dict[str, str] = {}
+    for mp in plan.modules:
+        heads = _heads(mp)
+        for prefix in _keys(mp):
+            for rel, style in mp.styles.items():
+                out[_abs(prefix, rel)] = HEAD_HF if rel in heads else _TO_HF[style]
+    return dict(sorted(out.items()))
+
+
+def from_hf_tp_plan(tp_plan: dict[str, str]) -> Plan:
+    """A flat plan from a Hugging Face ``tp_plan``; names and globs are kept as given and
+    checked against the model when the plan is applied."""
+    from .plan_io import flat_plan
+    bad = {k: v for k, v in tp_plan.items() if v not in _FROM_HF}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise PlanError(f"{k}: Hugging Face style {v!r} has no tpcompile equivalent (supported: "
+                        f"{', '.join(_FROM_HF)}); replace it, or leave the layer out to let "
+                        "tpcompile detect it")
+    plan = flat_plan({k: _FROM_HF[v] for k, v in tp_plan.items()}, "<hf tp_plan>")
+    heads = [k for k, v in tp_plan.items() if v == HEAD_HF]
+    plan.modules[0].segments = [SegmentPlan(kind="head", colwise=[h]) for h in heads]
+    return plan
+
+
+def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
+    """``{fqn_or_glob: ParallelStyle}`` for ``torch.distributed.tensor.parallel.
+    parallelize_module``. In a module with sequence parallelism colwise layers take
+    sequence-sharded inputs (``Shard(1)``, gathered inside the style) and rowwise layers and
+    the embedding give sequence-sharded outputs (reduce-scattered)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   SequenceParallel)
+    _check_sp_entry(plan)
+    out: dict[str, Any] = {}
+    for mp in plan.modules:
+        sp = plan.sequence_parallel and _has_sp(mp)
+        seq = Shard(1) if sp else Replicate()
+        heads = _heads(mp)
+        for prefix in _keys(mp):
+            for rel, style in mp.styles.items():
+                if style == "colwise":
+                    st: Any = ColwiseParallel(input_layouts=seq, output_layouts=Replicate()) \
+                        if rel in heads else ColwiseParallel(input_layouts=seq)
+                elif style == "rowwise":
+                    st = RowwiseParallel(output_layouts=seq)
+                elif style == "vocab_parallel":  # PyTorch's rowwise Embedding splits the vocab
+                    st = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+                elif style == "sequence_parallel":
+                    st = SequenceParallel()
+                else:
+                    continue
+                out[_abs(prefix, rel)] = st
+    return dict(sorted(out.items()))  # every rank must apply the styles in the same order
+
+
+def _has_sp(mp: ModulePlan) -> bool:
+    return "sequence_parallel" in mp.styles.values() or "Q" in mp.inputs or mp.output == "Q"
+
+
+def _check_sp_entry(plan: Plan) -> None:
+    """parallelize_module enters and leaves sequence parallelism only through layer styles
+    (a vocab-parallel embedding or rowwise layer in, a colwise layer out). A model whose own
+    inputs or outputs are sequence-sharded in the plan would need PrepareModuleInput/Output
+    on the root, which a parallelize_module dict cannot hold."""
+    if not plan.sequence_parallel or not any(_has_sp(m) for m in plan.modules):
+        return
+    root = next((m for m in plan.modules if "" in m.members), None)
+    styles = set(root.styles.values()) if root else set()
+    if not ({"vocab_parallel", "rowwise"} & styles and "colwise" in styles):
+        raise PlanError(
+            "this plan runs sequence parallel from the model's own inputs to its outputs "
+            f"(the root module styles are {sorted(styles) or 'none'}; no vocab-parallel "
+            "embedding or rowwise layer enters the region and no colwise head leaves it), "
+            "which a parallelize_module dict cannot express; plan with "
+            "sequence_parallel=False for parallelize_module, or use tpcompile.auto_parallelize")
