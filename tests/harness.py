@@ -86,7 +86,7 @@ class WorkerPool:
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list[Any]:
         """``[fn(rank, *args, **kwargs) for each rank]``, run concurrently on the workers.
-        Raises ``WorkerError`` (or the exception type named ``expect``) if a rank raised."""
+        Raises ``WorkerError`` if a rank raised."""
         for q in self._jobs:
             q.put((fn, args, kwargs))
         got: dict[int, tuple[bool, Any]] = {}

@@ -119,3 +119,46 @@ def failure_midway(rank: int, where: str) -> dict:
     out_same = torch.equal(model(*inputs), ref(*inputs))
     return {"same_objects": same_objects, "no_forward": no_forward, "out_same": out_same,
             "classes": classes, "calls": calls["n"]}
+
+
+class _Expert(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class _Stage(nn.Module):
+    """A block that holds repeated blocks of its own."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.inner = nn.ModuleList(_Expert(dim) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for e in self.inner:
+            x = e(x)
+        return x
+
+
+class NestedStack(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(_Stage(dim) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
+def nested(rank: int, tp: int, sp: bool) -> dict:
+    torch.manual_seed(0)
+    ref, inputs = NestedStack(), (torch.randn(2, 4, 16),)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp)
+    rep = compare(ref, par, inputs)
+    return {"output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}

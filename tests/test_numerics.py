@@ -64,3 +64,15 @@ def test_llama_multi_query(pool):
     res = pool.run(jobs.numerics, "llama", 2, True, {"n_kv_heads": 1},
                    on_indivisible="replicate")
     check(res)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_nested_repeated_blocks(pool, sp):
+    """Blocks inside blocks: every repeat of the outer block has its inner ones rewritten."""
+    res = pool.run(jobs.nested, 2, sp)
+    check(res)
+    styles = res[0]["styles"]
+    for s in range(3):
+        for i in range(2):
+            assert styles[f"stages.{s}.inner.{i}.up"] == "colwise"
+            assert styles[f"stages.{s}.inner.{i}.down"] == "rowwise"

@@ -198,6 +198,7 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
     segments: list[Segment] = []
     notes: list[Note] = []
     linears = _linear_nodes(gm)
+    order = {n.target: i for i, n in enumerate(gm.graph.nodes)}  # styles in graph order
     for lin in linears:
         if lin.target in styles:
             continue
@@ -220,8 +221,8 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
             elif not res.found_rowwise and not res.gathered_outputs:
                 reason = "no Linear or output consumes it"
             else:
-                styles.update({e: "colwise" for e in entries})
-                styles.update({r: "rowwise" for r in res.found_rowwise})
+                styles.update({e: "colwise" for e in sorted(entries, key=order.get)})
+                styles.update({r: "rowwise" for r in sorted(res.found_rowwise, key=order.get)})
                 segments.append(_segment(gm, g, res, entries))
             break
         if reason and lin.target not in styles:

@@ -154,6 +154,12 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     order: list[Any] = []
     parents: dict[str, int] = {}
 
+    def add_nested_members(block: nn.Module, member: str) -> None:
+        for rel, nested in find_blocks(block).items():
+            path = f"{member}.{rel}"
+            add_nested_members(nested, path)
+            units[block_signature(nested)].members.append(path)
+
     def process(module: nn.Module, path: str, args: tuple, kwargs: dict, is_root: bool,
                 key: Any) -> tuple[Unit, Any]:
         gm = trace(module, tracer=tracer, where=path or type(module).__name__)
@@ -171,6 +177,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
             if sig not in units:
                 unit, out = process(blocks[target], member, a, k, False, sig)
                 outs[(sig, _shapes(a))] = out
+            else:  # a repeat: its own nested blocks repeat the first one's
+                add_nested_members(blocks[target], member)
             units[sig].members.append(member)
             contracts[target] = units[sig].contract  # type: ignore[assignment]
             if (sig, _shapes(a)) not in outs:
