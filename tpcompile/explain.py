@@ -150,7 +150,8 @@ def unit_collectives(u: Unit, tp: int) -> list[tuple]:
             seen.add((p, dst))
             fwd, bwd, why = _CONVERSIONS[(src.kind, dst.kind)]
             for kind, phase in ((fwd, "forward"), (bwd, "backward")):
-                if kind:
+                # no gradient reaches a constant (the rope tables): its backward never runs
+                if kind and (phase == "forward" or t.requires_grad):
                     out.append((f"{p.name} -> {where(n)}", kind, phase, why, t.shape, t.dtype,
                                 (p.name, n.name)))
         out += _reductions(u, n)

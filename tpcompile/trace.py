@@ -25,6 +25,7 @@ TracerName = Literal["fx", "export"]
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
+    requires_grad: bool = False  # in the traced run: whether a gradient can flow back to it
 
     @property
     def rank(self) -> int:
@@ -108,7 +109,7 @@ def _user_frame(e: BaseException) -> str:
 
 def tensor_info(val: Any) -> Any:
     if isinstance(val, torch.Tensor):
-        return TensorInfo(tuple(int(s) for s in val.shape), val.dtype)
+        return TensorInfo(tuple(int(s) for s in val.shape), val.dtype, val.requires_grad)
     if isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val):
         return [tensor_info(v) for v in val]
     return None
