@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from . import analyze as A
+from . import sequence as SQ
 from .analyze import Contract, Propagation
 from .errors import IndivisibleError
 from .trace import TracerName, block_signature, find_blocks, propagate_shapes, synthesize_inputs, trace
@@ -241,11 +242,11 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
             warnings.warn(f"tpcompile: {prefix}{n.layer} {n.reason}", stacklevel=4)
         notes += more
         prop = A.propagate(gm, styles, tp, contracts=contracts)
-    A.apply_block_needs(gm, prop, contracts)
-    q = A.sequence_parallel(gm, prop, styles, contracts, is_root) if sp else set()
-    contract = None if is_root else A.block_contract(gm, prop)
+    SQ.apply_block_needs(gm, prop, contracts)
+    q = SQ.sequence_parallel(gm, prop, styles, contracts, is_root) if sp else set()
+    contract = None if is_root else SQ.block_contract(gm, prop)
     all_styles: dict[str, Style] = dict(styles)  # type: ignore[arg-type]
-    for name in A.norm_layers(gm, q):
+    for name in SQ.norm_layers(gm, q):
         all_styles[name] = "sequence_parallel"
     mp = ModulePlan(
         path=path, members=[], module_type=type(module).__name__, styles=all_styles,
