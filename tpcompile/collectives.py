@@ -215,4 +215,14 @@ def localize_shape(sizes: Sequence[int], pos: int, tp: int) -> tuple:
     return tuple(out)
 
 
-COLLECTIVE_HELPERS = (enter, all_reduce, sp_gather, reduce_scatter, split, gather, sync_grads)
+# What each conversion runs: (collective in forward, collective in backward). The rewrite
+# calls these functions; ``explain`` reads a rewritten graph's calls against this table.
+COLLECTIVES: dict[Any, tuple[str | None, str | None]] = {
+    enter: (None, "all_reduce"),
+    all_reduce: ("all_reduce", None),
+    sp_gather: ("all_gather", "reduce_scatter"),
+    reduce_scatter: ("reduce_scatter", "all_gather"),
+    split: (None, "all_gather"),
+    gather: ("all_gather", None),
+    sync_grads: (None, "all_reduce"),
+}

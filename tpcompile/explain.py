@@ -14,15 +14,15 @@ import math
 from typing import Literal
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
+from . import collectives as C
 from . import ops
-from .analyze import NORM_MODULES, submodule, where
 from .api import _PLACEMENT
-from .ops import R, Layout, info
+from .ops import R, info
 from .plan import Compiled, Unit
+from .rewrite import Site, rewrite
 
 Kind = Literal["all_reduce", "all_gather", "reduce_scatter"]
 
@@ -115,85 +115,23 @@ def _wire(kind: str, nbytes: int, tp: int) -> int:
 
 # ------------------------------------------------------------------- collectives
 
-_CONVERSIONS = {  # (src kind, dst kind) -> (forward, backward, what it is)
-    ("R", "E"): (None, "all_reduce", "input of colwise layers: gradient summed over tp"),
-    ("Q", "E"): ("all_gather", "reduce_scatter", "sequence-parallel input of colwise layers"),
-    ("S", "R"): ("all_gather", None, "sharded tensor read replicated"),
-    ("Q", "R"): ("all_gather", None, "sequence-sharded tensor read replicated"),
-    ("R", "S"): (None, "all_gather", "replicated tensor split (gradient gathered)"),
-    ("R", "Q"): (None, "all_gather", "replicated tensor split on the sequence"),
-}
-
-
-def _consumed(gm: fx.GraphModule, n: fx.Node) -> list[fx.Node]:
-    """The inputs of ``n`` the rewrite converts (mirrors rewrite._Builder)."""
-    if ops.is_meta_op(n) or n.op in ("placeholder", "get_attr"):
-        return []
-    mod = submodule(gm, n)
-    if isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES)):
-        return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
-    return [p for p in n.all_input_nodes if isinstance(p.meta.get("tpc"), ops.TensorInfo)]
-
-
 def unit_collectives(u: Unit, tp: int) -> list[tuple]:
     """(at, kind, phase, why, full shape, dtype, (from node, to node)) for one call of the
-    unit's program; the node names are None where the collective has no such edge."""
+    unit's program, read off the program the rewrite builds (no process group needed: the
+    group is only a name in the graph), so explain and the rewrite cannot disagree."""
+    rw = rewrite(u.gm, u.prop, u.styles, u.q_nodes, tp, "explain", u.contracts)
     out = []
-    seen: set[tuple[fx.Node, Layout]] = set()
-    lay, need = u.prop.layouts, u.prop.need
-    for n in u.gm.graph.nodes:
-        for p in _consumed(u.gm, n):
-            src, dst = lay.get(p, R), need.get(n, {}).get(p, R)
-            t = info(p)
-            if src == dst or (p, dst) in seen or t is None:
-                continue
-            seen.add((p, dst))
-            fwd, bwd, why = _CONVERSIONS[(src.kind, dst.kind)]
-            for kind, phase in ((fwd, "forward"), (bwd, "backward")):
-                # no gradient reaches a constant (the rope tables): its backward never runs
-                if kind and (phase == "forward" or t.requires_grad):
-                    out.append((f"{p.name} -> {where(n)}", kind, phase, why, t.shape, t.dtype,
-                                (p.name, n.name)))
-        out += _reductions(u, n)
-    out += _grad_syncs(u)
+    for node in rw.graph.nodes:
+        site: Site | None = node.meta.get("tpc_site")
+        if site is None:
+            continue
+        t = site.tensor
+        for kind, phase in zip(C.COLLECTIVES[node.target], ("forward", "backward")):
+            # no gradient reaches a constant (the rope tables): its backward never runs
+            if kind and (phase == "forward" or t.requires_grad):
+                out.append((site.at, kind, phase, site.why, t.shape, t.dtype,
+                            (site.src, site.dst)))
     return out
-
-
-def _reductions(u: Unit, n: fx.Node) -> list[tuple]:
-    mod = submodule(u.gm, n)
-    style = u.styles.get(n.target) if n.op == "call_module" else None
-    if not (isinstance(mod, nn.Linear) and style == "rowwise"
-            or isinstance(mod, nn.Embedding) and style == "vocab_parallel"):
-        return []
-    t = info(n)
-    if n in u.q_nodes:
-        return [(str(n.target), "reduce_scatter", "forward", f"{style} partial sums, to sequence shards",
-                 t.shape, t.dtype, (n.name, None)),
-                (str(n.target), "all_gather", "backward", "gradient of the reduce-scatter",
-                 t.shape, t.dtype, (n.name, None))]
-    return [(str(n.target), "all_reduce", "forward", f"{style} partial sums", t.shape, t.dtype,
-             (n.name, None))]
-
-
-def _grad_syncs(u: Unit) -> list[tuple]:
-    """Replicated parameters read by sequence-sharded ops: one all-reduce of their grads."""
-    names = dict(u.gm.named_parameters())
-    synced: dict[str, nn.Parameter] = {}
-    for n in u.gm.graph.nodes:
-        if n.op == "get_attr" and n.target in names and any(x in u.q_nodes for x in n.users):
-            synced[n.target] = names[n.target]
-        mod = submodule(u.gm, n)
-        if isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES)) and n in u.q_nodes:
-            for pn, p in mod.named_parameters(recurse=False):
-                if isinstance(mod, NORM_MODULES) or pn == "bias":
-                    synced[f"{n.target}.{pn}"] = p
-    if not synced:
-        return []
-    numel = sum(p.numel() for p in synced.values())
-    dtype = next(iter(synced.values())).dtype
-    return [(", ".join(synced), "all_reduce", "backward",
-             "gradients of replicated parameters used on sequence shards", (numel,), dtype,
-             (None, None))]
 
 
 def collectives(c: Compiled) -> list[CollectiveReport]:

@@ -10,6 +10,7 @@ the original module objects, so parameter names, ``state_dict`` keys and module 
 
 from __future__ import annotations
 
+import operator
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,9 +23,10 @@ from torch.fx.node import map_arg
 
 from . import collectives as C
 from . import ops
-from .analyze import NORM_MODULES, Contract, Propagation, submodule
+from .analyze import NORM_MODULES, Contract, Propagation, submodule, where
 from .errors import PlanError
 from .ops import Layout, R, info
+from .trace import TensorInfo
 
 
 @dataclass
@@ -32,6 +34,28 @@ class Rewritten:
     graph: fx.Graph
     forward: Callable  # unbound: forward(self, *args)
     code: str
+
+
+@dataclass(frozen=True)
+class Site:
+    """Why a collective node is in the rewritten graph (``node.meta["tpc_site"]``): the
+    layer or edge it serves, and the full (logical) tensor it moves."""
+
+    at: str
+    why: str
+    tensor: TensorInfo
+    src: str | None = None  # the original graph's node names of the edge, if any
+    dst: str | None = None
+
+
+_WHY = {
+    ("R", "E"): "input of colwise layers: gradient summed over tp",
+    ("Q", "E"): "sequence-parallel input of colwise layers",
+    ("S", "R"): "sharded tensor read replicated",
+    ("Q", "R"): "sequence-sharded tensor read replicated",
+    ("R", "S"): "replicated tensor split (gradient gathered)",
+    ("R", "Q"): "replicated tensor split on the sequence",
+}
 
 
 def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -> fx.Node:
@@ -79,8 +103,12 @@ class _Builder:
         if sync:
             order = [s for s in self.params if s in sync]
             out = self.g.call_function(C.sync_grads, (self.group, *[self.params[s] for s in order]))
+            ps = [self.gm.get_parameter(s) for s in order]
+            out.meta["tpc_site"] = Site(
+                ", ".join(order), "gradients of replicated parameters used on sequence shards",
+                TensorInfo((sum(p.numel() for p in ps),), ps[0].dtype, True))
             for i, s in enumerate(order):
-                self.params[s] = self.g.call_function(getattr(__import__("operator"), "getitem"), (out, i))
+                self.params[s] = self.g.call_function(operator.getitem, (out, i))
 
     @staticmethod
     def _opaque(mod: nn.Module) -> bool:
@@ -97,7 +125,10 @@ class _Builder:
             return v
         key = (p, dst)
         if key not in self.conv:
-            self.conv[key] = _conversion(v, src, dst, self.g, self.group)
+            node = _conversion(v, src, dst, self.g, self.group)
+            node.meta["tpc_site"] = Site(f"{p.name} -> {where(consumer)}", _WHY[(src.kind, dst.kind)],
+                                         info(p), p.name, consumer.name)  # type: ignore[arg-type]
+            self.conv[key] = node
         return self.conv[key]
 
     def args(self, node: fx.Node) -> tuple[Any, Any]:
@@ -163,9 +194,15 @@ class _Builder:
         return g.call_function(torch.add, (y, b)) if b is not None else y
 
     def _reduce(self, n: fx.Node, partial: fx.Node) -> fx.Node:
+        style = self.styles.get(n.target)
         if n in self.q:
-            return self.g.call_function(C.reduce_scatter, (partial, 1, self.group))
-        return self.g.call_function(C.all_reduce, (partial, self.group))
+            out = self.g.call_function(C.reduce_scatter, (partial, 1, self.group))
+            why = f"{style} partial sums, to sequence shards"
+        else:
+            out = self.g.call_function(C.all_reduce, (partial, self.group))
+            why = f"{style} partial sums"
+        out.meta["tpc_site"] = Site(str(n.target), why, info(n), n.name)  # type: ignore[arg-type]
+        return out
 
     def _embedding(self, n: fx.Node, mod: nn.Embedding) -> fx.Node:
         ids, w = self.value(n.args[0], n), self.params[f"{n.target}.weight"]
