@@ -63,6 +63,8 @@ def run_case(mesh, device, args, sp: bool, batch: int, seq: int) -> dict:
         "err_tpcompile": max(errs["tpcompile"]["output"], errs["tpcompile"]["grad"]),
         "err_hand": max(errs["hand"]["output"], errs["hand"]["grad"]),
         "steps": args.steps,
+        "tpcompile_times_ms": [round(1e3 * t, 2) for t in times["tpcompile"]],
+        "hand_times_ms": [round(1e3 * t, 2) for t in times["hand"]],
     }
 
 
