@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -34,30 +33,41 @@ def _pg(group: str) -> dist.ProcessGroup:
     return _resolve_process_group(group)
 
 
+@lru_cache(maxsize=None)
 def _rank(group: str) -> int:
     return dist.get_rank(_pg(group))
 
 
+@lru_cache(maxsize=None)
 def _size(group: str) -> int:
     return dist.get_world_size(_pg(group))
 
 
-# torch >= 2.12 names these *_single; older releases only have the *_tensor spellings
-_gather_fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-_scatter_fn = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+# The c10d functional ops themselves, not the ``funcol`` wrappers: those wrap every result
+# in an AsyncCollectiveTensor (a Python subclass, through a Python custom op) that the
+# wait then unwraps again, which costs more than a small collective on CPU. Here every
+# collective is waited at once anyway. A dispatch mode still sees the same ops.
+_c10d = torch.ops._c10d_functional
 
 
 def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
-    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group))
 
 
 def _all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
-    return funcol.wait_tensor(_gather_fn(x.contiguous(), dim, group))
+    """Concatenation over ranks along ``dim`` (the op gathers along dim 0)."""
+    n = _size(group)
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group))
+    return out if dim % x.dim() == 0 else torch.cat(out.chunk(n, 0), dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Sum over ranks, this rank's chunk along ``dim`` (the op scatters along dim 0)."""
     _check_divisible(x, dim, group, "reduce-scatter")
-    return funcol.wait_tensor(_scatter_fn(x.contiguous(), "sum", dim, group))
+    n = _size(group)
+    if dim % x.dim() != 0:
+        x = torch.cat(x.chunk(n, dim), 0)
+    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group))
 
 
 def _chunk(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:

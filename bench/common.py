@@ -1,0 +1,267 @@
+"""Shared setup for the benchmarks: the process group and mesh, the Llama model, the two
+programs under test (tpcompile and the hand-written ``parallelize_module`` plan), one
+training step, a numerics check, and table / JSON output.
+
+The two programs start from the same model (same seed, deep copies), see the same
+inputs, and run the same step: forward, cross-entropy loss, backward, AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+import tpcompile
+from models.llama2 import Transformer, config
+
+PROGRAMS = ("tpcompile", "hand")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    p.add_argument("--vocab", type=int, default=32000,
+                   help="vocabulary size (default 32000, the tutorial's)")
+    p.add_argument("--sizes", default="2x64,8x256",
+                   help="comma-separated BATCHxSEQ sizes (default 2x64,8x256)")
+    p.add_argument("--sp", default="off,on", help="sequence parallel: off, on, or off,on")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel degree of a 2-D (dp, tp) mesh; only 1 for now")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def sizes(spec: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.lower().split("x")) for s in spec.split(",")]  # type: ignore[misc]
+
+
+def sp_modes(spec: str) -> list[bool]:
+    return [{"off": False, "on": True}[s.strip()] for s in spec.split(",")]
+
+
+# ----------------------------------------------------------------------------- processes
+
+def init(dp: int = 1) -> tuple[DeviceMesh, torch.device]:
+    """The process group and the tensor-parallel mesh; CUDA/NCCL when GPUs exist."""
+    if dp != 1:
+        raise SystemExit("--dp > 1 (a 2-D dp x tp mesh) is not supported by the benchmarks yet")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (world,), mesh_dim_names=("tp",))
+    return mesh, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def device_of(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ----------------------------------------------------------------------------- the model
+
+def build_model(layers: int, vocab: int, device: torch.device, seed: int = 0) -> Transformer:
+    """The tutorial Llama (dim 256, 16 heads), deterministic weights, on ``device``."""
+    model = Transformer(config("tutorial", n_layers=layers, vocab_size=vocab))
+    model.init_weights(seed)
+    return model.to(device)
+
+
+def make_batch(batch: int, seq: int, vocab: int, device: torch.device,
+               seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets), the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# ----------------------------------------------------------------------------- the programs
+
+def hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
+    """The tutorial / torchtitan Llama plan, with (``sp``) or without sequence parallel."""
+    if sp:
+        plan: dict[str, Any] = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        }
+    else:
+        plan = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Replicate()),
+        }
+    for i in range(block_count):
+        b = f"layers.{i}"
+        plan.update({
+            f"{b}.attention.wq": ColwiseParallel(), f"{b}.attention.wk": ColwiseParallel(),
+            f"{b}.attention.wv": ColwiseParallel(),
+            f"{b}.feed_forward.w1": ColwiseParallel(), f"{b}.feed_forward.w3": ColwiseParallel(),
+        })
+        if sp:
+            plan.update({
+                f"{b}.attention_norm": SequenceParallel(),
+                f"{b}.attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                     desired_input_layouts=(Replicate(), None, None)),
+                f"{b}.attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                f"{b}.ffn_norm": SequenceParallel(),
+                f"{b}.feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                        desired_input_layouts=(Replicate(),)),
+                f"{b}.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            })
+        else:
+            plan.update({f"{b}.attention.wo": RowwiseParallel(),
+                         f"{b}.feed_forward.w2": RowwiseParallel()})
+    return plan
+
+
+def hand_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
+    """Apply the hand plan. Its colwise q/k/v outputs are local shards, so the attention's
+    views must use this rank's head counts, as torchtitan does: divide them by tp."""
+    tp = mesh.size()
+    for layer in model.layers:
+        attn = layer.attention
+        if attn.n_heads % tp or attn.n_kv_heads % tp:
+            raise ValueError(f"heads {attn.n_heads}/{attn.n_kv_heads} not divisible by tp={tp}")
+        attn.n_heads //= tp
+        attn.n_kv_heads //= tp
+    return parallelize_module(model, mesh, hand_plan(len(model.layers), sp))
+
+
+def tpc_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
+    return tpcompile.auto_parallelize(model, mesh, sequence_parallel=sp)
+
+
+PARALLELIZE: dict[str, Callable[[Transformer, DeviceMesh, bool], nn.Module]] = {
+    "tpcompile": tpc_parallelize, "hand": hand_parallelize,
+}
+
+
+@dataclass
+class Program:
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+
+
+def programs(ref: Transformer, mesh: DeviceMesh, sp: bool) -> list[Program]:
+    """Both programs, each on its own deep copy of ``ref``, each with its own AdamW."""
+    out = []
+    for name in PROGRAMS:
+        m = PARALLELIZE[name](copy.deepcopy(ref), mesh, sp)
+        out.append(Program(name, m, torch.optim.AdamW(m.parameters(), lr=1e-4)))
+    return out
+
+
+def step(p: Program, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One training step: forward, loss, backward, optimizer step (grads freed first)."""
+    p.opt.zero_grad(set_to_none=True)
+    loss = loss_of(p.model(tokens), targets)
+    loss.backward()
+    p.opt.step()
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------- numerics
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = full(a).detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float("inf")
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
+
+
+def check_numerics(ref: nn.Module, par: nn.Module, tokens: torch.Tensor,
+                   targets: torch.Tensor) -> dict[str, float]:
+    """Worst relative error of the logits and of any parameter's gradient, ``par`` vs
+    ``ref`` (``ref`` is run here too; both get their grads cleared after)."""
+    out_ref, out_par = ref(tokens), par(tokens)
+    loss_of(out_ref, targets).backward()
+    loss_of(out_par, targets).backward()
+    grads = dict(par.named_parameters())
+    worst, worst_name = 0.0, "-"
+    for name, p in ref.named_parameters():
+        q = grads[name]
+        e = float("inf") if q.grad is None else rel_err(q.grad, p.grad)
+        if e > worst:
+            worst, worst_name = e, name
+    res = {"output": rel_err(out_par, out_ref), "grad": worst, "worst_grad": worst_name}
+    ref.zero_grad(set_to_none=True)
+    par.zero_grad(set_to_none=True)
+    return res  # type: ignore[return-value]
+
+
+def require_close(name: str, errs: dict, tol: float = 1e-4) -> None:
+    if errs["output"] > tol or errs["grad"] > tol:
+        raise SystemExit(f"{name} does not compute the unsharded model's numbers: {errs}")
+
+
+# ----------------------------------------------------------------------------- output
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; ``columns`` are (key, header, format spec)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in columns) + " |"
+            for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def emit(meta: dict, rows: list[dict], columns: list[tuple[str, str, str]], as_json: bool) -> None:
+    if not rank0():
+        return
+    if as_json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    else:
+        print(" ".join(f"{k}={v}" for k, v in meta.items()))
+        print(table(rows, columns))
+
+
+def machine() -> dict:
+    d = {"torch": torch.__version__, "world": dist.get_world_size() if dist.is_initialized() else 1,
+         "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name()
+    return d

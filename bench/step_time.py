@@ -1,0 +1,92 @@
+"""Step time: tpcompile vs the hand-written ``parallelize_module`` Llama plan.
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bench/step_time.py [--steps 20] [--json]
+
+For each (sequence parallel off/on) x (batch x seq) it builds both programs from the same
+model, checks each against the unsharded model (logits and every gradient), then times
+training steps (forward + cross-entropy + backward + AdamW) ALTERNATING the two programs,
+so machine noise hits both alike. A step's time is the slowest rank's; the table gives
+the median over the timed steps and the ratio tpcompile / hand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from bench import common as C  # noqa: E402
+
+
+def time_pair(progs: list[C.Program], tokens: torch.Tensor, targets: torch.Tensor,
+              warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """Per-step seconds of each program (the slowest rank), alternating which goes first."""
+    for _ in range(warmup):
+        for p in progs:
+            C.step(p, tokens, targets)
+    times: dict[str, list[float]] = {p.name: [] for p in progs}
+    for i in range(steps):
+        order = progs if i % 2 == 0 else progs[::-1]
+        for p in order:
+            C.sync(device)
+            dist.barrier()
+            t0 = time.perf_counter()
+            C.step(p, tokens, targets)
+            C.sync(device)
+            times[p.name].append(time.perf_counter() - t0)
+    for name, ts in times.items():  # the step takes as long as its slowest rank
+        t = torch.tensor(ts, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times[name] = t.tolist()
+    return times
+
+
+def run_case(mesh, device, args, sp: bool, batch: int, seq: int) -> dict:
+    ref = C.build_model(args.layers, args.vocab, device, args.seed)
+    progs = C.programs(ref, mesh, sp)
+    tokens, targets = C.make_batch(batch, seq, args.vocab, device)
+    errs = {}
+    for p in progs:
+        errs[p.name] = C.check_numerics(ref, p.model, tokens, targets)
+        C.require_close(p.name, errs[p.name])
+    times = time_pair(progs, tokens, targets, args.warmup, args.steps, device)
+    med = {k: C.median(v) for k, v in times.items()}
+    return {
+        "sp": "on" if sp else "off", "batch": batch, "seq": seq,
+        "tpcompile_ms": 1e3 * med["tpcompile"], "hand_ms": 1e3 * med["hand"],
+        "ratio": med["tpcompile"] / med["hand"],
+        "err_tpcompile": max(errs["tpcompile"]["output"], errs["tpcompile"]["grad"]),
+        "err_hand": max(errs["hand"]["output"], errs["hand"]["grad"]),
+        "steps": args.steps,
+        "tpcompile_times_ms": [round(1e3 * t, 2) for t in times["tpcompile"]],
+        "hand_times_ms": [round(1e3 * t, 2) for t in times["hand"]],
+    }
+
+
+COLUMNS = [("sp", "SP", ""), ("batch", "batch", ""), ("seq", "seq", ""),
+           ("tpcompile_ms", "tpcompile ms", ".1f"), ("hand_ms", "hand ms", ".1f"),
+           ("ratio", "tpcompile/hand", ".3f"),
+           ("err_tpcompile", "max rel err tpc", ".1e"), ("err_hand", "max rel err hand", ".1e")]
+
+
+def main() -> None:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per program")
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    mesh, device = C.init(args.dp)
+    rows = [run_case(mesh, device, args, sp, b, s)
+            for sp in C.sp_modes(args.sp) for b, s in C.sizes(args.sizes)]
+    meta = {"what": "step_time", "layers": args.layers, "vocab": args.vocab, "dim": 256,
+            "device": device.type, **C.machine()}
+    C.emit(meta, rows, COLUMNS, args.json)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
