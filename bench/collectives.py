@@ -28,21 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
 
-from tpcompile.counting import CollectiveCounter as _Counter  # noqa: E402
-
-class CollectiveCounter(_Counter):
-    """Also counts the collectives DTensor issues *inside* an op (e.g. AdamW on a Partial
-    gradient all-reduces it): a mode handler runs with the mode popped, so the base
-    counter never sees those. Declining DTensor ops (NotImplemented) hands them to
-    DTensor's own dispatch with this mode still active, which then sees its collectives."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
+from tpcompile.counting import CollectiveCounter  # noqa: E402
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
 PHASES = ("fwd", "bwd", "opt")

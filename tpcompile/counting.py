@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -43,6 +44,11 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # A DTensor op is declined, so DTensor's own dispatch runs it with this mode still
+        # active and the collectives it issues inside (a Partial gradient reduced in an
+        # optimizer step, a redistribute) are counted too.
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
         ns = func.namespace
         if ns in ("_c10d_functional", "c10d_functional", "c10d"):
             kind = _KINDS.get(func._opname)
