@@ -42,9 +42,9 @@ def count_step(p: C.Program, tokens, targets) -> dict[str, tuple[Counter, Counte
     with CollectiveCounter() as c:
         logits = p.model(tokens)
     out["fwd"] = (Counter(c.counts), Counter(c.bytes))
-    loss = C.loss_of(logits, targets)
-    with CollectiveCounter() as c:
-        loss.backward()
+    with C.loss_context():  # under loss_parallel the loss's own collectives count as bwd
+        with CollectiveCounter() as c:
+            C.loss_of(logits, targets).backward()
     out["bwd"] = (Counter(c.counts), Counter(c.bytes))
     with CollectiveCounter() as c:
         p.opt.step()
@@ -112,7 +112,7 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.set_defaults(sizes="2x64")
     args = p.parse_args()
-    mesh, device = C.init(args.dp)
+    mesh, device = C.init(args.dp, args.loss_parallel)
     rows = [r for sp in C.sp_modes(args.sp) for b, s in C.sizes(args.sizes)
             for r in rows_for(mesh, device, args, sp, b, s)]
     meta = {"what": "collectives", "layers": args.layers, "vocab": args.vocab,

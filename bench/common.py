@@ -9,6 +9,7 @@ inputs, and run the same step: forward, cross-entropy loss, backward, AdamW step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+                                               SequenceParallel, loss_parallel, parallelize_module)
 
 import tpcompile
 from models.llama2 import Transformer, config
@@ -44,6 +45,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel degree of a 2-D (dp, tp) mesh; only 1 for now")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss-parallel", action="store_true",
+                   help="both programs keep the logits vocab-sharded and compute the "
+                        "cross-entropy under torch's loss_parallel() (no logits gather)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -58,8 +62,10 @@ def sp_modes(spec: str) -> list[bool]:
 
 # ----------------------------------------------------------------------------- processes
 
-def init(dp: int = 1) -> tuple[DeviceMesh, torch.device]:
+def init(dp: int = 1, use_loss_parallel: bool = False) -> tuple[DeviceMesh, torch.device]:
     """The process group and the tensor-parallel mesh; CUDA/NCCL when GPUs exist."""
+    global LOSS_PARALLEL
+    LOSS_PARALLEL = use_loss_parallel
     if dp != 1:
         raise SystemExit("--dp > 1 (a 2-D dp x tp mesh) is not supported by the benchmarks yet")
     cuda = torch.cuda.is_available()
@@ -106,8 +112,24 @@ def make_batch(batch: int, seq: int, vocab: int, device: torch.device,
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+LOSS_PARALLEL = False  # set from --loss-parallel by init()
+
+
 def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def loss_context() -> Any:
+    """Vocab-sharded logits (DTensor) need PyTorch's loss_parallel() around the loss and
+    its backward."""
+    return loss_parallel() if LOSS_PARALLEL else contextlib.nullcontext()
+
+
+def loss_backward(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    with loss_context():
+        loss = loss_of(logits, targets)
+        loss.backward()
+    return loss
 
 
 # ----------------------------------------------------------------------------- the programs
@@ -118,12 +140,14 @@ def hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
         plan: dict[str, Any] = {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel(),
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+            if not LOSS_PARALLEL else ColwiseParallel(input_layouts=Shard(1), use_local_output=False),
         }
     else:
         plan = {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-            "output": ColwiseParallel(output_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Replicate())
+            if not LOSS_PARALLEL else ColwiseParallel(use_local_output=False),
         }
     for i in range(block_count):
         b = f"layers.{i}"
@@ -163,7 +187,7 @@ def hand_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Modul
 
 
 def tpc_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
-    return tpcompile.auto_parallelize(model, mesh, sequence_parallel=sp)
+    return tpcompile.auto_parallelize(model, mesh, sequence_parallel=sp, loss_parallel=LOSS_PARALLEL)
 
 
 PARALLELIZE: dict[str, Callable[[Transformer, DeviceMesh, bool], nn.Module]] = {
@@ -190,8 +214,7 @@ def programs(ref: Transformer, mesh: DeviceMesh, sp: bool) -> list[Program]:
 def step(p: Program, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One training step: forward, loss, backward, optimizer step (grads freed first)."""
     p.opt.zero_grad(set_to_none=True)
-    loss = loss_of(p.model(tokens), targets)
-    loss.backward()
+    loss = loss_backward(p.model(tokens), targets)
     p.opt.step()
     return loss.detach()
 
@@ -215,7 +238,7 @@ def check_numerics(ref: nn.Module, par: nn.Module, tokens: torch.Tensor,
     ``ref`` (``ref`` is run here too; both get their grads cleared after)."""
     out_ref, out_par = ref(tokens), par(tokens)
     loss_of(out_ref, targets).backward()
-    loss_of(out_par, targets).backward()
+    loss_backward(out_par, targets)
     grads = dict(par.named_parameters())
     worst, worst_name = 0.0, "-"
     for name, p in ref.named_parameters():

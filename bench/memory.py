@@ -49,8 +49,7 @@ def static_bytes(p: C.Program) -> int:
 
 def transient_cpu(p: C.Program, tokens, targets) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = C.loss_of(p.model(tokens), targets)
-        loss.backward()
+        loss = C.loss_backward(p.model(tokens), targets)
         p.opt.step()
         del loss
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -66,8 +65,7 @@ def transient_cuda(p: C.Program, tokens, targets, device) -> int:
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    loss = C.loss_of(p.model(tokens), targets)
-    loss.backward()
+    loss = C.loss_backward(p.model(tokens), targets)
     p.opt.step()
     del loss
     torch.cuda.synchronize(device)
@@ -128,7 +126,7 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="measured steps per program")
     args = p.parse_args()
-    mesh, device = C.init(args.dp)
+    mesh, device = C.init(args.dp, args.loss_parallel)
     rows = [run_case(mesh, device, args, sp, b, s)
             for sp in C.sp_modes(args.sp) for b, s in C.sizes(args.sizes)]
     meta = {"what": "memory", "layers": args.layers, "vocab": args.vocab, "device": device.type,

@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per program")
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
-    mesh, device = C.init(args.dp)
+    mesh, device = C.init(args.dp, args.loss_parallel)
     rows = [run_case(mesh, device, args, sp, b, s)
             for sp in C.sp_modes(args.sp) for b, s in C.sizes(args.sizes)]
     meta = {"what": "step_time", "layers": args.layers, "vocab": args.vocab, "dim": 256,

@@ -162,3 +162,45 @@ def nested(rank: int, tp: int, sp: bool) -> dict:
     rep = compare(ref, par, inputs)
     return {"output": rep.output_err, "grads": rep.grad_errs,
             "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+def loss_parallel(rank: int, tp: int, sp: bool, dp: bool = False) -> dict:
+    """Cross-entropy on vocab-sharded logits (``loss_parallel=True`` and PyTorch's
+    ``loss_parallel()`` context) against the reference's loss on full logits."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel as lp_context
+
+    from tests.harness import mesh, rel_err
+    ref, (x,) = build("llama")
+    torch.manual_seed(7)
+    x = torch.randint(0, ref.args.vocab_size, (4, 8))
+    target = mesh((2, tp), ("dp", "tp")) if dp else tp_mesh(tp)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), target, sequence_parallel=sp,
+                                     loss_parallel=True)
+    rows = x.chunk(2, 0)[target["dp"].get_local_rank()] if dp else x
+    logits = par(rows)
+    with lp_context():
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten())
+        loss.backward()
+    out = ref(x)
+    ref_loss = F.cross_entropy(out[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    ref_loss.backward()
+    par_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+    if dp:
+        par_loss = par_loss.detach().clone()
+        torch.distributed.all_reduce(par_loss, group=target["dp"].get_group())
+        par_loss /= 2
+    pars = dict(par.named_parameters())
+    grads = {n: rel_err(full(pars[n].grad), p.grad) for n, p in ref.named_parameters()}
+    return {"sharded": isinstance(logits, DTensor), "loss": rel_err(par_loss, ref_loss),
+            "grads": grads}
+
+
+def loss_parallel_without_head(rank: int) -> str:
+    ref, _ = build("gated")
+    try:
+        tpcompile.auto_parallelize(ref, tp_mesh(2), loss_parallel=True)
+    except tpcompile.TPCompileError as e:
+        return str(e)
+    return "no error"

@@ -76,3 +76,20 @@ def test_nested_repeated_blocks(pool, sp):
         for i in range(2):
             assert styles[f"stages.{s}.inner.{i}.up"] == "colwise"
             assert styles[f"stages.{s}.inner.{i}.down"] == "rowwise"
+
+
+@pytest.mark.parametrize("tp,sp,dp", [(2, False, False), (2, True, False), (4, True, False),
+                                      (2, True, True)])
+def test_loss_parallel(pool, tp, sp, dp):
+    """Logits stay vocab-sharded (never gathered); the vocab-parallel cross-entropy and
+    every gradient equal the unsharded model's."""
+    for r in pool.run(jobs.loss_parallel, tp, sp, dp):
+        assert r["sharded"]
+        assert r["loss"] <= TOL
+        bad = {k: v for k, v in r["grads"].items() if v > TOL}
+        assert not bad, bad
+
+
+def test_loss_parallel_needs_a_colwise_head(pool):
+    msg = pool.run(jobs.loss_parallel_without_head)[0]
+    assert "loss_parallel=True" in msg and "GatedMLPStack" in msg

@@ -74,12 +74,17 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                      sequence_parallel: bool = True, plan: Plan | str | Path | None = None,
                      on_indivisible: str = "error", tracer: str = "fx",
                      init_fn: Callable[[nn.Module], None] | None = None, seed: int = 0,
+                     loss_parallel: bool = False,
                      **fsdp_kwargs: Any) -> nn.Module:
     """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
 
     The returned module takes the same inputs as ``model`` (full tensors on every rank)
     and returns the same full outputs on every tp rank; gradients of every parameter
     equal the unsharded model's. On failure the model is left untouched.
+
+    ``loss_parallel=True``: the logits of a colwise head stay vocab-sharded (a DTensor
+    ``Shard(-1)`` on the tp mesh), for a cross-entropy under
+    ``torch.distributed.tensor.parallel.loss_parallel()``: no gather of the logits.
 
     A model built under ``torch.device("meta")`` is materialised sharded on the mesh's
     device: ``init_fn(model)`` if given, else ``model.init_weights(seed)``, else each
@@ -101,7 +106,14 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                              example_inputs=example_inputs, on_indivisible=on_indivisible,
                              given=load_plan(plan), tracer=tracer)  # type: ignore[arg-type]
     group = tp_mesh.get_group().group_name
-    programs = _rewrite_all(compiled, tp, group)
+    if loss_parallel and not any(
+            "" in u.members and u.prop.gathered_outputs for u in compiled.units):
+        raise TPCompileError(
+            "loss_parallel=True keeps a colwise head's logits sharded, but no output of "
+            f"{type(model).__name__} comes from a colwise layer (the plan has "
+            f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
+            "loss_parallel, or end the model with a Linear head.")
+    programs = _rewrite_all(compiled, tp, group, loss_parallel)
     placements: dict[str, list[Placement]] = {}
     for unit in compiled.units:
         for member in unit.members:
@@ -150,11 +162,12 @@ class _Snapshot:
             m.__dict__.update(attrs)
 
 
-def _rewrite_all(compiled: Compiled, tp: int, group: str) -> list[Rewritten]:
+def _rewrite_all(compiled: Compiled, tp: int, group: str, loss_parallel: bool) -> list[Rewritten]:
     out = []
     for u in compiled.units:
         try:
-            out.append(rewrite(u.gm, u.prop, u.styles, u.q_nodes, tp, group, u.contracts))
+            out.append(rewrite(u.gm, u.prop, u.styles, u.q_nodes, tp, group, u.contracts,
+                               loss_parallel=loss_parallel and "" in u.members))
         except PlanError:
             raise
         except Exception as e:  # a bug of ours must not look like the user's fault

@@ -180,6 +180,20 @@ def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
     return _SyncGrads.apply(group, *ps)
 
 
+@lru_cache(maxsize=None)
+def _mesh(group: str, device_type: str) -> Any:
+    from torch.distributed.device_mesh import DeviceMesh
+    return DeviceMesh.from_group(_pg(group), device_type)
+
+
+def as_dtensor(x: torch.Tensor, dim: int, group: str) -> DTensor:
+    """A feature-sharded output (a colwise head's logits) as a DTensor ``Shard(dim)`` on
+    the tp mesh, not gathered: ``torch.distributed.tensor.parallel.loss_parallel`` then
+    computes the cross-entropy on the shards."""
+    from torch.distributed.tensor import Shard
+    return DTensor.from_local(x, _mesh(group, x.device.type), [Shard(dim)], run_check=False)
+
+
 def local(p: torch.Tensor) -> torch.Tensor:
     """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor."""
     return p.to_local() if isinstance(p, DTensor) else p

@@ -80,6 +80,7 @@ class _Builder:
         self.env: dict[fx.Node, Any] = {}
         self.conv: dict[tuple[fx.Node, Layout], fx.Node] = {}
         self.params: dict[str, fx.Node] = {}
+        self.loss_parallel = False
 
     # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
     def _params(self) -> None:
@@ -153,6 +154,8 @@ class _Builder:
         if n.op == "get_attr":
             return self.params.get(n.target) or g.get_attr(n.target)
         if n.op == "output":
+            if self.loss_parallel:
+                return g.output(map_arg(n.args[0], self._sharded_output))
             a, _ = self.args(n)
             return g.output(a[0])
         mod = submodule(self.gm, n)
@@ -175,6 +178,13 @@ class _Builder:
             return self._sized_view(n, lay)
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
+
+    def _sharded_output(self, p: fx.Node) -> Any:
+        lay = self.prop.layouts.get(p, R)
+        if lay.kind == "S":
+            return self.g.call_function(C.as_dtensor, (self.env[p], lay.dim, self.group))
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        return self.value(p, out)
 
     def _sharded_input(self, n: fx.Node) -> Layout | None:
         x = n.args[0] if n.args else None
@@ -250,9 +260,14 @@ class _Builder:
 
 
 def rewrite(gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
-            q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract]
-            ) -> Rewritten:
-    graph = _Builder(gm, prop, styles, q_nodes, tp, group, contracts).build()
+            q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract],
+            loss_parallel: bool = False) -> Rewritten:
+    """The SPMD program of one traced module. ``loss_parallel``: outputs sharded on their
+    features (a colwise head's logits) are returned as DTensors ``Shard(-1)`` on the tp
+    mesh instead of being gathered, for a vocab-parallel loss."""
+    b = _Builder(gm, prop, styles, q_nodes, tp, group, contracts)
+    b.loss_parallel = loss_parallel
+    graph = b.build()
     graph.lint()
     code = graph.python_code(root_module="self")
     scope: dict[str, Any] = dict(code.globals)
