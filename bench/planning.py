@@ -59,7 +59,7 @@ def measure(name: str, depth: int, tp: int, repeats: int, mesh) -> dict:
     plan_s = timed(lambda m: tpcompile.plan(m, tp=tp), name, depth, repeats)
     row = {"config": name, "depth": depth, "tp": tp, "plan_s": plan_s}
     if mesh is not None:
-        row["compile_s"] = timed(lambda m: tpcompile.auto_parallelize(m, mesh), name, depth,
+        row["compile_s"] = timed(lambda m: tpcompile.auto_parallelize(m, mesh, materialize=False), name, depth,
                                  repeats)
     target = TARGET_S.get((name, depth))
     worst = row.get("compile_s", plan_s)

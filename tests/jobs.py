@@ -204,3 +204,15 @@ def loss_parallel_without_head(rank: int) -> str:
     except tpcompile.TPCompileError as e:
         return str(e)
     return "no error"
+
+
+def meta_stays_meta(rank: int) -> dict:
+    """``materialize=False``: a meta model is sharded but keeps no storage."""
+    from torch.distributed.tensor import DTensor
+    with torch.device("meta"):
+        model = Transformer(config("debug"))
+    par = tpcompile.auto_parallelize(model, tp_mesh(2), materialize=False)
+    params = list(par.parameters())
+    return {"dtensor": all(isinstance(p, DTensor) for p in params),
+            "meta": all(p.to_local().is_meta for p in params),
+            "wq_local": list(par.layers[0].attention.wq.weight.to_local().shape)}

@@ -74,7 +74,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                      sequence_parallel: bool = True, plan: Plan | str | Path | None = None,
                      on_indivisible: str = "error", tracer: str = "fx",
                      init_fn: Callable[[nn.Module], None] | None = None, seed: int = 0,
-                     loss_parallel: bool = False,
+                     loss_parallel: bool = False, materialize: bool = True,
                      **fsdp_kwargs: Any) -> nn.Module:
     """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
 
@@ -88,13 +88,15 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
 
     A model built under ``torch.device("meta")`` is materialised sharded on the mesh's
     device: ``init_fn(model)`` if given, else ``model.init_weights(seed)``, else each
-    module's ``reset_parameters`` (see :mod:`tpcompile.distribute`).
+    module's ``reset_parameters`` (see :mod:`tpcompile.distribute`). ``materialize=False``
+    leaves it on meta, sharded (to load a checkpoint into after ``to_empty``, or to time
+    and inspect the compilation of a model too large for this machine).
     """
     tp_mesh, dp_mesh = split_mesh(mesh)
-    from .distribute import check_fsdp_options, choose_init, materialize, on_meta
+    from .distribute import check_fsdp_options, choose_init, materialize_sharded, on_meta
     check_fsdp_options(fsdp_kwargs)
-    init = choose_init(model, init_fn, seed) if on_meta(model) else None
-    if init_fn is not None and init is None:
+    init = choose_init(model, init_fn, seed) if materialize and on_meta(model) else None
+    if init_fn is not None and init is None and materialize:
         raise TPCompileError("init_fn is for models built on the meta device; this model "
                              "already has values. Drop init_fn or build it under "
                              "torch.device('meta').")
@@ -129,7 +131,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             from .distribute import apply_fsdp
             apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
         if init is not None:
-            materialize(model, mesh.device_type, init)
+            materialize_sharded(model, mesh.device_type, init)
     except BaseException:
         snapshot.restore()
         raise

@@ -145,7 +145,7 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: str | torch.device, init: InitFn) -> None:
+def materialize_sharded(model: nn.Module, device: str | torch.device, init: InitFn) -> None:
     """Allocate this rank's shards on ``device`` and fill them with ``init``. A value the
     init left unwritten would be garbage, so every float tensor is first set to NaN and
     checked after."""
