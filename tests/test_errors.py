@@ -86,3 +86,8 @@ def test_failure_midway_leaves_the_model_untouched(pool, where):
         assert r["calls"] == 2
         assert r["same_objects"] and r["no_forward"] and r["out_same"], r
         assert not any(c.startswith("FSDP") for c in r["classes"]), r["classes"]
+
+
+def test_unsupported_tracer():
+    with pytest.raises(tpcompile.UnsupportedError, match="tracer='fx'"):
+        tpcompile.plan(GatedMLPStack(), tp=2, tracer="export")

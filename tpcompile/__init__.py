@@ -5,6 +5,7 @@
 """
 
 from .api import auto_parallelize, plan_of
+from .counting import CollectiveCounter
 from .errors import (IndivisibleError, PlanError, RuntimeShapeError, TPCompileError, TraceError,
                      UnsupportedError)
 from .plan import ModulePlan, Plan, SegmentPlan, plan
@@ -12,6 +13,6 @@ from .plan import ModulePlan, Plan, SegmentPlan, plan
 __all__ = [
     "auto_parallelize", "plan", "plan_of", "Plan", "ModulePlan", "SegmentPlan",
     "TPCompileError", "TraceError", "IndivisibleError", "PlanError", "UnsupportedError",
-    "RuntimeShapeError",
+    "RuntimeShapeError", "CollectiveCounter",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
 
-from .errors import PlanError, TPCompileError
+from .errors import PlanError, TPCompileError, UnsupportedError
 from .plan import Compiled, Plan, Unit, compile_model
 from .rewrite import Rewritten, install, rewrite
 
@@ -110,7 +110,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     group = tp_mesh.get_group().group_name
     if loss_parallel and not any(
             "" in u.members and u.prop.gathered_outputs for u in compiled.units):
-        raise TPCompileError(
+        raise UnsupportedError(
             "loss_parallel=True keeps a colwise head's logits sharded, but no output of "
             f"{type(model).__name__} comes from a colwise layer (the plan has "
             f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "

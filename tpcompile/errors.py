@@ -28,7 +28,8 @@ class PlanError(TPCompileError):
 
 
 class UnsupportedError(TPCompileError):
-    """The model uses a construct tpcompile cannot parallelize safely."""
+    """A feature or construct tpcompile does not support (yet): the message says what to
+    use instead."""
 
 
 class RuntimeShapeError(TPCompileError):

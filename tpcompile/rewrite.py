@@ -73,14 +73,15 @@ def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -
 
 class _Builder:
     def __init__(self, gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
-                 q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract]):
+                 q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract],
+                 loss_parallel: bool = False):
         self.gm, self.prop, self.styles, self.q = gm, prop, styles, q_nodes
         self.tp, self.group, self.contracts = tp, group, contracts
         self.g = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.conv: dict[tuple[fx.Node, Layout], fx.Node] = {}
         self.params: dict[str, fx.Node] = {}
-        self.loss_parallel = False
+        self.loss_parallel = loss_parallel
 
     # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
     def _params(self) -> None:
@@ -265,9 +266,7 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
     """The SPMD program of one traced module. ``loss_parallel``: outputs sharded on their
     features (a colwise head's logits) are returned as DTensors ``Shard(-1)`` on the tp
     mesh instead of being gathered, for a vocab-parallel loss."""
-    b = _Builder(gm, prop, styles, q_nodes, tp, group, contracts)
-    b.loss_parallel = loss_parallel
-    graph = b.build()
+    graph = _Builder(gm, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
     graph.lint()
     code = graph.python_code(root_module="self")
     scope: dict[str, Any] = dict(code.globals)

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import TPCompileError, TraceError
+from .errors import TPCompileError, TraceError, UnsupportedError
 
 TracerName = Literal["fx", "export"]
 
@@ -83,7 +83,7 @@ class _BlockTracer(fx.Tracer):
 def trace(module: nn.Module, *, tracer: TracerName = "fx", where: str = "") -> fx.GraphModule:
     """Trace ``module``'s forward with its own blocks kept as opaque calls."""
     if tracer != "fx":
-        raise TraceError(f"tracer {tracer!r} is not available yet; use tracer='fx'")
+        raise UnsupportedError(f"tracer {tracer!r} is not available yet; use tracer='fx'")
     blocks = find_blocks(module)
     t = _BlockTracer(blocks.values())
     try:
