@@ -258,7 +258,8 @@ def embedding_styles(gm: fx.GraphModule) -> dict[str, str]:
     out = {}
     for n in gm.graph.nodes:
         mod = submodule(gm, n)
-        if isinstance(mod, nn.Embedding) and mod.max_norm is None and mod.padding_idx is None:
+        if (isinstance(mod, nn.Embedding) and mod.max_norm is None and mod.padding_idx is None
+                and not mod.scale_grad_by_freq and not mod.sparse):
             out[str(n.target)] = "vocab_parallel"
     return out
 
@@ -282,16 +283,22 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
             what, size = u.indivisible
             if on_indivisible != "replicate":
                 raise IndivisibleError(prefix + layer, what, size, tp) from None
-            seg = next((s for s in segments if _owns(s, layer)), None)
-            if seg is None:  # a lone layer (e.g. an embedding)
-                styles.pop(layer, None)
-                notes.append(Note(layer, f"replicated: {what} = {size} not divisible by tp = {tp}"))
-                continue
-            segments.remove(seg)
-            for name in seg.colwise + seg.rowwise:
-                styles.pop(name, None)
-            notes.append(Note(", ".join(seg.colwise + seg.rowwise),
-                              f"replicated ({seg.kind}): {what} = {size} not divisible by tp = {tp}"))
+            notes.append(replicate_layer(styles, segments, layer,
+                                         f"{what} = {size} not divisible by tp = {tp}"))
+
+
+def replicate_layer(styles: dict[str, str], segments: list[Segment], layer: str,
+                    reason: str) -> Note:
+    """Keep ``layer`` replicated, and with it the whole segment it belongs to (a segment
+    is all sharded or not at all). Updates ``styles`` and ``segments`` in place."""
+    seg = next((s for s in segments if _owns(s, layer)), None)
+    if seg is None:  # a lone layer (e.g. an embedding)
+        styles.pop(layer, None)
+        return Note(layer, f"replicated: {reason}")
+    segments.remove(seg)
+    for name in seg.colwise + seg.rowwise:
+        styles.pop(name, None)
+    return Note(", ".join(seg.colwise + seg.rowwise), f"replicated ({seg.kind}): {reason}")
 
 
 def _owns(seg: Segment, layer: str) -> bool:

@@ -11,17 +11,12 @@ from typing import Any, Callable
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Placement, Replicate, distribute_tensor
 
 from .errors import PlanError, TPCompileError, UnsupportedError
-from .plan import Compiled, Plan, Unit, compile_model
+from .analyze import NORM_MODULES, submodule
+from .plan import PLACEMENTS, Compiled, Plan, Unit, compile_model
 from .rewrite import Rewritten, install, rewrite
-
-_PLACEMENT = {
-    ("colwise", "weight"): Shard(0), ("colwise", "bias"): Shard(0),
-    ("rowwise", "weight"): Shard(1), ("vocab_parallel", "weight"): Shard(0),
-}
-
 
 def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
     """(tp mesh, dp mesh or None) from a 1-D mesh or a 2-D ("dp", "tp") mesh."""
@@ -50,7 +45,7 @@ def placements_for(unit: Unit, member: str, module: nn.Module) -> dict[str, list
         layer = module.get_submodule(rel)
         for pname, _ in layer.named_parameters(recurse=False):
             full = f"{member}.{rel}.{pname}" if member else f"{rel}.{pname}"
-            out[full] = [_PLACEMENT.get((style, pname), Replicate())]
+            out[full] = [PLACEMENTS.get((style, pname), Replicate())]
     return out
 
 
@@ -60,12 +55,15 @@ def distribute_parameters(model: nn.Module, placements: dict[str, list[Placement
     replicated elsewhere). New values are all made first, then set, so a failure midway
     leaves the model as it was."""
     new: list[tuple[nn.Module, str, nn.Parameter]] = []
-    for name, p in model.named_parameters():
+    made: dict[int, nn.Parameter] = {}  # a tied parameter stays one parameter
+    for name, p in model.named_parameters(remove_duplicate=False):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        pl = placements.get(name, [Replicate()])
-        dt = distribute_tensor(p.detach(), tp_mesh, pl)
-        new.append((owner, attr, nn.Parameter(dt, requires_grad=p.requires_grad)))
+        if id(p) not in made:
+            pl = placements.get(name, [Replicate()])
+            dt = distribute_tensor(p.detach(), tp_mesh, pl)
+            made[id(p)] = nn.Parameter(dt, requires_grad=p.requires_grad)
+        new.append((owner, attr, made[id(p)]))
     for owner, attr, param in new:
         owner.register_parameter(attr, param)
 
@@ -92,6 +90,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     leaves it on meta, sharded (to load a checkpoint into after ``to_empty``, or to time
     and inspect the compilation of a model too large for this machine).
     """
+    if "_tpcompile_plan" in model.__dict__:
+        raise TPCompileError(f"{type(model).__name__} was already parallelized by tpcompile; "
+                             "call auto_parallelize once, on the original model")
     tp_mesh, dp_mesh = split_mesh(mesh)
     from .distribute import check_fsdp_options, choose_init, materialize_sharded, on_meta
     check_fsdp_options(fsdp_kwargs)
@@ -120,6 +121,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     for unit in compiled.units:
         for member in unit.members:
             placements.update(placements_for(unit, member, model.get_submodule(member)))
+    _refuse_hooks(model, compiled)
     snapshot = _Snapshot(model)
     try:
         distribute_parameters(model, placements, tp_mesh)
@@ -136,6 +138,24 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         snapshot.restore()
         raise
     return model
+
+
+def _refuse_hooks(model: nn.Module, compiled: Compiled) -> None:
+    """The rewrite computes Linears, Embeddings and norms inline (on local shards), so
+    hooks registered on them would silently stop running: refuse instead."""
+    for unit in compiled.units:
+        for node in unit.gm.graph.nodes:
+            mod = submodule(unit.gm, node)
+            if not isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES)):
+                continue
+            for member in unit.members:
+                name = f"{member}.{node.target}" if member else str(node.target)
+                layer = model.get_submodule(name)
+                if layer._forward_hooks or layer._forward_pre_hooks:
+                    raise UnsupportedError(
+                        f"{name} has forward hooks, which tpcompile's rewrite would not run "
+                        "(it computes this layer inline on local shards). Remove the hooks "
+                        "before auto_parallelize, or fold what they do into the forward.")
 
 
 class _Snapshot:

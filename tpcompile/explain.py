@@ -19,9 +19,8 @@ from pydantic import BaseModel, ConfigDict
 
 from . import collectives as C
 from . import ops
-from .api import _PLACEMENT
 from .ops import R, info
-from .plan import Compiled, Unit
+from .plan import PLACEMENTS, Compiled, Unit
 from .rewrite import Site, rewrite
 
 Kind = Literal["all_reduce", "all_gather", "reduce_scatter"]
@@ -176,7 +175,7 @@ def megatron_min(c: Compiled) -> int:
 def _placements(style: str, module: nn.Module) -> dict[str, str]:
     out = {}
     for pn, _ in module.named_parameters(recurse=False):
-        pl = _PLACEMENT.get((style, pn))
+        pl = PLACEMENTS.get((style, pn))
         out[pn] = repr(pl) if pl is not None else (
             "Replicate (grad summed over tp)" if style == "sequence_parallel" else
             "Replicate (added once, after the reduction)" if style == "rowwise" else "Replicate")
@@ -210,7 +209,7 @@ def param_memory(c: Compiled, model: nn.Module, dp: int) -> tuple[int, int, int]
         owner, _, pn = name.rpartition(".")
         b = p.numel() * p.dtype.itemsize
         total += b
-        if (styles.get(owner), pn) in _PLACEMENT:
+        if (styles.get(owner), pn) in PLACEMENTS:
             sharded += b // tp
         else:
             replicated += b

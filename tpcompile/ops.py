@@ -305,7 +305,7 @@ def getitem(node: fx.Node, ctx: Ctx) -> Layout:
         else:
             if i == lay.dim:
                 raise Unsafe(f"{node.name}: indexes into the sharded dim {lay.dim}")
-            if isinstance(x, fx.Node) and info(x) is not None:
+            if isinstance(x, (list, torch.Tensor)) or isinstance(x, fx.Node) and info(x) is not None:
                 raise Unsafe(f"{node.name}: advanced indexing of a sharded tensor")
             i += 1
     return S(o + lay.dim - i)

@@ -8,6 +8,7 @@ Nothing here touches the user's model or needs a process group.
 from __future__ import annotations
 
 import time
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import Shard
 
 from . import analyze as A
 from . import sequence as SQ
@@ -25,6 +27,12 @@ from .errors import IndivisibleError
 from .trace import TracerName, block_signature, find_blocks, propagate_shapes, synthesize_inputs, trace
 
 Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
+
+# (layer style, parameter name) -> the parameter's placement on the tp mesh; others Replicate
+PLACEMENTS: dict[tuple[str | None, str], Shard] = {
+    ("colwise", "weight"): Shard(0), ("colwise", "bias"): Shard(0),
+    ("rowwise", "weight"): Shard(1), ("vocab_parallel", "weight"): Shard(0),
+}
 
 
 class _Model(BaseModel):
@@ -151,6 +159,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         from .plan_bind import bind
         given = bind(given, model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
     units: dict[Any, Unit] = {}
     order: list[Any] = []
     parents: dict[str, int] = {}
@@ -193,7 +203,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                           isinstance(a, torch._subclasses.FakeTensor) else a for a in args)
         out = propagate_shapes(gm, fake_args, mode, set(blocks), on_block, where=path)
         unit = _analyze(gm, module, path, contracts, tp, sequence_parallel, on_indivisible,
-                        is_root, given)
+                        is_root, given, shared)
         units[key] = unit
         order.append(key)
         return unit, out
@@ -214,8 +224,15 @@ def _shapes(a: tuple) -> tuple:
     return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in a)
 
 
+def _tied_layers(module: nn.Module, shared: frozenset[int]) -> set[str]:
+    """Layers (relative names) holding a parameter that is also held elsewhere."""
+    return {name.rpartition(".")[0] for name, p in
+            module.named_parameters(remove_duplicate=False) if id(p) in shared}
+
+
 def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[str, Contract],
-             tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None) -> Unit:
+             tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
+             shared: frozenset[int] = frozenset()) -> Unit:
     prefix = f"{path}." if path else ""
     notes: list[A.Note] = []
     if given is not None:
@@ -236,6 +253,10 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
         styles, segments, notes = A.detect_segments(gm, contracts)
         _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
+        for layer in sorted(_tied_layers(module, shared) & set(styles)):
+            if layer in styles:  # a segment dropped for an earlier tied layer took it too
+                notes.append(A.replicate_layer(styles, segments, layer,
+                                               "its weight is tied to another layer's"))
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
                                                       prefix, contracts)
         for n in more:

@@ -26,6 +26,7 @@ from . import ops
 from .analyze import NORM_MODULES, Contract, Propagation, submodule, where
 from .errors import PlanError
 from .ops import Layout, R, info
+from .plan import PLACEMENTS
 from .trace import TensorInfo
 
 
@@ -82,6 +83,7 @@ class _Builder:
         self.conv: dict[tuple[fx.Node, Layout], fx.Node] = {}
         self.params: dict[str, fx.Node] = {}
         self.loss_parallel = loss_parallel
+        self.gathered: dict[Any, fx.Node] = {}
 
     # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
     def _params(self) -> None:
@@ -153,7 +155,7 @@ class _Builder:
     def _node(self, n: fx.Node) -> Any:
         g = self.g
         if n.op == "get_attr":
-            return self.params.get(n.target) or g.get_attr(n.target)
+            return self._direct_read(n)
         if n.op == "output":
             if self.loss_parallel:
                 return g.output(map_arg(n.args[0], self._sharded_output))
@@ -179,6 +181,24 @@ class _Builder:
             return self._sized_view(n, lay)
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
+
+    def _direct_read(self, n: fx.Node) -> fx.Node:
+        """``self.w1.weight`` read in the forward itself (a regulariser, a tied head):
+        a sharded parameter is gathered to full, so the code sees what it saw before."""
+        p = self.params.get(n.target)
+        if p is None:
+            return self.g.get_attr(n.target)
+        owner, _, pname = str(n.target).rpartition(".")
+        placement = PLACEMENTS.get((self.styles.get(owner), pname))
+        if placement is None:
+            return p
+        if n.target not in self.gathered:
+            full = self.gm.get_parameter(str(n.target))
+            node = self.g.call_function(C.gather, (p, placement.dim, self.group))
+            node.meta["tpc_site"] = Site(str(n.target), "sharded parameter read directly",
+                                         TensorInfo(tuple(full.shape), full.dtype, True))
+            self.gathered[n.target] = node
+        return self.gathered[n.target]
 
     def _sharded_output(self, p: fx.Node) -> Any:
         lay = self.prop.layouts.get(p, R)
@@ -247,7 +267,7 @@ class _Builder:
         """``x.view(b, s, n_heads, hd)`` on a shard -> ``x.view(b, s, n_heads // tp, hd)``."""
         x = self.value(n.args[0], n)
         rest = map_arg(n.args[1:], lambda p: self.env[p])
-        if n.target == "unflatten":
+        if n.target in ("unflatten", torch.unflatten):
             d0 = ops.norm_dim(rest[0], info(n.args[0]).rank)  # type: ignore[union-attr]
             sizes = self.g.call_function(C.localize_shape, (tuple(rest[1]), lay.dim - d0, self.tp))
             return self.g.create_node(n.op, n.target, (x, rest[0], sizes), {}, n.name)

@@ -55,7 +55,9 @@ def _is_torch_leaf(m: nn.Module) -> bool:
 
 def block_signature(block: nn.Module) -> tuple:
     """Blocks with equal signatures trace to the same graph (same class, same parameter and
-    buffer shapes, same plain Python settings), so one analysis serves them all."""
+    buffer shapes, same plain Python settings, the very same other attribute objects: an
+    activation function held as an attribute is baked into the traced graph), so one
+    analysis serves them all."""
     params = tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
     buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in block.named_buffers())
     settings = []
@@ -67,6 +69,8 @@ def block_signature(block: nn.Module) -> tuple:
                 isinstance(v, tuple) and all(isinstance(e, (int, float, bool, str)) for e in v)
             ):
                 settings.append((path, k, v))
+            else:  # a function, a tensor, a config object: the same object, or not the same
+                settings.append((path, k, ("id", id(v))))
     return (type(block), params, buffers, tuple(settings))
 
 

@@ -1,0 +1,172 @@
+"""Models from a review that looked for silent wrong numbers: each one must now either
+match the unsharded model (outputs and every gradient) or be refused clearly."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tpcompile
+from tests.harness import compare, tp_mesh
+
+D, H, V = 16, 32, 32
+
+
+class Block(nn.Module):
+    def __init__(self, act: Any = F.relu) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.w1, self.w2 = nn.Linear(D, H), nn.Linear(H, D)
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(self.act_fn(self.w1(self.norm(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+class RawWeightRead(nn.Module):
+    """A colwise layer's weight also read directly (a regulariser in the forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) + (self.block.w1.weight ** 2).sum() * 1e-2
+
+
+class TiedByModule(nn.Module):
+    """``head.weight = emb.weight``: one Parameter under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([Block()])
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+class TiedByFunction(nn.Module):
+    """The head is ``F.linear(h, emb.weight)``: the embedding's weight read directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([Block()])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return F.linear(h, self.emb.weight)
+
+
+class FreqScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D, scale_grad_by_freq=True)
+        self.layers = nn.ModuleList([Block()])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class ListIndexHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x))[:, [0, 2]]
+
+
+class UnflattenAttention(nn.Module):
+    """Heads split with the function ``torch.unflatten`` (not the method)."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(D)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        q, k, v = (torch.unflatten(w(h), -1, (self.heads, D // self.heads)).transpose(1, 2)
+                   for w in (self.wq, self.wk, self.wv))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.wo(o.transpose(1, 2).flatten(2))
+
+
+def build(name: str) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, D)
+    ids = torch.randint(0, V, (2, 8))
+    ids[:, :3] = 5  # repeated ids, so frequency scaling matters
+    models = {
+        "raw_weight": lambda: (RawWeightRead(), (x,)),
+        "tied_module": lambda: (TiedByModule(), (ids,)),
+        "tied_function": lambda: (TiedByFunction(), (ids,)),
+        "function_attrs": lambda: (Stack([Block(F.gelu), Block(F.relu), Block(F.gelu)]), (x,)),
+        "freq_scaled": lambda: (FreqScaled(), (ids,)),
+        "list_index": lambda: (ListIndexHead(), (x,)),
+        "torch_unflatten": lambda: (Stack([UnflattenAttention()]), (x,)),
+    }
+    return models[name]()
+
+
+def case(rank: int, name: str, tp: int, sp: bool) -> dict:
+    ref, inputs = build(name)
+    try:
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp)
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    rep = compare(ref, par, inputs)
+    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+def hooked(rank: int) -> dict:
+    """A forward hook on a Linear the rewrite would inline: refused, model untouched."""
+    ref, (x,) = build("function_attrs")
+    ref.layers[0].w2.register_forward_hook(lambda m, i, o: o * 3.0)
+    model = copy.deepcopy(ref)
+    try:
+        tpcompile.auto_parallelize(model, tp_mesh(2))
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e),
+                "untouched": torch.equal(model(x), ref(x))}
+    return {"error": None}
+
+
+def twice(rank: int) -> dict:
+    ref, (x,) = build("function_attrs")
+    par = tpcompile.auto_parallelize(ref, tp_mesh(2))
+    try:
+        tpcompile.auto_parallelize(par, tp_mesh(2))
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None}

@@ -1,0 +1,42 @@
+"""Models a review built to find silent wrong numbers (see tests/jobs_cases.py): each
+now matches the unsharded model, or is refused with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import jobs_cases
+from tests.test_numerics import TOL
+
+
+def matches(r: dict) -> None:
+    assert r["error"] is None, r["message"]
+    assert r["output"] <= TOL, f"output error {r['output']:.2e}"
+    bad = {k: v for k, v in r["grads"].items() if v > TOL}
+    assert not bad, f"gradients off: {bad}"
+
+
+@pytest.mark.parametrize("name", ["raw_weight", "tied_module", "tied_function",
+                                  "function_attrs", "freq_scaled", "list_index",
+                                  "torch_unflatten"])
+@pytest.mark.parametrize("sp", [False, True])
+def test_review_case_matches_the_unsharded_model(pool, name, sp):
+    for r in pool.run(jobs_cases.case, name, 2, sp):
+        matches(r)
+
+
+def test_tied_weights_stay_tied_and_replicated(pool):
+    r = pool.run(jobs_cases.case, "tied_module", 2, True)[0]
+    assert "head" not in r["styles"] and "emb" not in r["styles"]
+    assert r["styles"]["layers.0.w1"] == "colwise"
+
+
+def test_hooks_on_inlined_layers_are_refused(pool):
+    r = pool.run(jobs_cases.hooked)[0]
+    assert r["error"] == "UnsupportedError" and "layers.0.w2" in r["message"]
+    assert r["untouched"]
+
+
+def test_second_call_is_refused(pool):
+    r = pool.run(jobs_cases.twice)[0]
+    assert r["error"] == "TPCompileError" and "already" in r["message"]
