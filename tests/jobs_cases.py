@@ -170,3 +170,43 @@ def twice(rank: int) -> dict:
     except tpcompile.TPCompileError as e:
         return {"error": type(e).__name__, "message": str(e)}
     return {"error": None}
+
+
+class DropoutAttention(nn.Module):
+    """Dropout that reads ``self.training`` (nanoGPT style), which fx bakes into a graph."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(D)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(D, D) for _ in range(4))
+        self.w1, self.w2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.norm(x)
+        q, k, v = (w(h).view(b, s, self.heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=0.5 if self.training else 0.0)
+        x = x + self.wo(o.transpose(1, 2).reshape(b, s, -1))
+        return x + F.dropout(self.w2(F.relu(self.w1(x))), 0.5, training=self.training)
+
+
+def mode_switch(rank: int, start_in_train: bool) -> dict:
+    """Parallelize in one mode, run in the other: eval must give the unsharded model's
+    numbers, train must really drop (differ from eval)."""
+    torch.manual_seed(0)
+    ref, x = Stack([DropoutAttention(), DropoutAttention()]), torch.randn(2, 8, D)
+    ref.train(start_in_train)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
+    flags_kept = all(m.training == start_in_train for m in par.modules())
+    two_programs = "_tpcompile_code_eval" in par.layers[0].__dict__
+    ref.eval()
+    par.eval()
+    eval_report = compare(ref, par, (x,))
+    par.train()
+    with torch.no_grad():
+        dropped = not torch.allclose(par(x), ref(x))
+    return {"flags_kept": flags_kept, "two_programs": two_programs,
+            "output": eval_report.output_err,
+            "grads": eval_report.grad_errs, "dropped": dropped}

@@ -40,3 +40,11 @@ def test_hooks_on_inlined_layers_are_refused(pool):
 def test_second_call_is_refused(pool):
     r = pool.run(jobs_cases.twice)[0]
     assert r["error"] == "TPCompileError" and "already" in r["message"]
+
+
+@pytest.mark.parametrize("start_in_train", [True, False])
+def test_forward_that_reads_the_training_flag(pool, start_in_train):
+    for r in pool.run(jobs_cases.mode_switch, start_in_train):
+        assert r["flags_kept"] and r["two_programs"]
+        matches(dict(r, error=None))
+        assert r["dropped"], "train mode must run dropout"

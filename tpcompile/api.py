@@ -6,6 +6,7 @@ at the end only swaps parameters for DTensors and installs the rewritten forward
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,9 +106,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh; "
                              f"got a 1-D mesh {mesh}")
     tp = tp_mesh.size()
-    compiled = compile_model(model, tp=tp, sequence_parallel=sequence_parallel,
-                             example_inputs=example_inputs, on_indivisible=on_indivisible,
-                             given=load_plan(plan), tracer=tracer)  # type: ignore[arg-type]
+    compiled, in_eval = compile_both_modes(
+        model, tp=tp, sequence_parallel=sequence_parallel, example_inputs=example_inputs,
+        on_indivisible=on_indivisible, given=load_plan(plan), tracer=tracer)
     group = tp_mesh.get_group().group_name
     if loss_parallel and not any(
             "" in u.members and u.prop.gathered_outputs for u in compiled.units):
@@ -117,6 +118,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
             "loss_parallel, or end the model with a Linear head.")
     programs = _rewrite_all(compiled, tp, group, loss_parallel)
+    eval_programs = (_rewrite_all(in_eval, tp, group, loss_parallel) if in_eval is not None
+                     else [None] * len(programs))
     placements: dict[str, list[Placement]] = {}
     for unit in compiled.units:
         for member in unit.members:
@@ -125,9 +128,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     snapshot = _Snapshot(model)
     try:
         distribute_parameters(model, placements, tp_mesh)
-        for unit, rw in zip(compiled.units, programs):
+        for unit, rw, rw_eval in zip(compiled.units, programs, eval_programs):
             for member in unit.members:
-                install(model.get_submodule(member), rw)
+                install(model.get_submodule(member), rw, rw_eval)
         model.__dict__["_tpcompile_plan"] = compiled.plan
         if dp_mesh is not None:
             from .distribute import apply_fsdp
@@ -138,6 +141,35 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         snapshot.restore()
         raise
     return model
+
+
+def compile_both_modes(model: nn.Module, **kwargs: Any) -> tuple[Compiled, Compiled | None]:
+    """Compile in train mode, and in eval mode too when a forward reads ``self.training``
+    (``F.dropout(x, p, self.training)``, an sdpa ``dropout_p`` only while training): fx
+    bakes the flag into the graph, so each mode needs its own program. Returns the
+    train-mode compilation and the eval-mode one (None when no graph differs). The
+    modules' own flags are restored exactly afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.train(True)
+        in_train = compile_model(model, **kwargs)
+        model.train(False)
+        with warnings.catch_warnings():  # the same notes were reported by the first pass
+            warnings.simplefilter("ignore")
+            in_eval = compile_model(model, **kwargs)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if all(a.gm.code == b.gm.code for a, b in zip(in_train.units, in_eval.units)) and \
+            len(in_train.units) == len(in_eval.units):
+        return in_train, None
+    if [u.members for u in in_train.units] != [u.members for u in in_eval.units] or \
+            in_train.plan.layer_styles() != in_eval.plan.layer_styles():
+        raise UnsupportedError(
+            f"{type(model).__name__} computes with different layers in train and eval mode, "
+            "so one tensor-parallel plan cannot serve both; make the structure independent "
+            "of self.training (dropout may depend on it).")
+    return in_train, in_eval
 
 
 def _refuse_hooks(model: nn.Module, compiled: Compiled) -> None:
@@ -162,7 +194,7 @@ class _Snapshot:
     """What the commit changes on each module (parameters, an instance ``forward``, the
     class FSDP2 swaps in, hooks), recorded so a failure midway can put it all back."""
 
-    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_plan")
+    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_code_eval", "_tpcompile_plan")
 
     def __init__(self, model: nn.Module) -> None:
         self.saved = [(m, m.__class__, dict(m._parameters), dict(m._forward_pre_hooks),

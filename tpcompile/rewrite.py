@@ -294,8 +294,19 @@ def rewrite(gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
     return Rewritten(graph, scope["forward"], code.src)
 
 
-def install(module: nn.Module, rw: Rewritten) -> None:
+def install(module: nn.Module, rw: Rewritten, rw_eval: Rewritten | None = None) -> None:
     """Make ``module`` run the rewritten program (an instance attribute shadows the class
-    ``forward``; parameters are still looked up on the module at every call)."""
-    module.forward = types.MethodType(rw.forward, module)  # type: ignore[method-assign]
+    ``forward``; parameters are still looked up on the module at every call). With
+    ``rw_eval`` (a forward that reads ``self.training``), the program follows the mode."""
+    if rw_eval is None or rw_eval.code == rw.code:
+        module.forward = types.MethodType(rw.forward, module)  # type: ignore[method-assign]
+        module.__dict__["_tpcompile_code"] = rw.code
+        return
+    train_forward, eval_forward = rw.forward, rw_eval.forward
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     module.__dict__["_tpcompile_code"] = rw.code
+    module.__dict__["_tpcompile_code_eval"] = rw_eval.code
