@@ -210,3 +210,39 @@ def mode_switch(rank: int, start_in_train: bool) -> dict:
     return {"flags_kept": flags_kept, "two_programs": two_programs,
             "output": eval_report.output_err,
             "grads": eval_report.grad_errs, "dropped": dropped}
+
+
+def weight_normed(rank: int) -> dict:
+    ref, _ = build("function_attrs")
+    nn.utils.parametrizations.weight_norm(ref.layers[1].w1)
+    try:
+        tpcompile.auto_parallelize(ref, tp_mesh(2))
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None}
+
+
+class InlineNormBlock(nn.Module):
+    """An RMSNorm written inline in the block's own forward (no norm module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(D))
+        self.w1, self.w2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+        return x + self.w2(F.relu(self.w1(h)))
+
+
+def plan_roundtrip_inline_norm(rank: int, path: str) -> dict:
+    """A detected plan, saved and applied again, gives the same numbers."""
+    torch.manual_seed(0)
+    ref, x = Stack([InlineNormBlock(), InlineNormBlock()]), torch.randn(2, 8, D)
+    if rank == 0:
+        tpcompile.plan(ref, tp=2).save(path)
+    torch.distributed.barrier()
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), plan=path)
+    rep = compare(ref, par, (x,))
+    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}

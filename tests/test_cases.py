@@ -48,3 +48,14 @@ def test_forward_that_reads_the_training_flag(pool, start_in_train):
         assert r["flags_kept"] and r["two_programs"]
         matches(dict(r, error=None))
         assert r["dropped"], "train mode must run dropout"
+
+
+def test_parametrized_weights_are_refused(pool):
+    r = pool.run(jobs_cases.weight_normed)[0]
+    assert r["error"] == "UnsupportedError" and "layers.1.w1" in r["message"]
+
+
+def test_plan_with_an_inline_norm_applies_again(pool, tmp_path):
+    for r in pool.run(jobs_cases.plan_roundtrip_inline_norm, str(tmp_path / "plan.yaml")):
+        matches(r)
+        assert r["styles"]["layers.1.w1"] == "colwise"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, distribute_tensor
 
@@ -109,6 +110,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     compiled, in_eval = compile_both_modes(
         model, tp=tp, sequence_parallel=sequence_parallel, example_inputs=example_inputs,
         on_indivisible=on_indivisible, given=load_plan(plan), tracer=tracer)
+    _refuse_unsupported_layers(model, compiled)
     group = tp_mesh.get_group().group_name
     if loss_parallel and not any(
             "" in u.members and u.prop.gathered_outputs for u in compiled.units):
@@ -124,7 +126,6 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     for unit in compiled.units:
         for member in unit.members:
             placements.update(placements_for(unit, member, model.get_submodule(member)))
-    _refuse_hooks(model, compiled)
     snapshot = _Snapshot(model)
     try:
         distribute_parameters(model, placements, tp_mesh)
@@ -172,9 +173,10 @@ def compile_both_modes(model: nn.Module, **kwargs: Any) -> tuple[Compiled, Compi
     return in_train, in_eval
 
 
-def _refuse_hooks(model: nn.Module, compiled: Compiled) -> None:
+def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
     """The rewrite computes Linears, Embeddings and norms inline (on local shards), so
-    hooks registered on them would silently stop running: refuse instead."""
+    hooks registered on them would silently stop running, and parametrized weights would
+    be read as plain ones: refuse instead."""
     for unit in compiled.units:
         for node in unit.gm.graph.nodes:
             mod = submodule(unit.gm, node)
@@ -183,6 +185,12 @@ def _refuse_hooks(model: nn.Module, compiled: Compiled) -> None:
             for member in unit.members:
                 name = f"{member}.{node.target}" if member else str(node.target)
                 layer = model.get_submodule(name)
+                if parametrize.is_parametrized(layer):
+                    raise UnsupportedError(
+                        f"{name} has parametrized weights ({', '.join(layer.parametrizations)}"
+                        ", e.g. weight_norm), which tpcompile cannot shard yet. Remove the "
+                        "parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
+                        "before auto_parallelize.")
                 if layer._forward_hooks or layer._forward_pre_hooks:
                     raise UnsupportedError(
                         f"{name} has forward hooks, which tpcompile's rewrite would not run "

@@ -122,10 +122,12 @@ def apply_block_needs(gm: fx.GraphModule, prop: Propagation, contracts: dict[str
 
 def norm_layers(gm: fx.GraphModule, chosen: set[fx.Node]) -> list[str]:
     """Module paths of the norms that run sequence-parallel (modules or hand-written)."""
+    modules = dict(gm.named_modules())
     out: list[str] = []
     for n in gm.graph.nodes:
         if n in chosen and _norm_like(gm, n):
             name = str(n.target) if n.op == "call_module" else where(n)
-            if name not in out:
+            # a norm written inline in this module's own forward has no layer to name
+            if name in modules and name and name not in out:
                 out.append(name)
     return out
