@@ -65,6 +65,12 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
             rep = compare(ref, par, inputs, dp=(target["dp"].get_local_rank(), 2) if dp else None)
         except tpcompile.TPCompileError as e:
             return {"error": type(e).__name__, "message": str(e), "styles": styles}
+        except RuntimeError as e:
+            if fault is None:
+                raise
+            # an injected fault that breaks the program outright (every rank fails at the
+            # same op, so no collective is left half done): report it, keep the pool
+            return {"error": "FaultCrash", "message": str(e), "styles": styles}
     name, worst = rep.worst
     return {"error": None, "output": rep.output_err, "worst": worst, "worst_name": name,
             "styles": styles, "notes": [n.reason for n in plan.notes()]}
