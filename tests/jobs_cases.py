@@ -246,3 +246,37 @@ def plan_roundtrip_inline_norm(rank: int, path: str) -> dict:
     rep = compare(ref, par, (x,))
     return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
             "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+class GatedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.w1, self.w2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return x + self.w2(F.relu(self.w1(self.norm(x)))) * gate * scale
+
+
+class KeywordStack(nn.Module):
+    """Blocks called with keyword arguments, HF style (``layer(x, attention_mask=m)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(GatedBlock() for _ in range(2))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(x.mean(-1, keepdim=True))
+        for layer in self.layers:
+            x = layer(x=x, gate=gate)
+        return self.norm(x)
+
+
+def keyword_blocks(rank: int, sp: bool) -> dict:
+    torch.manual_seed(0)
+    ref, x = KeywordStack(), torch.randn(2, 8, D)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), sequence_parallel=sp)
+    rep = compare(ref, par, (x,))
+    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
+            "styles": tpcompile.plan_of(par).layer_styles()}

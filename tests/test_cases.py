@@ -59,3 +59,10 @@ def test_plan_with_an_inline_norm_applies_again(pool, tmp_path):
     for r in pool.run(jobs_cases.plan_roundtrip_inline_norm, str(tmp_path / "plan.yaml")):
         matches(r)
         assert r["styles"]["layers.1.w1"] == "colwise"
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_blocks_called_with_keywords(pool, sp):
+    for r in pool.run(jobs_cases.keyword_blocks, sp):
+        matches(r)
+        assert r["styles"]["layers.1.w1"] == "colwise"

@@ -35,6 +35,7 @@ class Contract:
 
     inputs: list[Layout]
     output: Layout
+    names: list[str] = field(default_factory=list)  # the placeholders' (forward's) names
 
 
 @dataclass

@@ -7,6 +7,7 @@ Nothing here touches the user's model or needs a process group.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import Counter
 import warnings
@@ -185,20 +186,25 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         def on_block(target: str, a: tuple, k: dict) -> Any:
             sig = sigs[target]
             member = f"{path}.{target}".strip(".")
+            key = (sig, _shapes(a), tuple(k), _shapes(tuple(k.values())))
             if sig not in units:
                 unit, out = process(blocks[target], member, a, k, False, sig)
-                outs[(sig, _shapes(a))] = out
+                outs[key] = out
             else:  # a repeat: its own nested blocks repeat the first one's
                 add_nested_members(blocks[target], member)
             units[sig].members.append(member)
             contracts[target] = units[sig].contract  # type: ignore[assignment]
-            if (sig, _shapes(a)) not in outs:
+            if key not in outs:
                 with mode:
-                    outs[(sig, _shapes(a))] = blocks[target](*a, **k)
-            return outs[(sig, _shapes(a))]
+                    outs[key] = blocks[target](*a, **k)
+            return outs[key]
 
         if is_root and not args:
             args = synthesize_inputs(model, gm, batch=2, seq=2 * max(tp, 1))
+        if kwargs:  # a block called with keywords: values in the forward's (placeholders') order
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = tuple(bound.arguments.values())
         fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) and not
                           isinstance(a, torch._subclasses.FakeTensor) else a for a in args)
         out = propagate_shapes(gm, fake_args, mode, set(blocks), on_block, where=path)

@@ -99,6 +99,9 @@ def _block_needs(n: fx.Node, c: Contract, prop: Propagation) -> None:
     for i, a in enumerate(n.args):
         if isinstance(a, fx.Node) and i < len(c.inputs):
             prop.need[n][a] = c.inputs[i]
+    for k, a in n.kwargs.items():  # layer(x, attention_mask=m)
+        if isinstance(a, fx.Node) and k in c.names:
+            prop.need[n][a] = c.inputs[c.names.index(k)]
 
 
 def block_contract(gm: fx.GraphModule, prop: Propagation) -> Contract:
@@ -110,7 +113,7 @@ def block_contract(gm: fx.GraphModule, prop: Propagation) -> Contract:
         prop.need[out][res] = out_lay
     else:
         out_lay = R
-    return Contract([prop.layouts.get(p, R) for p in phs], out_lay)
+    return Contract([prop.layouts.get(p, R) for p in phs], out_lay, [str(p.target) for p in phs])
 
 
 def apply_block_needs(gm: fx.GraphModule, prop: Propagation, contracts: dict[str, Contract]) -> None:
