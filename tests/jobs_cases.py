@@ -50,49 +50,49 @@ class RawWeightRead(nn.Module):
         return self.block(x) + (self.block.w1.weight ** 2).sum() * 1e-2
 
 
-class TiedByModule(nn.Module):
-    """``head.weight = emb.weight``: one Parameter under two names."""
+class _Embedded(nn.Module):
+    """Token ids -> an embedding -> one block; subclasses add their own head."""
 
-    def __init__(self) -> None:
+    def __init__(self, emb: nn.Embedding) -> None:
         super().__init__()
-        self.emb = nn.Embedding(V, D)
-        self.layers = nn.ModuleList([Block()])
-        self.head = nn.Linear(D, V, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(h)
-
-
-class TiedByFunction(nn.Module):
-    """The head is ``F.linear(h, emb.weight)``: the embedding's weight read directly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, D)
+        self.emb = emb
         self.layers = nn.ModuleList([Block()])
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = layer(h)
-        return F.linear(h, self.emb.weight)
-
-
-class FreqScaled(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, D, scale_grad_by_freq=True)
-        self.layers = nn.ModuleList([Block()])
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def trunk(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.emb(ids)
         for layer in self.layers:
             h = layer(h)
         return h
+
+
+class TiedByModule(_Embedded):
+    """``head.weight = emb.weight``: one Parameter under two names."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Embedding(V, D))
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(ids))
+
+
+class TiedByFunction(_Embedded):
+    """The head is ``F.linear(h, emb.weight)``: the embedding's weight read directly."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Embedding(V, D))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.trunk(ids), self.emb.weight)
+
+
+class FreqScaled(_Embedded):
+    def __init__(self) -> None:
+        super().__init__(nn.Embedding(V, D, scale_grad_by_freq=True))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.trunk(ids)
 
 
 class ListIndexHead(nn.Module):
