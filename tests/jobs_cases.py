@@ -280,3 +280,33 @@ def keyword_blocks(rank: int, sp: bool) -> dict:
     rep = compare(ref, par, (x,))
     return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
             "styles": tpcompile.plan_of(par).layer_styles()}
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.w1, self.w2, self.drop = nn.Linear(D, H), nn.Linear(H, D), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(self.drop(F.relu(self.w1(self.norm(x)))))
+
+
+def dropout_streams(rank: int) -> dict:
+    """Dropout on a sharded tensor draws from this rank's own stream; the global stream,
+    which replicated regions share, is left where it was."""
+    import torch.distributed as dist
+
+    from tpcompile import collectives as C
+    torch.manual_seed(0)
+    par = tpcompile.auto_parallelize(Stack([DropoutMLP()]), tp_mesh(2))
+    mesh = tp_mesh(2)
+    group = mesh.get_group().group_name
+    before = torch.get_rng_state()
+    mask = C.on_rank_rng(F.dropout, group, torch.ones(4096), 0.5) > 0
+    untouched = torch.equal(before, torch.get_rng_state())
+    masks = [torch.zeros_like(mask) for _ in range(2)]
+    dist.all_gather(masks, mask, group=mesh.get_group())
+    return {"routed": "on_rank_rng" in par.layers[0]._tpcompile_code,
+            "untouched": untouched, "differ": not torch.equal(masks[0], masks[1]),
+            "rate": mask.float().mean().item()}

@@ -66,3 +66,9 @@ def test_blocks_called_with_keywords(pool, sp):
     for r in pool.run(jobs_cases.keyword_blocks, sp):
         matches(r)
         assert r["styles"]["layers.1.w1"] == "colwise"
+
+
+def test_dropout_on_shards_draws_per_rank(pool):
+    for r in pool.run(jobs_cases.dropout_streams):
+        assert r["routed"] and r["untouched"] and r["differ"]
+        assert 0.45 < r["rate"] < 0.55

@@ -194,6 +194,36 @@ def as_dtensor(x: torch.Tensor, dim: int, group: str) -> DTensor:
     return DTensor.from_local(x, _mesh(group, x.device.type), [Shard(dim)], run_check=False)
 
 
+_RANK_RNG: dict[tuple[str, str], torch.Tensor] = {}
+RANDOM_OPS = {"dropout": F.dropout, "torch_dropout": torch.dropout, "alpha_dropout": F.alpha_dropout,
+              "feature_alpha_dropout": F.feature_alpha_dropout,
+              "sdpa": F.scaled_dot_product_attention}
+
+
+def on_rank_rng(fn: Any, group: str, *args: Any, **kwargs: Any) -> Any:
+    """``fn`` (a dropout) drawn from this tp rank's own random stream, as Megatron's RNG
+    tracker does for sharded regions: seeded once from ``torch.initial_seed()`` and the
+    rank (reproducible, different per rank), advanced call by call, and kept apart from
+    the global stream, which replicated regions share across ranks."""
+    fn = RANDOM_OPS.get(fn, fn) if isinstance(fn, str) else fn
+    x = next(a for a in args if isinstance(a, torch.Tensor))
+    dev = x.device
+    key = (group, str(dev))
+    if key not in _RANK_RNG:
+        g = torch.Generator(device=dev)
+        g.manual_seed((torch.initial_seed() + 1_000_003 * (1 + _rank(group))) % 2**63)
+        _RANK_RNG[key] = g.get_state()
+    cuda = dev.type == "cuda"
+    with torch.random.fork_rng(devices=[dev] if cuda else [], device_type=dev.type):
+        if cuda:
+            torch.cuda.set_rng_state(_RANK_RNG[key], dev)
+        else:
+            torch.set_rng_state(_RANK_RNG[key])
+        out = fn(*args, **kwargs)
+        _RANK_RNG[key] = torch.cuda.get_rng_state(dev) if cuda else torch.get_rng_state()
+    return out
+
+
 def local(p: torch.Tensor) -> torch.Tensor:
     """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor."""
     return p.to_local() if isinstance(p, DTensor) else p

@@ -72,6 +72,24 @@ def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -
     raise PlanError(f"no conversion from {src} to {dst}")
 
 
+_RANDOM_MODULES = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _random_name(target: Any) -> str:
+    return next(name for name, fn in C.RANDOM_OPS.items() if fn is target)
+
+
+def _draws_random(n: fx.Node, mod: nn.Module | None) -> bool:
+    """Dropout (a function, a module, or sdpa's ``dropout_p``): on a sharded tensor every
+    rank must draw its own mask, or the shards' masks repeat each other."""
+    if n.op == "call_module":
+        return isinstance(mod, _RANDOM_MODULES)
+    if n.target is F.scaled_dot_product_attention:
+        p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
+        return p != 0.0
+    return n.op == "call_function" and any(n.target is fn for fn in C.RANDOM_OPS.values())
+
+
 class _Builder:
     def __init__(self, gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
                  q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract],
@@ -176,6 +194,11 @@ class _Builder:
         if src_lay is not None and ops.is_meta_op(n):
             return self._meta(n, src_lay)
         lay = self.prop.layouts.get(n, R)
+        if lay.sharded and _draws_random(n, mod):  # each rank's shard its own mask
+            a, k = self.args(n)
+            # a module is passed as itself; a function by its name in C.RANDOM_OPS
+            fn = g.get_attr(n.target) if n.op == "call_module" else _random_name(n.target)
+            return g.call_function(C.on_rank_rng, (fn, self.group, *a), k)
         if lay.kind == "S" and n.op in ("call_method", "call_function") and (
                 n.target in ops.SIZED_METHODS or n.target in ops.SIZED_FUNCTIONS):
             return self._sized_view(n, lay)
