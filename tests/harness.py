@@ -14,6 +14,7 @@ import datetime
 import os
 import queue
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -86,18 +87,17 @@ class WorkerPool:
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list[Any]:
         """``[fn(rank, *args, **kwargs) for each rank]``, run concurrently on the workers.
-        Raises ``WorkerError`` if a rank raised."""
-        for q in self._jobs:
-            q.put((fn, args, kwargs))
-        got: dict[int, tuple[bool, Any]] = {}
-        try:
-            while len(got) < self.world:
-                rank, ok, val = self._results.get(timeout=JOB_TIMEOUT_S)
-                got[rank] = (ok, val)
-        except queue.Empty:
+        Raises ``WorkerError`` if a rank raised. A job the pool itself lost (a worker
+        died, or nothing came back in time) is run once more on a fresh pool: that is the
+        infrastructure failing, not the job; a second loss is reported."""
+        for attempt in (1, 2):
+            got, lost = self._collect(fn, args, kwargs)
+            if lost is None:
+                break
             self.restart()
-            raise WorkerError(f"job {fn.__name__} timed out after {JOB_TIMEOUT_S}s "
-                              f"(ranks done: {sorted(got)}); pool restarted") from None
+            if attempt == 2:
+                raise WorkerError(f"job {fn.__name__}: {lost} (ranks done: {sorted(got)}), "
+                                  "twice; pool restarted")
         failed = {r: v for r, (ok, v) in got.items() if not ok}
         if failed:
             # A rank that raised may have left the others in a collective until the gloo
@@ -107,6 +107,26 @@ class WorkerPool:
             r, (name, msg, tb) = min(failed.items())
             raise WorkerError(f"rank {r} raised {name}: {msg}\n{tb}")
         return [got[r][1] for r in range(self.world)]
+
+    def _collect(self, fn: Callable, args: tuple, kwargs: dict
+                 ) -> tuple[dict[int, tuple[bool, Any]], str | None]:
+        """Send the job, gather one result per rank: (results, why the job was lost)."""
+        for q in self._jobs:
+            q.put((fn, args, kwargs))
+        got: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while len(got) < self.world:
+            try:
+                rank, ok, val = self._results.get(timeout=5.0)
+                got[rank] = (ok, val)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                if dead:
+                    return got, f"worker(s) {dead} died (exit codes " \
+                                f"{[self._procs[r].exitcode for r in dead]})"
+                if time.monotonic() > deadline:
+                    return got, f"no result within {JOB_TIMEOUT_S}s"
+        return got, None
 
 
 # ----------------------------------------------------------------------------- on a worker

@@ -216,3 +216,16 @@ def meta_stays_meta(rank: int) -> dict:
     return {"dtensor": all(isinstance(p, DTensor) for p in params),
             "meta": all(p.to_local().is_meta for p in params),
             "wq_local": list(par.layers[0].attention.wq.weight.to_local().shape)}
+
+
+def die_once(rank: int, marker: str) -> int:
+    """Rank 0 dies the first time (the marker file does not exist yet)."""
+    import os
+    if rank == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return rank
+
+
+def divide_by_zero(rank: int) -> int:
+    return rank // 0
