@@ -22,11 +22,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
 
 import tpcompile
+from tpcompile.verify import rel_err
 from models.llama2 import Transformer, config
 
 PROGRAMS = ("tpcompile", "hand")
@@ -220,17 +221,6 @@ def step(p: Program, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------- numerics
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = full(a).detach().double(), b.detach().double()
-    if a.shape != b.shape:
-        return float("inf")
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6)
-
 
 def check_numerics(ref: nn.Module, par: nn.Module, tokens: torch.Tensor,
                    targets: torch.Tensor) -> dict[str, float]:

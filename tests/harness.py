@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tpcompile.verify import full, rel_err
+
 JOB_TIMEOUT_S = 300.0
 _MESHES: dict[tuple, Any] = {}
 
@@ -162,20 +164,6 @@ class Report:
         return (name, err) if err > self.output_err else ("<output>", self.output_err)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-6) -> float:
-    """max |a - b| / max(max |b|, floor)."""
-    a, b = a.detach().double(), b.detach().double()
-    if a.shape != b.shape:
-        return float("inf")
-    scale = max(b.abs().max().item() if b.numel() else 0.0, floor)
-    return (a - b).abs().max().item() / scale if b.numel() else 0.0
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def default_loss(out: Any) -> torch.Tensor:
     """A loss that weighs every element of a sample differently, so no gradient is
     symmetric. The weights do not depend on the batch row and the sum is divided by the
@@ -223,3 +211,11 @@ def compare(ref: torch.nn.Module, par: torch.nn.Module, inputs: tuple,
             continue
         errs[name] = rel_err(full(q.grad), p.grad, floor)
     return Report(out_err, errs)
+
+
+def numerics_result(ref: torch.nn.Module, par: torch.nn.Module, inputs: tuple) -> dict:
+    """``compare`` as a job's picklable result: errors and the styles the plan applied."""
+    from tpcompile import plan_of
+    rep = compare(ref, par, inputs)
+    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
+            "styles": plan_of(par).layer_styles()}

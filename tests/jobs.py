@@ -11,7 +11,7 @@ import torch.nn as nn
 import tpcompile
 from models.llama2 import Transformer, config
 from models.toy import GatedMLPStack, ToyModel
-from tests.harness import compare, full, tp_mesh
+from tests.harness import full, numerics_result, tp_mesh
 
 
 def build(name: str, seed: int = 0, **kw: Any) -> tuple[nn.Module, tuple]:
@@ -40,9 +40,7 @@ def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,
     if seq is not None:  # run at a sequence length other than the traced one
         torch.manual_seed(5)
         inputs = (torch.randint(0, ref.args.vocab_size, (3, seq)),)
-    rep = compare(ref, par, inputs)
-    return {"output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, inputs)
 
 
 def weights_roundtrip(rank: int, tp: int) -> dict:
@@ -79,9 +77,7 @@ def indivisible(rank: int, tp: int, on_indivisible: str) -> dict:
         out_same = torch.equal(model(*inputs), ref(*inputs))
         return {"error": type(e).__name__, "message": str(e), "untouched": untouched,
                 "out_same": out_same}
-    rep = compare(ref, par, inputs)
-    return {"output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, inputs)
 
 
 def failure_midway(rank: int, where: str) -> dict:
@@ -159,9 +155,7 @@ def nested(rank: int, tp: int, sp: bool) -> dict:
     torch.manual_seed(0)
     ref, inputs = NestedStack(), (torch.randn(2, 4, 16),)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp)
-    rep = compare(ref, par, inputs)
-    return {"output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, inputs)
 
 
 def loss_parallel(rank: int, tp: int, sp: bool, dp: bool = False) -> dict:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tpcompile
-from tests.harness import compare, tp_mesh
+from tests.harness import compare, numerics_result, tp_mesh
 
 D, H, V = 16, 32, 32
 
@@ -144,9 +144,7 @@ def case(rank: int, name: str, tp: int, sp: bool) -> dict:
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp)
     except tpcompile.TPCompileError as e:
         return {"error": type(e).__name__, "message": str(e)}
-    rep = compare(ref, par, inputs)
-    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, inputs)
 
 
 def hooked(rank: int) -> dict:
@@ -243,9 +241,7 @@ def plan_roundtrip_inline_norm(rank: int, path: str) -> dict:
         tpcompile.plan(ref, tp=2).save(path)
     torch.distributed.barrier()
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), plan=path)
-    rep = compare(ref, par, (x,))
-    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, (x,))
 
 
 class GatedBlock(nn.Module):
@@ -277,9 +273,7 @@ def keyword_blocks(rank: int, sp: bool) -> dict:
     torch.manual_seed(0)
     ref, x = KeywordStack(), torch.randn(2, 8, D)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), sequence_parallel=sp)
-    rep = compare(ref, par, (x,))
-    return {"error": None, "output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, (x,))
 
 
 class DropoutMLP(nn.Module):

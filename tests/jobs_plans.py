@@ -8,7 +8,7 @@ import torch
 from torch.distributed.tensor.parallel import parallelize_module
 
 import tpcompile
-from tests.harness import compare, full, rel_err, tp_mesh
+from tests.harness import compare, numerics_result, full, rel_err, tp_mesh
 from tests.jobs import build
 
 
@@ -42,9 +42,7 @@ def given_plan(rank: int, name: str, tp: int, plan_path: str) -> dict:
     """auto_parallelize with a plan file: numerics and the styles it applied."""
     ref, inputs = build(name)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), plan=plan_path)
-    rep = compare(ref, par, inputs)
-    return {"output": rep.output_err, "grads": rep.grad_errs,
-            "styles": tpcompile.plan_of(par).layer_styles()}
+    return numerics_result(ref, par, inputs)
 
 
 def refused_plan(rank: int, name: str, tp: int, plan_path: str) -> dict:
