@@ -19,6 +19,7 @@ from .errors import PlanError, TPCompileError, UnsupportedError
 from .analyze import NORM_MODULES, submodule
 from .plan import PLACEMENTS, Compiled, Plan, Unit, compile_model
 from .rewrite import Rewritten, install, rewrite
+from .trace import trace
 
 def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
     """(tp mesh, dp mesh or None) from a 1-D mesh or a 2-D ("dp", "tp") mesh."""
@@ -155,15 +156,16 @@ def compile_both_modes(model: nn.Module, **kwargs: Any) -> tuple[Compiled, Compi
         model.train(True)
         in_train = compile_model(model, **kwargs)
         model.train(False)
+        # tracing alone tells whether any graph reads the flag; analyse again only then
+        if all(trace(model.get_submodule(u.members[0]), tracer=kwargs.get("tracer", "fx")).code
+               == u.gm.code for u in in_train.units):
+            return in_train, None
         with warnings.catch_warnings():  # the same notes were reported by the first pass
             warnings.simplefilter("ignore")
             in_eval = compile_model(model, **kwargs)
     finally:
         for m, flag in flags.items():
             m.training = flag
-    if all(a.gm.code == b.gm.code for a, b in zip(in_train.units, in_eval.units)) and \
-            len(in_train.units) == len(in_eval.units):
-        return in_train, None
     if [u.members for u in in_train.units] != [u.members for u in in_eval.units] or \
             in_train.plan.layer_styles() != in_eval.plan.layer_styles():
         raise UnsupportedError(
