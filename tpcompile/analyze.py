@@ -16,26 +16,89 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import networkx as nx
+import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 from .errors import IndivisibleError, PlanError
+from .frontend import BLOCK_OP, Traced
 from .ops import E, Layout, R, S, Unsafe, info, tensor_inputs
 
+aten = torch.ops.aten
 Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
-NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)
-NORM_FUNCTIONS = (F.layer_norm, F.rms_norm)
+NORM_OPS = (aten.layer_norm.default, aten.rms_norm.default)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer the rewrite can shard: an ATen linear / embedding / norm whose weight is a
+    parameter of the traced module. ``name`` is the module path (weight FQN less
+    ``.weight``), relative to the traced module."""
+
+    kind: Literal["linear", "embedding", "norm"]
+    name: str
+    weight: fx.Node
+    bias: fx.Node | None
+    shape: tuple[int, ...]
+    options: tuple = ()  # embedding: (padding_idx, scale_grad_by_freq, sparse)
+
+
+def mark_layers(t: Traced) -> dict[str, Layer]:
+    """Find the layers of a traced graph (``node.meta['tpc_layer']``). A weight used by
+    two layers (tied) makes neither a layer: they stay replicated."""
+    found: dict[fx.Node, Layer] = {}
+    uses: dict[fx.Node, int] = defaultdict(int)
+    for n in t.gm.graph.nodes:
+        n.meta.pop("tpc_layer", None)
+        if n.op != "call_function":
+            continue
+        if n.target is aten.linear.default:
+            w, b = n.args[1], (n.args[2] if len(n.args) > 2 else None)
+            kind = "linear"
+        elif n.target is aten.embedding.default:
+            w, b, kind = n.args[0], None, "embedding"
+        elif n.target in NORM_OPS:
+            w = n.args[2] if len(n.args) > 2 else None
+            b = n.args[3] if n.target is aten.layer_norm.default and len(n.args) > 3 else None
+            kind = "norm"
+        else:
+            continue
+        fqn = t.params.get(w)  # type: ignore[arg-type]
+        if fqn is None or not fqn.endswith("weight"):
+            continue
+        layer = fqn[:-len(".weight")] if fqn.endswith(".weight") else ""
+        if not layer or (b is not None and t.params.get(b) != f"{layer}.bias"):
+            continue
+        uses[w] += 1
+        opts = ()
+        if kind == "embedding":
+            opts = (n.args[2] if len(n.args) > 2 else -1, n.args[3] if len(n.args) > 3 else False,
+                    n.args[4] if len(n.args) > 4 else False)
+        found[n] = Layer(kind, layer, w, b, tuple(info(w).shape), opts)  # type: ignore[arg-type, union-attr]
+    out: dict[str, Layer] = {}
+    for n, layer in found.items():
+        if uses[layer.weight] > 1 and layer.kind != "norm":
+            continue  # tied: one weight, two layers
+        n.meta["tpc_layer"] = layer
+        out.setdefault(layer.name, layer)
+    return out
+
+
+def layer_of(node: fx.Node) -> Layer | None:
+    return node.meta.get("tpc_layer")
+
+
+def is_block(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is BLOCK_OP
 
 
 @dataclass
 class Contract:
-    """Layouts at a traced module's boundary: one per placeholder, one for the output."""
+    """Layouts at a traced block's boundary: one per tensor input (in the order of the
+    flattened ``(args, kwargs)``) and one per tensor output."""
 
     inputs: list[Layout]
-    output: Layout
-    names: list[str] = field(default_factory=list)  # the placeholders' (forward's) names
+    outputs: list[Layout]
 
 
 @dataclass
@@ -44,6 +107,7 @@ class Propagation:
     need: dict[fx.Node, dict[fx.Node, Layout]]  # consumer -> producer -> layout it needs
     found_rowwise: set[str] = field(default_factory=set)
     gathered_outputs: list[fx.Node] = field(default_factory=list)
+    heads: set[str] = field(default_factory=set)  # colwise heads gathered right at the layer
 
 
 @dataclass
@@ -59,18 +123,41 @@ class Note:
     layer: str
     reason: str
     indivisible: tuple[str, int] | None = None  # the structure is fine, a size is not
-
-
-def submodule(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+    no_rule: str | None = None  # the op without a rule that stopped the segment
 
 
 def where(node: fx.Node) -> str:
     """The module path a node came from, for messages."""
-    if node.op == "call_module":
-        return str(node.target)
+    layer = layer_of(node)
+    if layer is not None:
+        return layer.name
     stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else node.name
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(path) or node.name
+    return node.name
+
+
+def _clean_path(path: str) -> str:
+    """nn_module_stack paths of non-strict export look like ``L['self'].layers[0].mlp``
+    or ``layers.0.mlp``: make them dotted."""
+    import re
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line of a node, for messages (``file:line``), or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+    lines = [ln for ln in lines if "/torch/" not in ln and "/tpcompile/" not in ln]
+    if not lines:
+        return ""
+    import re
+    m = re.match(r'File "([^"]+)", line (\d+)', lines[-1])
+    return f"{m.group(1)}:{m.group(2)}" if m else ""
 
 
 def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -85,11 +172,14 @@ def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
 # ------------------------------------------------------------------- tensor parallel
 
 def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
-              auto_rowwise: bool = False, contracts: dict[str, Contract] | None = None
+              auto_rowwise: bool = False, contracts: dict[fx.Node, Contract] | None = None,
+              heads: set[str] = frozenset()  # type: ignore[assignment]
               ) -> Propagation:
-    """Layouts of every node for the given layer styles; raises ``Unsafe``."""
+    """Layouts of every node for the given layer styles; raises ``Unsafe``. ``heads``:
+    colwise layers whose output is gathered at once (a head whose logits also feed a loss
+    computed inside the model)."""
     contracts = contracts or {}
-    res = Propagation({}, defaultdict(dict))
+    res = Propagation({}, defaultdict(dict), heads=set(heads))
     lay = res.layouts
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
@@ -102,23 +192,29 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
                     res.need[node][p] = R
                     res.gathered_outputs.append(p)
             continue
-        mod = submodule(gm, node)
-        if isinstance(mod, nn.Linear):
-            lay[node] = _linear(node, mod, styles.get(node.target), tp, res, auto_rowwise)
+        layer = layer_of(node)
+        if layer is not None and layer.kind == "linear":
+            lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
+            if layer.name in res.heads:
+                lay[node] = R  # gathered inside the rewritten layer
+                res.gathered_outputs.append(node)
             continue
-        if isinstance(mod, nn.Embedding) and styles.get(node.target) == "vocab_parallel":
-            _divisible(node.target, "num_embeddings", mod.num_embeddings, tp)
+        if layer is not None and layer.kind == "embedding" and \
+                styles.get(layer.name) == "vocab_parallel":
+            _divisible(layer.name, "num_embeddings", layer.shape[0], tp)
             lay[node] = R  # partial sums, reduced inside the rewritten embedding
             continue
         if not any(lay[p].sharded for p in ins) or ops.is_meta_op(node):
             lay[node] = R
             continue
-        if node.op == "call_module" and node.target in contracts:
-            raise Unsafe(f"a sharded tensor enters block {node.target}")
-        rule = ops.rule_for(node, mod)
+        if is_block(node):
+            raise Unsafe(f"a sharded tensor enters block {node.args[0]}")
+        rule = ops.rule_for(node)
         if rule is None:
-            raise Unsafe(f"{where(node)}: `{_describe(node)}` is not in the op table, so a "
-                         "sharded tensor cannot pass through it")
+            line = source_line(node)
+            raise Unsafe(f"{where(node)}: `{_describe(node)}` has no rule in the op table, so "
+                         "a sharded tensor cannot pass through it" + (f" (at {line})" if line else ""),
+                         no_rule=_describe(node))
         try:
             lay[node] = rule(node, ops.Ctx(tp, lay))
         except Unsafe as u:
@@ -131,28 +227,29 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
     return res
 
 
-def _linear(node: fx.Node, mod: nn.Linear, style: str | None, tp: int, res: Propagation,
+def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propagation,
             auto_rowwise: bool) -> Layout:
     x = node.args[0]
     lx, tx = res.layouts[x], info(x)
     last = tx.rank - 1  # type: ignore[union-attr]
+    out_features, in_features = layer.shape
     if style == "colwise":
         if lx.sharded:
-            raise Unsafe(f"{node.target}: colwise layer fed by a tensor sharded on dim {lx.dim}")
-        _divisible(node.target, "out_features", mod.out_features, tp)
+            raise Unsafe(f"{layer.name}: colwise layer fed by a tensor sharded on dim {lx.dim}")
+        _divisible(layer.name, "out_features", out_features, tp)
         res.need[node][x] = E
         return S(last)
     if style == "rowwise" or (style is None and auto_rowwise and lx.sharded and lx.dim == last):
         if not (lx.sharded and lx.dim == last):
-            raise Unsafe(f"{node.target}: rowwise layer fed by a tensor that is not sharded "
+            raise Unsafe(f"{layer.name}: rowwise layer fed by a tensor that is not sharded "
                          "on its features (its input would have to be split first)")
-        _divisible(node.target, "in_features", mod.in_features, tp)
+        _divisible(layer.name, "in_features", in_features, tp)
         res.need[node][x] = lx
         if style is None:
-            res.found_rowwise.add(node.target)
+            res.found_rowwise.add(layer.name)
         return R
     if lx.sharded:
-        raise Unsafe(f"{node.target}: replicated layer fed by a tensor sharded on dim {lx.dim}")
+        raise Unsafe(f"{layer.name}: replicated layer fed by a tensor sharded on dim {lx.dim}")
     return R
 
 
@@ -164,34 +261,34 @@ def _divisible(layer: str, what: str, size: int, tp: int) -> None:
 
 def _describe(node: fx.Node) -> str:
     t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return t if isinstance(t, str) else str(t) if isinstance(t, torch._ops.OpOverload) \
+        else getattr(t, "__name__", str(t))
 
 
 def _linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if isinstance(submodule(gm, n), nn.Linear)]
+    return [n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.kind == "linear"]
 
 
-def _backtrace(g: nx.DiGraph, gm: fx.GraphModule, start: fx.Node, free: set[str]) -> set[str]:
+def _backtrace(g: nx.DiGraph, start: fx.Node, free: set[str]) -> set[str]:
     """Unassigned Linears that feed ``start`` through shard-preserving ops."""
     found, seen, todo = set(), {start}, [start]
     while todo:
         n = todo.pop()
-        mod = submodule(gm, n)
-        if isinstance(mod, nn.Linear):
-            if n.target in free:
-                found.add(n.target)
+        layer = layer_of(n)
+        if layer is not None and layer.kind == "linear":
+            if layer.name in free:
+                found.add(layer.name)
             continue
-        if n is not start and not ops.is_passable(n, mod):
+        if n is not start and not ops.is_passable(n):
             continue
         for p in g.predecessors(n):
-            if p not in seen and info(p) is not None or p.meta.get("tpc") is not None:
-                if p not in seen:
-                    seen.add(p)
-                    todo.append(p)
+            if p not in seen and p.meta.get("tpc") is not None:
+                seen.add(p)
+                todo.append(p)
     return found
 
 
-def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = None
+def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | None = None
                     ) -> tuple[dict[str, str], list[Segment], list[Note]]:
     """Styles for every Linear that belongs to a safe segment (structure only: tp=1)."""
     g = dataflow_graph(gm)
@@ -199,23 +296,34 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
     segments: list[Segment] = []
     notes: list[Note] = []
     linears = _linear_nodes(gm)
-    order = {n.target: i for i, n in enumerate(gm.graph.nodes)}  # styles in graph order
-    for lin in linears:
-        if lin.target in styles:
+    names = [layer_of(n).name for n in linears]  # type: ignore[union-attr]
+    heads: set[str] = set()
+    order = {nm: i for i, nm in enumerate(names)}  # styles in graph order
+    for lin in names:
+        if lin in styles:
             continue
-        entries = {lin.target}
-        reason, indivisible = "", None
+        entries = {lin}
+        reason, indivisible, no_rule = "", None, None
         for _ in range(len(linears) + 1):
             trial = dict(styles, **{e: "colwise" for e in entries})
             try:
-                res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts)
+                res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts, heads=heads)
             except Unsafe as u:
-                free = {n.target for n in linears} - set(styles) - entries
-                new = _backtrace(g, gm, u.demand[0], free) if u.demand else set()
+                free = set(names) - set(styles) - entries
+                new = _backtrace(g, u.demand[0], free) if u.demand else set()
                 if new:
                     entries |= new
                     continue
-                reason, indivisible = u.reason, u.indivisible
+                reason, indivisible, no_rule = u.reason, u.indivisible, u.no_rule
+                if entries == {lin} and u.indivisible is None and _is_head(g, gm, lin):
+                    try:  # the logits also feed a loss inside the model: gather at the head
+                        res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts,
+                                        heads=heads | {lin})
+                    except Unsafe:
+                        break
+                    heads.add(lin)
+                    styles[lin] = "colwise"
+                    segments.append(_segment(gm, g, res, entries, order))
                 break
             if res.found_rowwise and res.gathered_outputs:
                 reason = "its output leaves the block both through a Linear and directly"
@@ -224,23 +332,44 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[str, Contract] | None = 
             else:
                 styles.update({e: "colwise" for e in sorted(entries, key=order.get)})
                 styles.update({r: "rowwise" for r in sorted(res.found_rowwise, key=order.get)})
-                segments.append(_segment(gm, g, res, entries))
+                segments.append(_segment(gm, g, res, entries, order))
             break
-        if reason and lin.target not in styles:
-            notes.append(Note(str(lin.target), f"replicated: {reason}", indivisible))
+        if reason and lin not in styles:
+            notes.append(Note(lin, f"replicated: {reason}", indivisible, no_rule))
     return styles, segments, notes
 
 
-def _segment(gm: fx.GraphModule, g: nx.DiGraph, res: Propagation, entries: set[str]) -> Segment:
+def _is_head(g: nx.DiGraph, gm: fx.GraphModule, name: str) -> bool:
+    """A Linear whose output reaches the graph's output and feeds no other layer."""
+    node = next(n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.name == name)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    below = nx.descendants(g, node)
+    return out in below and not any(layer_of(n) is not None and layer_of(n).kind != "norm"  # type: ignore[union-attr]
+                                    for n in below)
+
+
+def head_layers(gm: fx.GraphModule, styles: dict[str, str], segments: list[Segment], tp: int,
+                contracts: dict[fx.Node, Contract] | None = None) -> set[str]:
+    """The heads of a plan that must be gathered at the layer: those whose sharded
+    logits cannot reach the output (a loss inside the model reads them)."""
+    try:
+        propagate(gm, styles, tp, contracts=contracts)
+        return set()
+    except Unsafe:
+        return {c for s in segments if s.kind == "head" for c in s.colwise}
+
+
+def _segment(gm: fx.GraphModule, g: nx.DiGraph, res: Propagation, entries: set[str],
+             order: dict[str, int]) -> Segment:
     """The segment grown from ``entries``: the sharded nodes downstream of them (earlier
     segments are sharded in ``res`` too, so reachability separates this one)."""
-    starts = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in entries]
+    starts = [n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.name in entries]
     reach = set(starts).union(*(nx.descendants(g, s) for s in starts))
     nodes = [n for n, l in res.layouts.items() if l.sharded and n in reach]
-    targets = {n.target for n in nodes}
-    attention = any(t in (F.scaled_dot_product_attention, F.softmax, "softmax")
-                    or getattr(t, "__name__", "") in ("matmul", "softmax") for t in targets)
-    if res.gathered_outputs:
+    attention_ops = {aten.scaled_dot_product_attention.default, aten._softmax.default,
+                     aten.softmax.int, aten.matmul.default, aten.bmm.default}
+    attention = any(n.target in attention_ops for n in nodes)
+    if res.gathered_outputs or entries & res.heads:
         kind = "head"
     elif attention:
         kind = "attention"
@@ -250,24 +379,27 @@ def _segment(gm: fx.GraphModule, g: nx.DiGraph, res: Propagation, entries: set[s
         kind = "mlp"
     else:
         kind = "generic"
-    order = {n.target: i for i, n in enumerate(gm.graph.nodes)}
     return Segment(kind, sorted(entries, key=order.get), sorted(res.found_rowwise, key=order.get),
                    [n.name for n in nodes])
 
 
 def embedding_styles(gm: fx.GraphModule) -> dict[str, str]:
+    """Every embedding becomes vocab-parallel, except those whose gradient semantics a
+    split would change (``scale_grad_by_freq``, ``sparse``)."""
     out = {}
     for n in gm.graph.nodes:
-        mod = submodule(gm, n)
-        if (isinstance(mod, nn.Embedding) and mod.max_norm is None and mod.padding_idx is None
-                and not mod.scale_grad_by_freq and not mod.sparse):
-            out[str(n.target)] = "vocab_parallel"
+        layer = layer_of(n)
+        if layer is not None and layer.kind == "embedding":
+            _, scale_grad_by_freq, sparse = layer.options
+            if not scale_grad_by_freq and not sparse:
+                out[layer.name] = "vocab_parallel"
     return out
 
 
 def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: list[Segment],
                        tp: int, on_indivisible: str, prefix: str,
-                       contracts: dict[str, Contract] | None = None
+                       contracts: dict[fx.Node, Contract] | None = None,
+                       heads: set[str] = frozenset()  # type: ignore[assignment]
                        ) -> tuple[dict[str, str], list[Segment], list[Note]]:
     """Re-propagate at the real tp; a segment with an indivisible dim raises or (with
     ``on_indivisible='replicate'``) is dropped, with a note."""
@@ -275,7 +407,7 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
     styles, segments = dict(styles), list(segments)
     while True:
         try:
-            propagate(gm, styles, tp, contracts=contracts)
+            propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
             return styles, segments, notes
         except Unsafe as u:
             if u.indivisible is None:
@@ -307,5 +439,5 @@ def _owns(seg: Segment, layer: str) -> bool:
         layer.startswith(c.rsplit(".", 1)[0]) for c in seg.colwise)
 
 
-__all__ = ["propagate", "detect_segments", "check_divisibility", "embedding_styles", "Contract",
+__all__ = ["Layer", "mark_layers", "layer_of", "is_block", "propagate", "detect_segments", "check_divisibility", "embedding_styles", "Contract",
            "Propagation", "Segment", "Note"]

@@ -6,20 +6,19 @@ at the end only swaps parameters for DTensors and installs the rewritten forward
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
 
 from .errors import PlanError, TPCompileError, UnsupportedError
-from .analyze import NORM_MODULES, submodule
+from .frontend import skeleton
 from .plan import PLACEMENTS, Compiled, Plan, Unit, compile_model
-from .rewrite import Rewritten, install, rewrite
-from .trace import trace
+from .rewrite import rewrite
+from .runtime import Program, guards_for, install
 
 def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
     """(tp mesh, dp mesh or None) from a 1-D mesh or a 2-D ("dp", "tp") mesh."""
@@ -72,30 +71,36 @@ def distribute_parameters(model: nn.Module, placements: dict[str, list[Placement
 
 
 def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tuple | None = None,
-                     sequence_parallel: bool = True, plan: Plan | str | Path | None = None,
-                     on_indivisible: str = "error", tracer: str = "fx",
-                     init_fn: Callable[[nn.Module], None] | None = None, seed: int = 0,
-                     loss_parallel: bool = False, materialize: bool = True,
+                     example_kwargs: dict | None = None, sequence_parallel: bool = True,
+                     plan: Plan | str | Path | None = None, on_indivisible: str = "error",
+                     tracer: str = "auto", init_fn: Callable[[nn.Module], None] | None = None,
+                     seed: int = 0, loss_parallel: bool = False, materialize: bool = True,
                      **fsdp_kwargs: Any) -> nn.Module:
     """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
+
+    Args:
+        model: any ``nn.Module``: a Hugging Face model, reference-style code, your own.
+        mesh: 1-D (all tensor parallel) or 2-D ``("dp", "tp")`` (dp goes to FSDP2).
+        example_inputs / example_kwargs: a call the model accepts (positional and keyword),
+            used to trace it; batch and sequence sizes stay free. Without them, one tensor
+            input is guessed from the first layer.
+        tracer: ``"auto"`` (``torch.export``, then fx if export fails), ``"export"``, ``"fx"``.
+        plan: a :class:`Plan` (or a plan file) to apply instead of detecting one.
+        loss_parallel: the logits of a colwise head stay vocab-sharded (a DTensor
+            ``Shard(-1)`` on the tp mesh), for a cross-entropy under
+            ``torch.distributed.tensor.parallel.loss_parallel()``.
+        materialize: a meta-device model is materialised sharded on the mesh's device
+            (``init_fn(model)``, else ``model.init_weights(seed)``, else each module's
+            ``reset_parameters``); ``False`` leaves it on meta, sharded.
+        **fsdp_kwargs: passed to FSDP2 ``fully_shard`` on a 2-D mesh.
 
     The returned module takes the same inputs as ``model`` (full tensors on every rank)
     and returns the same full outputs on every tp rank; gradients of every parameter
     equal the unsharded model's. On failure the model is left untouched.
 
-    ``loss_parallel=True``: the logits of a colwise head stay vocab-sharded (a DTensor
-    ``Shard(-1)`` on the tp mesh), for a cross-entropy under
-    ``torch.distributed.tensor.parallel.loss_parallel()``: no gather of the logits.
-
-    A model built under ``torch.device("meta")`` is materialised sharded on the mesh's
-    device: ``init_fn(model)`` if given, else ``model.init_weights(seed)``, else each
-    module's ``reset_parameters`` (see :mod:`tpcompile.distribute`). ``materialize=False``
-    leaves it on meta, sharded (to load a checkpoint into after ``to_empty``, or to time
-    and inspect the compilation of a model too large for this machine).
+    >>> model = tpcompile.auto_parallelize(model, mesh, example_kwargs={"input_ids": ids})
     """
-    if "_tpcompile_plan" in model.__dict__:
-        raise TPCompileError(f"{type(model).__name__} was already parallelized by tpcompile; "
-                             "call auto_parallelize once, on the original model")
+    _refuse_parallelized(model)
     tp_mesh, dp_mesh = split_mesh(mesh)
     from .distribute import check_fsdp_options, choose_init, materialize_sharded, on_meta
     check_fsdp_options(fsdp_kwargs)
@@ -108,9 +113,11 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh; "
                              f"got a 1-D mesh {mesh}")
     tp = tp_mesh.size()
-    compiled, in_eval = compile_both_modes(
-        model, tp=tp, sequence_parallel=sequence_parallel, example_inputs=example_inputs,
-        on_indivisible=on_indivisible, given=load_plan(plan), tracer=tracer)
+    sk = skeleton(model)
+    options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
+                   tracer=tracer)
+    compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                             given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
     _refuse_unsupported_layers(model, compiled)
     group = tp_mesh.get_group().group_name
     if loss_parallel and not any(
@@ -120,19 +127,32 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             f"{type(model).__name__} comes from a colwise layer (the plan has "
             f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
             "loss_parallel, or end the model with a Linear head.")
-    programs = _rewrite_all(compiled, tp, group, loss_parallel)
-    eval_programs = (_rewrite_all(in_eval, tp, group, loss_parallel) if in_eval is not None
-                     else [None] * len(programs))
+    programs = _programs(compiled, sk, tp, group, loss_parallel)
     placements: dict[str, list[Placement]] = {}
     for unit in compiled.units:
         for member in unit.members:
             placements.update(placements_for(unit, member, model.get_submodule(member)))
+
+    def replan(root: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A call no program fits (another input structure, mode, or shapes outside the
+        export's ranges): trace again with the same plan and add the programs."""
+        again = compile_model(model, example_inputs=args, example_kwargs=kwargs,
+                              given=compiled.plan, bound=True, skeleton=sk, **options)  # type: ignore[arg-type]
+        if again.plan.layer_styles() != compiled.plan.layer_styles():
+            raise UnsupportedError(
+                f"{type(model).__name__} computes with different layers for this call than "
+                "for the one it was planned on, so one tensor-parallel plan cannot serve both")
+        for unit, prog in zip(again.units, _programs(again, sk, tp, group, loss_parallel)):
+            for member in unit.members:
+                install(model.get_submodule(member), prog)
+
     snapshot = _Snapshot(model)
     try:
         distribute_parameters(model, placements, tp_mesh)
-        for unit, rw, rw_eval in zip(compiled.units, programs, eval_programs):
+        for unit, prog in zip(compiled.units, programs):
             for member in unit.members:
-                install(model.get_submodule(member), rw, rw_eval)
+                install(model.get_submodule(member), prog, replan if member == "" else None,
+                        member or type(model).__name__)
         model.__dict__["_tpcompile_plan"] = compiled.plan
         if dp_mesh is not None:
             from .distribute import apply_fsdp
@@ -145,66 +165,69 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     return model
 
 
-def compile_both_modes(model: nn.Module, **kwargs: Any) -> tuple[Compiled, Compiled | None]:
-    """Compile in train mode, and in eval mode too when a forward reads ``self.training``
-    (``F.dropout(x, p, self.training)``, an sdpa ``dropout_p`` only while training): fx
-    bakes the flag into the graph, so each mode needs its own program. Returns the
-    train-mode compilation and the eval-mode one (None when no graph differs). The
-    modules' own flags are restored exactly afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.train(True)
-        in_train = compile_model(model, **kwargs)
-        model.train(False)
-        # tracing alone tells whether any graph reads the flag; analyse again only then
-        if all(trace(model.get_submodule(u.members[0]), tracer=kwargs.get("tracer", "fx")).code
-               == u.gm.code for u in in_train.units):
-            return in_train, None
-        with warnings.catch_warnings():  # the same notes were reported by the first pass
-            warnings.simplefilter("ignore")
-            in_eval = compile_model(model, **kwargs)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    if [u.members for u in in_train.units] != [u.members for u in in_eval.units] or \
-            in_train.plan.layer_styles() != in_eval.plan.layer_styles():
+def _refuse_parallelized(model: nn.Module) -> None:
+    if "_tpcompile_plan" in model.__dict__:
+        raise TPCompileError(f"{type(model).__name__} was already parallelized by tpcompile; "
+                             "call auto_parallelize once, on the original model")
+    dt = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if dt:
         raise UnsupportedError(
-            f"{type(model).__name__} computes with different layers in train and eval mode, "
-            "so one tensor-parallel plan cannot serve both; make the structure independent "
-            "of self.training (dropout may depend on it).")
-    return in_train, in_eval
+            f"{type(model).__name__} already has DTensor parameters ({', '.join(dt[:3])}"
+            f"{', ...' if len(dt) > 3 else ''}): it was parallelized before (parallelize_module, "
+            "FSDP2 or distribute_tensor). Pass the original, unsharded model to "
+            "auto_parallelize; it does tensor parallelism and FSDP2 itself.")
+    wrappers = {"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"}
+    if type(model).__name__ in wrappers:
+        raise UnsupportedError(f"the model is wrapped in {type(model).__name__}; pass the "
+                               "module inside it (model.module) to auto_parallelize")
+
+
+def _programs(compiled: Compiled, sk: nn.Module, tp: int, group: str,
+              loss_parallel: bool) -> list[Program]:
+    out = []
+    for u in compiled.units:
+        try:
+            rw = rewrite(u.t, u.prop, u.styles, u.q_nodes, tp, group, u.contracts,
+                         loss_parallel=loss_parallel and "" in u.members)
+        except PlanError:
+            raise
+        except Exception as e:  # a bug of ours must not look like the user's fault
+            raise PlanError(f"internal error rewriting {u.plan.path or 'the root'}: {e}") from e
+        q_dims = {p: u.prop.layouts[p].dim for p in u.t.inputs
+                  if u.prop.layouts.get(p) is not None and u.prop.layouts[p].kind == "Q"}
+        t = u.t
+        out.append(Program(rw.forward, rw.code, sk.get_submodule(u.members[0]).training,
+                           t.in_spec, dict(t.constants), guards_for(t.inputs, q_dims, tp),
+                           t.ranges, len(t.outputs), t.out_spec, [f for _, f in t.mutations]))
+    return out
 
 
 def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
-    """The rewrite computes Linears, Embeddings and norms inline (on local shards), so
-    hooks registered on them would silently stop running, and parametrized weights would
-    be read as plain ones: refuse instead."""
-    for unit in compiled.units:
-        for node in unit.gm.graph.nodes:
-            mod = submodule(unit.gm, node)
-            if not isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES)):
-                continue
-            for member in unit.members:
-                name = f"{member}.{node.target}" if member else str(node.target)
-                layer = model.get_submodule(name)
-                if parametrize.is_parametrized(layer):
-                    raise UnsupportedError(
-                        f"{name} has parametrized weights ({', '.join(layer.parametrizations)}"
-                        ", e.g. weight_norm), which tpcompile cannot shard yet. Remove the "
-                        "parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
-                        "before auto_parallelize.")
-                if layer._forward_hooks or layer._forward_pre_hooks:
-                    raise UnsupportedError(
-                        f"{name} has forward hooks, which tpcompile's rewrite would not run "
-                        "(it computes this layer inline on local shards). Remove the hooks "
-                        "before auto_parallelize, or fold what they do into the forward.")
+    """The rewrite computes every layer inside a traced module inline (on local shards),
+    so hooks registered on those layers would silently stop running, and parametrized
+    weights would be read as plain ones: refuse instead."""
+    traced = {m for u in compiled.units for m in u.members}
+    for name, layer in model.named_modules():
+        if name in traced:
+            continue
+        if parametrize.is_parametrized(layer):
+            raise UnsupportedError(
+                f"{name} has parametrized weights ({', '.join(layer.parametrizations)}"
+                ", e.g. weight_norm), which tpcompile cannot shard yet. Remove the "
+                "parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
+                "before auto_parallelize.")
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            raise UnsupportedError(
+                f"{name} has forward hooks, which tpcompile's rewrite would not run "
+                "(it computes this layer inline on local shards). Remove the hooks "
+                "before auto_parallelize, or fold what they do into the forward.")
 
 
 class _Snapshot:
     """What the commit changes on each module (parameters, an instance ``forward``, the
     class FSDP2 swaps in, hooks), recorded so a failure midway can put it all back."""
 
-    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_code_eval", "_tpcompile_plan")
+    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_runtime", "_tpcompile_plan")
 
     def __init__(self, model: nn.Module) -> None:
         self.saved = [(m, m.__class__, dict(m._parameters), dict(m._forward_pre_hooks),
@@ -224,19 +247,6 @@ class _Snapshot:
             for k in self._KEYS:
                 m.__dict__.pop(k, None)
             m.__dict__.update(attrs)
-
-
-def _rewrite_all(compiled: Compiled, tp: int, group: str, loss_parallel: bool) -> list[Rewritten]:
-    out = []
-    for u in compiled.units:
-        try:
-            out.append(rewrite(u.gm, u.prop, u.styles, u.q_nodes, tp, group, u.contracts,
-                               loss_parallel=loss_parallel and "" in u.members))
-        except PlanError:
-            raise
-        except Exception as e:  # a bug of ours must not look like the user's fault
-            raise PlanError(f"internal error rewriting {u.plan.path or 'the root'}: {e}") from e
-    return out
 
 
 def plan_of(model: nn.Module) -> Plan:

@@ -195,9 +195,6 @@ def as_dtensor(x: torch.Tensor, dim: int, group: str) -> DTensor:
 
 
 _RANK_RNG: dict[tuple[str, str], torch.Tensor] = {}
-RANDOM_OPS = {"dropout": F.dropout, "torch_dropout": torch.dropout, "alpha_dropout": F.alpha_dropout,
-              "feature_alpha_dropout": F.feature_alpha_dropout,
-              "sdpa": F.scaled_dot_product_attention}
 
 
 def on_rank_rng(fn: Any, group: str, *args: Any, **kwargs: Any) -> Any:
@@ -205,7 +202,7 @@ def on_rank_rng(fn: Any, group: str, *args: Any, **kwargs: Any) -> Any:
     tracker does for sharded regions: seeded once from ``torch.initial_seed()`` and the
     rank (reproducible, different per rank), advanced call by call, and kept apart from
     the global stream, which replicated regions share across ranks."""
-    fn = RANDOM_OPS.get(fn, fn) if isinstance(fn, str) else fn
+    fn = CONSTANTS[fn] if isinstance(fn, int) else fn
     x = next(a for a in args if isinstance(a, torch.Tensor))
     dev = x.device
     key = (group, str(dev))
@@ -224,25 +221,54 @@ def on_rank_rng(fn: Any, group: str, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
+# Python objects a rewritten program refers to (block call specs, constant tensors, ops
+# passed as values), by number: generated code holds only printable arguments.
+CONSTANTS: list[Any] = []
+
+
+def keep_constant(value: Any) -> int:
+    CONSTANTS.append(value)
+    return len(CONSTANTS) - 1
+
+
+def constant(key: int, device: torch.device) -> Any:
+    value = CONSTANTS[key]
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def device_of(x: torch.Tensor) -> torch.device:
+    return x.device
+
+
+def call_block(module: torch.nn.Module, key: int, tensors: list[torch.Tensor]) -> list:
+    """Call a block as its parent's code did (same args and kwargs, rebuilt from the
+    traced call's structure), and return its tensor outputs in flat order."""
+    import torch.utils._pytree as pytree
+    from .frontend import TENSOR
+    call = CONSTANTS[key]
+    it = iter(tensors)
+    leaves = [next(it) if leaf is TENSOR else leaf for leaf in call.in_leaves]
+    args, kwargs = pytree.tree_unflatten(leaves, call.in_spec)
+    out = module(*args, **kwargs)
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
 def local(p: torch.Tensor) -> torch.Tensor:
     """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor."""
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, group: str) -> torch.Tensor:
+def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, group: str,
+                    padding_idx: int = -1) -> torch.Tensor:
     """Embedding with the vocabulary split over tp: rows outside this rank's range give
-    zeros, so the per-rank results are partial sums of the full lookup."""
+    zeros, so the per-rank results are partial sums of the full lookup. ``padding_idx``
+    (no gradient to that row) applies on the rank that holds the row."""
     rows = weight.shape[0]
     start = _rank(group) * rows
     outside = (ids < start) | (ids >= start + rows)
-    out = F.embedding((ids - start).masked_fill(outside, 0), weight)
+    local_pad = padding_idx - start if padding_idx >= 0 and start <= padding_idx < start + rows else -1
+    out = torch.ops.aten.embedding.default(weight, (ids - start).masked_fill(outside, 0), local_pad)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
-
-
-def module_call(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """Run a leaf module tpcompile has no rule for, replicated, on local parameters."""
-    params = {n: local(p) for n, p in mod.named_parameters()}
-    return torch.func.functional_call(mod, params, args, kwargs)
 
 
 def logical_shape(x: torch.Tensor, dim: int, tp: int) -> torch.Size:
@@ -257,16 +283,16 @@ def logical_size(x: torch.Tensor, dim: int, tp: int, *args: Any) -> Any:
     return s[args[0]] if args else s
 
 
-def logical_numel(x: torch.Tensor, dim: int, tp: int) -> int:
-    return x.numel() * tp
-
-
-def localize_shape(sizes: Sequence[int], pos: int, tp: int) -> tuple:
+def localize_shape(sizes: Sequence[Any], pos: int, tp: int) -> list:
     """Sizes for a view of a shard: the sharded position divided by tp (-1 stays)."""
     out = list(sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes)
     if out[pos] != -1:
         out[pos] = out[pos] // tp
-    return tuple(out)
+    return out
+
+
+def logical_numel(x: torch.Tensor, dim: int, tp: int) -> int:
+    return x.numel() * tp
 
 
 # What each conversion runs: (collective in forward, collective in backward). The rewrite

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .trace import TensorInfo
+from .frontend import TensorInfo
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,10 @@ class Unsafe(Exception):
     input were sharded on that dim too. ``indivisible`` = (what, size) for divisibility."""
 
     def __init__(self, reason: str, demand: tuple[fx.Node, int] | None = None,
-                 indivisible: tuple[str, int] | None = None) -> None:
+                 indivisible: tuple[str, int] | None = None, no_rule: str | None = None) -> None:
         super().__init__(reason)
         self.reason, self.demand, self.indivisible = reason, demand, indivisible
+        self.no_rule = no_rule  # the op lacking a rule, when that is the reason
 
 
 # ----------------------------------------------------------------------------- helpers

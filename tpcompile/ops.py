@@ -1,26 +1,27 @@
-"""The op table: how a sharded dimension passes through each op.
+"""The op table: how a sharded dimension passes through each ATen op.
 
-Every op a segment may contain is one row here (a target -> a rule). A rule receives the
-layouts of the node's tensor inputs and returns the output layout, or raises ``Unsafe``
-(optionally *demanding* that another input be sharded too, e.g. ``k`` and ``v`` once ``q``
-is). Ops whose tensor inputs are all replicated need no rule: they run replicated.
+The table is keyed by ATen overloads (``torch.ops.aten.*``), the closed op set of
+``torch.export``'s training IR, which both front ends produce. Every op a segment may
+contain is one row (a target -> a rule). A rule receives the layouts of the node's tensor
+inputs and returns the output layout, or raises ``Unsafe`` (optionally *demanding* that
+another input be sharded too, e.g. ``k`` and ``v`` once ``q`` is). Ops whose tensor inputs
+are all replicated need no rule: they run replicated. Ops that never see a shard
+(factories, losses, index arithmetic) are listed as ``REPLICATED_ONLY`` so that the table
+states, for every op real models use, what happens to it.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
-
-from .trace import TensorInfo
 
 from .layout import E, Q, R, S, Layout, Unsafe, arg, info, norm_dim, tensor_inputs  # noqa: F401
+
+aten = torch.ops.aten
 
 
 @dataclass
@@ -34,41 +35,28 @@ class Ctx:
 
 
 Rule = Callable[[fx.Node, Ctx], Layout]
-FUNCTION_RULES: dict[Any, Rule] = {}
-METHOD_RULES: dict[str, Rule] = {}
-MODULE_RULES: dict[type, Rule] = {}
-META_METHODS = {"size", "dim", "numel", "type", "get_device"}
-META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+RULES: dict[Any, Rule] = {}
 
 
 def register(*targets: Any) -> Callable[[Rule], Rule]:
     def deco(rule: Rule) -> Rule:
         for t in targets:
-            if isinstance(t, str):
-                METHOD_RULES[t] = rule
-            elif isinstance(t, type) and issubclass(t, nn.Module):
-                MODULE_RULES[t] = rule
-            else:
-                FUNCTION_RULES[t] = rule
+            RULES[t] = rule
         return rule
     return deco
 
 
-def rule_for(node: fx.Node, module: nn.Module | None) -> Rule | None:
-    if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target)
-    if node.op == "call_module" and module is not None:
-        return MODULE_RULES.get(type(module))
-    return None
+def rule_for(node: fx.Node) -> Rule | None:
+    return RULES.get(node.target) if node.op == "call_function" else None
+
+
+META_OPS = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
+            aten.sym_storage_offset.default, aten._assert_tensor_metadata.default}
 
 
 def is_meta_op(node: fx.Node) -> bool:
     """Ops that read a tensor's metadata (shape, dtype), not its values."""
-    if node.op == "call_method" and node.target in META_METHODS:
-        return True
-    return node.op == "call_function" and node.target is getattr and node.args[1] in META_ATTRS
+    return node.op == "call_function" and node.target in META_OPS
 
 
 def _first_sharded(node: fx.Node, ctx: Ctx) -> tuple[fx.Node, Layout]:
@@ -78,32 +66,58 @@ def _first_sharded(node: fx.Node, ctx: Ctx) -> tuple[fx.Node, Layout]:
     raise AssertionError("rule called without a sharded input")
 
 
+def name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", str(t))
+
+
 # ----------------------------------------------------------------------------- rules
 
-UNARY_FUNCS = [F.relu, torch.relu, F.gelu, F.silu, torch.tanh, F.tanh, torch.sigmoid,
-               F.sigmoid, torch.exp, torch.neg, operator.neg, torch.rsqrt, torch.sqrt,
-               F.dropout, F.softplus, F.mish, F.leaky_relu, F.elu, torch.abs, torch.square,
-               F.relu6, F.hardswish, torch.erf, torch.cos, torch.sin, torch.clone]
-UNARY_METHODS = ["relu", "tanh", "sigmoid", "exp", "neg", "rsqrt", "sqrt", "float", "half",
-                 "bfloat16", "double", "to", "type_as", "contiguous", "clone", "abs",
-                 "square", "detach", "cos", "sin", "erf"]
-UNARY_MODULES = [nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity,
-                 nn.Softplus, nn.Mish, nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Hardswish]
+UNARY = [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
+         aten.sigmoid.default, aten.exp.default, aten.neg.default, aten.rsqrt.default,
+         aten.sqrt.default, aten.abs.default, aten.cos.default, aten.sin.default,
+         aten.erf.default, aten.log.default, aten.square.default, aten.reciprocal.default,
+         aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+         aten.lift_fresh_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+         aten.to.other, aten._to_copy.default, aten.type_as.default, aten.dropout.default,
+         aten.feature_dropout.default, aten.alpha_dropout.default,
+         aten.feature_alpha_dropout.default, aten.softplus.default, aten.mish.default,
+         aten.leaky_relu.default, aten.elu.default, aten.relu6.default, aten.hardtanh.default,
+         aten.hardswish.default, aten.hardsigmoid.default, aten.celu.default, aten.selu.default,
+         aten.log_sigmoid.default, aten.pow.Tensor_Scalar,
+         aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.rsub.Scalar,
+         aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
+         aten.masked_fill.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.lt.Scalar,
+         aten.le.Scalar, aten.gt.Scalar, aten.ge.Scalar, aten.logical_not.default,
+         aten.bitwise_not.default, aten.isnan.default, aten.isinf.default,
+         aten.nan_to_num.default, aten.floor.default, aten.ceil.default, aten.round.default,
+         aten.sign.default, aten.tanh_backward.default, aten.native_dropout.default,
+         aten.pow.Scalar, aten.fill.Scalar, aten.zeros_like.default, aten.ones_like.default,
+         aten.empty_like.default, aten.full_like.default, aten.rand_like.default,
+         aten.randn_like.default, aten.bernoulli.p, aten.view_as_real.default]
 
 
-@register(*UNARY_FUNCS, *UNARY_METHODS, *UNARY_MODULES)
+@register(*UNARY)
 def unary(node: fx.Node, ctx: Ctx) -> Layout:
-    src = node.args[0]
-    lay = ctx.of(src)
-    if not lay.sharded:  # e.g. type_as(sharded) on a replicated tensor: dtype only
+    """Elementwise on one tensor (other arguments are numbers or dtypes)."""
+    lay = ctx.of(node.args[0])
+    if not lay.sharded:  # e.g. type_as(x, sharded): dtype only
         return R
+    if node.target is aten.view_as_real.default:  # [..., d] complex -> [..., d, 2]
+        return lay
     return lay
 
 
-BINARY = [operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
-          torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum,
-          torch.minimum, torch.pow, "add", "sub", "mul", "div", "pow", "masked_fill",
-          "maximum", "minimum", operator.iadd, operator.imul]
+BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+          aten.div.Tensor_mode, aten.pow.Tensor_Tensor, aten.where.self, aten.where.ScalarOther,
+          aten.where.ScalarSelf, aten.maximum.default, aten.minimum.default,
+          aten.masked_fill.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.lt.Tensor,
+          aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.__and__.Tensor,
+          aten.__or__.Tensor, aten.logical_and.default, aten.logical_or.default,
+          aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.rsub.Tensor,
+          aten.atan2.default, aten.fmod.Tensor, aten.remainder.Tensor, aten.copysign.Tensor,
+          aten.addcmul.default, aten.addcdiv.default, aten.lerp.Scalar, aten.complex.default,
+          aten.polar.default, operator.add, operator.mul, operator.sub]
 
 
 @register(*BINARY)
@@ -149,131 +163,150 @@ def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int],
     return groups
 
 
-def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, name: str,
-                 explicit: bool = True) -> int:
+def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, where: str) -> int:
     for ga, gb in view_groups(a, b):
         if d not in ga:
             continue
         if [k for k in ga if a[k] != 1][:1] != [d]:
-            raise Unsafe(f"{name}: reshape merges the sharded dim {d} of {list(a)} under "
+            raise Unsafe(f"{where}: reshape merges the sharded dim {d} of {list(a)} under "
                          f"an outer dim; the shards would interleave")
-        if explicit and len(gb) > 1 and b[gb[0]] == 1 and a[d] != 1:
+        if len(gb) > 1 and b[gb[0]] == 1 and a[d] != 1:
             # view(b, s, 1, head_dim): one head. The shard would have to split that 1.
-            raise Unsafe(f"{name}: reshape {list(a)} -> {list(b)} splits the sharded dim "
+            raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} splits the sharded dim "
                          f"into 1 group (a single head?), which cannot be split over tp",
                          indivisible=(f"dim {gb[0]} of reshape to {list(b)}", 1))
         outer = [k for k in gb if b[k] != 1]
         if not outer:
-            raise Unsafe(f"{name}: reshape drops the sharded dim")
+            raise Unsafe(f"{where}: reshape drops the sharded dim")
         o = outer[0]
         if b[o] % tp:
-            raise Unsafe(f"{name}: reshape {list(a)} -> {list(b)} splits the sharded dim "
+            raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} splits the sharded dim "
                          f"into {b[o]} groups, not divisible by tp={tp}",
                          indivisible=(f"dim {o} of reshape to {list(b)}", b[o]))
         return o
-    raise Unsafe(f"{name}: sharded dim {d} not found in reshape")
+    raise Unsafe(f"{where}: sharded dim {d} not found in reshape")
 
 
-VIEW_LIKE = ["view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", torch.reshape,
-             torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze]
+VIEW_LIKE = [aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+             aten.flatten.using_ints, aten.unflatten.int, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.view_as.default,
+             aten.reshape_as.default, aten.view_as_complex.default]
 
 
 @register(*VIEW_LIKE)
 def view(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
+    if src is not node.args[0]:
+        raise Unsafe(f"{node.name}: a view shaped after a sharded tensor")
     a, b = info(src), info(node)
     assert a is not None and b is not None
-    explicit = node.target in ("view", "reshape", "unflatten", torch.reshape, torch.unflatten)
-    return S(view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name, explicit))
+    if node.target is aten.view_as_complex.default:  # [..., d, 2] -> [..., d]
+        if lay.dim >= b.rank:
+            raise Unsafe(f"{node.name}: view_as_complex of the sharded real/imag pair")
+        return Layout(lay.kind, lay.dim)
+    return Layout(lay.kind, view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name))
 
 
-@register("transpose", torch.transpose, "permute", torch.permute, "t", "mT")
+@register(aten.transpose.int, aten.permute.default, aten.t.default, aten.swapaxes.default,
+          aten.movedim.int, aten.numpy_T.default, aten.mT.default)
 def transpose(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
     rank = info(src).rank  # type: ignore[union-attr]
     d = lay.dim
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name in ("t", "mT"):
-        perm = list(range(rank)); perm[-1], perm[-2] = perm[-2], perm[-1]
-    elif name == "transpose":
+    perm = list(range(rank))
+    if node.target in (aten.t.default, aten.mT.default, aten.numpy_T.default):
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        if node.target is aten.numpy_T.default:
+            perm = perm[::-1]
+    elif node.target in (aten.transpose.int, aten.swapaxes.default):
         d0, d1 = norm_dim(node.args[1], rank), norm_dim(node.args[2], rank)
-        perm = list(range(rank)); perm[d0], perm[d1] = d1, d0
+        perm[d0], perm[d1] = d1, d0
+    elif node.target is aten.movedim.int:
+        s0, d1 = norm_dim(node.args[1], rank), norm_dim(node.args[2], rank)
+        perm.remove(s0)
+        perm.insert(d1, s0)
     else:
-        dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
-        perm = [norm_dim(x, rank) for x in dims]
-    return S(perm.index(d))
+        perm = [norm_dim(x, rank) for x in node.args[1]]
+    return Layout(lay.kind, perm.index(d))
 
 
-@register("expand", "expand_as")
+@register(aten.expand.default, aten.expand_as.default)
 def expand(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
+    if src is not node.args[0]:
+        raise Unsafe(f"{node.name}: expand shaped after a sharded tensor")
     a, b = info(src), info(node)
     o = lay.dim + b.rank - a.rank  # type: ignore[union-attr]
     if a.shape[lay.dim] != b.shape[o]:  # type: ignore[union-attr]
         raise Unsafe(f"{node.name}: expand broadcasts the sharded dim")
-    return S(o)
+    return Layout(lay.kind, o)
+
+
+@register(aten.slice.Tensor)
+def slice_(node: fx.Node, ctx: Ctx) -> Layout:
+    src, lay = node.args[0], ctx.of(node.args[0])
+    rank = info(src).rank  # type: ignore[union-attr]
+    d = norm_dim(arg(node, 1, "dim", 0), rank)
+    if d == lay.dim:
+        start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+        full = info(src).shape[d]  # type: ignore[union-attr]
+        if (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= full)) \
+                and step in (None, 1):
+            return lay
+        raise Unsafe(f"{node.name}: slices the sharded dim {d}")
+    return lay
+
+
+@register(aten.select.int)
+def select(node: fx.Node, ctx: Ctx) -> Layout:
+    src, lay = node.args[0], ctx.of(node.args[0])
+    d = norm_dim(node.args[1], info(src).rank)  # type: ignore[union-attr]
+    if d == lay.dim:
+        raise Unsafe(f"{node.name}: indexes into the sharded dim {d}")
+    return Layout(lay.kind, lay.dim - (1 if d < lay.dim else 0))
 
 
 @register(operator.getitem)
 def getitem(node: fx.Node, ctx: Ctx) -> Layout:
-    src, lay = node.args[0], ctx.of(node.args[0])
-    if not isinstance(src, fx.Node) or not isinstance(src.meta.get("tpc"), TensorInfo):
-        return lay  # an element of a tuple (split/chunk output)
-    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    rank = info(src).rank  # type: ignore[union-attr]
-    n_real = sum(1 for x in idx if x is not None and x is not Ellipsis)
-    i = o = 0
-    for x in idx:
-        if x is Ellipsis:
-            skip = rank - n_real
-            if i <= lay.dim < i + skip:
-                return S(o + lay.dim - i)
-            i += skip; o += skip
-        elif x is None:
-            o += 1
-        elif isinstance(x, slice):
-            if i == lay.dim:
-                if x != slice(None, None, None):
-                    raise Unsafe(f"{node.name}: slices the sharded dim {lay.dim}")
-                return S(o)
-            i += 1; o += 1
-        else:
-            if i == lay.dim:
-                raise Unsafe(f"{node.name}: indexes into the sharded dim {lay.dim}")
-            if isinstance(x, (list, torch.Tensor)) or isinstance(x, fx.Node) and info(x) is not None:
-                raise Unsafe(f"{node.name}: advanced indexing of a sharded tensor")
-            i += 1
-    return S(o + lay.dim - i)
+    """An element of a tuple (split/chunk/unbind output): the tuple's layout."""
+    return ctx.of(node.args[0])
 
 
-def _dim_arg(node: fx.Node, i: int, rank: int) -> int | None:
-    d = arg(node, i, "dim")
+def _dim_arg(node: fx.Node, i: int, rank: int, name: str = "dim") -> int | None:
+    d = arg(node, i, name)
     return None if d is None else norm_dim(d, rank)
 
 
-@register(F.softmax, torch.softmax, "softmax", F.log_softmax, torch.log_softmax, "log_softmax")
+@register(aten._softmax.default, aten.softmax.int, aten._log_softmax.default,
+          aten.log_softmax.int, aten.cumsum.default, aten.cumprod.default,
+          aten.logcumsumexp.default)
 def softmax(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
     if _dim_arg(node, 1, info(src).rank) == lay.dim:  # type: ignore[union-attr]
-        raise Unsafe(f"{node.name}: softmax over the sharded dim")
+        raise Unsafe(f"{node.name}: {name(node)} over the sharded dim")
     return lay
 
 
-@register("mean", "sum", "amax", "amin", "var", "std", torch.mean, torch.sum, torch.amax)
+@register(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+          aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
+          aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default,
+          aten.prod.dim_int, aten.max.dim, aten.min.dim, aten.any.dim, aten.all.dim,
+          aten.argmax.default, aten.argmin.default)
 def reduction(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
     rank = info(src).rank  # type: ignore[union-attr]
-    dims = arg(node, 1, "dim")
-    if dims is None:
+    pos = 2 if node.target in (aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default) else 1
+    dims = arg(node, pos, "dim")
+    if dims is None or dims == []:
         raise Unsafe(f"{node.name}: reduces over every dim, including the sharded one")
     dims = [norm_dim(x, rank) for x in (dims if isinstance(dims, (tuple, list)) else [dims])]
     if lay.dim in dims:
         raise Unsafe(f"{node.name}: reduces over the sharded dim {lay.dim}")
-    keep = arg(node, 2, "keepdim", False)
-    return S(lay.dim if keep else lay.dim - sum(1 for x in dims if x < lay.dim))
+    keep = arg(node, pos + 1, "keepdim", False)
+    return Layout(lay.kind, lay.dim if keep else lay.dim - sum(1 for x in dims if x < lay.dim))
 
 
-@register(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
+@register(aten.matmul.default, aten.bmm.default)
 def matmul(node: fx.Node, ctx: Ctx) -> Layout:
     a, b = node.args[0], node.args[1]
     ta, tb, to = info(a), info(b), info(node)
@@ -304,14 +337,15 @@ def matmul(node: fx.Node, ctx: Ctx) -> Layout:
     return S(d)
 
 
-@register(F.scaled_dot_product_attention)
+@register(aten.scaled_dot_product_attention.default)
 def sdpa(node: fx.Node, ctx: Ctx) -> Layout:
-    names = ["query", "key", "value"]
-    qkv = [arg(node, i, names[i]) for i in range(3)]
+    qkv = [node.args[i] for i in range(3)]
     rank = info(qkv[0]).rank  # type: ignore[union-attr]
     heads = rank - 3
     if rank < 3:
         raise Unsafe(f"{node.name}: attention without a heads dim")
+    if node.kwargs.get("enable_gqa", False):
+        raise Unsafe(f"{node.name}: sdpa with enable_gqa (kv heads repeated inside the op)")
     for n in qkv:
         lay = ctx.of(n)
         if not lay.sharded:
@@ -332,12 +366,14 @@ def sdpa(node: fx.Node, ctx: Ctx) -> Layout:
     return S(heads)
 
 
-@register(torch.cat, torch.concat, torch.stack)
+@register(aten.cat.default, aten.stack.default, aten.concat.default, aten.hstack.default)
 def cat(node: fx.Node, ctx: Ctx) -> Layout:
     parts = list(node.args[0])
     rank = info(parts[0]).rank  # type: ignore[union-attr]
-    is_stack = node.target is torch.stack
+    is_stack = node.target is aten.stack.default
     d = _dim_arg(node, 1, rank + (1 if is_stack else 0)) or 0
+    if node.target is aten.hstack.default:
+        d = 1 if rank > 1 else 0
     lays = [ctx.of(p) for p in parts]
     sh = {l.dim for l in lays if l.sharded}
     if len(sh) != 1:
@@ -351,40 +387,77 @@ def cat(node: fx.Node, ctx: Ctx) -> Layout:
     return S(s + 1 if is_stack and d <= s else s)
 
 
-@register("split", "chunk", torch.split, torch.chunk, "unbind", torch.unbind)
+@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+          aten.unbind.int, aten.tensor_split.sections)
 def split(node: fx.Node, ctx: Ctx) -> Layout:
-    src, lay = _first_sharded(node, ctx)
+    src, lay = node.args[0], ctx.of(node.args[0])
     rank = info(src).rank  # type: ignore[union-attr]
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    d = _dim_arg(node, 1 if name == "unbind" else 2, rank) or 0
+    unbind = node.target is aten.unbind.int
+    d = _dim_arg(node, 1 if unbind else 2, rank) or 0
     if d == lay.dim:
         raise Unsafe(f"{node.name}: splits the sharded dim (a fused projection? its parts "
                      "would mix across ranks)")
-    return S(lay.dim - 1 if name == "unbind" and d < lay.dim else lay.dim)
+    return Layout(lay.kind, lay.dim - 1 if unbind and d < lay.dim else lay.dim)
 
 
-@register("repeat_interleave", torch.repeat_interleave)
+@register(aten.repeat_interleave.self_int)
 def repeat_interleave(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
-    reps = arg(node, 1, "repeats")
-    if not isinstance(reps, int) or arg(node, 2, "dim") is None:
-        raise Unsafe(f"{node.name}: repeat_interleave needs an int repeat and a dim")
+    if arg(node, 2, "dim") is None:
+        raise Unsafe(f"{node.name}: repeat_interleave without a dim flattens the tensor")
     return lay
 
 
-def is_passable(node: fx.Node, module: nn.Module | None) -> bool:
+@register(aten.triu.default, aten.tril.default)
+def triangle(node: fx.Node, ctx: Ctx) -> Layout:
+    src, lay = _first_sharded(node, ctx)
+    if lay.dim >= info(src).rank - 2:  # type: ignore[union-attr]
+        raise Unsafe(f"{node.name}: {name(node)} over the sharded dim")
+    return lay
+
+
+# Ops that never receive a sharded tensor in any segment tpcompile builds: they make new
+# tensors, compute losses or index arithmetic. Listed so the table is explicit about them;
+# a sharded input reaching one is refused like any op without a rule.
+REPLICATED_ONLY = {
+    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
+    aten.ones.default, aten.zeros.default, aten.empty.memory_format, aten.scalar_tensor.default,
+    aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default,
+    aten.new_full.default, aten.tensor.default, aten.linspace.default, aten.rand.default,
+    aten.randn.default, aten.randint.low, aten.embedding.default, aten.linear.default,
+    aten.layer_norm.default, aten.rms_norm.default, aten.group_norm.default,
+    aten.cross_entropy_loss.default, aten.nll_loss_nd.default, aten.nll_loss.default,
+    aten.mse_loss.default, aten.binary_cross_entropy_with_logits.default,
+    aten.index.Tensor, aten.index_select.default, aten.gather.default, aten.diff.default,
+    aten.pad.default, aten.constant_pad_nd.default, aten.one_hot.default,
+    aten.sort.default, aten.topk.default, aten.masked_select.default, aten.nonzero.default,
+    aten.item.default, aten._local_scalar_dense.default, aten.outer.default, aten.mm.default,
+    aten.addmm.default, aten.baddbmm.default, aten.einsum.default, aten.conv1d.default,
+    aten.conv2d.default, aten.max_pool2d.default, aten.avg_pool2d.default,
+    aten.adaptive_avg_pool2d.default, aten.batch_norm.default, aten.repeat.default,
+    aten.flip.default, aten.roll.default, aten.index_put.default, aten.scatter.src,
+    aten.scatter_add.default, aten.bucketize.Tensor, aten.searchsorted.Tensor,
+    aten.unfold.default, aten.as_strided.default, aten.numel.default, aten.dim.default,
+    aten.is_nonzero.default, aten.sum.default, aten.mean.default, aten.max.default,
+    aten.min.default, aten.any.default, aten.all.default, aten.lift_fresh.default,
+    aten.dot.default, aten.vdot.default, aten.tile.default, aten.broadcast_to.default,
+}
+
+
+def has_rule(target: Any) -> bool:
+    """Whether the table states what happens to ``target`` (a rule or replicated-only)."""
+    return target in RULES or target in REPLICATED_ONLY or target in META_OPS
+
+
+def is_passable(node: fx.Node) -> bool:
     """Ops a segment may pass through (used to find candidate colwise entries)."""
-    return rule_for(node, module) is not None or is_meta_op(node)
+    return rule_for(node) is not None or is_meta_op(node)
 
 
-# view-like ops whose explicit size arguments must be made local when the output is sharded
-SIZED_METHODS = {"view", "reshape", "expand", "unflatten"}
-SIZED_FUNCTIONS = {torch.reshape, torch.unflatten}
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+# ops whose explicit size arguments must be made local when the output is sharded
+SIZED = {aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1,
+         aten.expand.default: 1, aten.unflatten.int: 2}
 
 
 __all__ = ["Layout", "R", "E", "S", "Q", "Unsafe", "Ctx", "rule_for", "info", "tensor_inputs",
-           "is_meta_op", "is_passable", "math"]
+           "is_meta_op", "is_passable", "has_rule", "SIZED", "REPLICATED_ONLY"]

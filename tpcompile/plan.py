@@ -18,14 +18,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import Shard
 
 from . import analyze as A
+from . import frontend as FE
 from . import sequence as SQ
 from .analyze import Contract, Propagation
 from .errors import IndivisibleError
-from .trace import TracerName, block_signature, find_blocks, propagate_shapes, synthesize_inputs, trace
+from .frontend import BlockShapes, Traced, TracerName
 
 Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
 
@@ -67,7 +67,7 @@ class ModulePlan(_Model):
 
 class Plan(_Model):
     version: Literal[1] = 1
-    tracer: TracerName = "fx"
+    tracer: TracerName = "export"  # the front end that traced the model
     tp: int = Field(ge=1)
     sequence_parallel: bool = True
     mesh_dim_names: tuple[str, ...] = ("tp",)
@@ -123,16 +123,23 @@ class Plan(_Model):
 
 @dataclass
 class Unit:
-    """One traced module and everything the rewrite needs for it."""
+    """One traced module (the root, or a group of identical blocks) and everything the
+    rewrite needs for it."""
 
-    gm: fx.GraphModule
+    t: Traced
     prop: Propagation
     styles: dict[str, str]
     q_nodes: set[fx.Node]
-    contracts: dict[str, Contract]
+    contracts: dict[fx.Node, Contract]
     contract: Contract | None
     plan: ModulePlan
     members: list[str] = field(default_factory=list)
+    shapes: BlockShapes | None = None
+    nested: list[tuple[str, Any]] = field(default_factory=list)  # (relative member, unit key)
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.t.gm
 
 
 @dataclass
@@ -140,6 +147,7 @@ class Compiled:
     plan: Plan
     units: list[Unit]
     seconds: float
+    keys: list[Any] = field(default_factory=list)  # unit keys, in ``units`` order
 
 
 def _group_path(members: list[str], blocks_by_parent: dict[str, int]) -> str:
@@ -150,95 +158,124 @@ def _group_path(members: list[str], blocks_by_parent: dict[str, int]) -> str:
     return f"{parent}.*" if same and blocks_by_parent.get(parent) == len(members) else members[0]
 
 
+def _join(base: str, rel: str) -> str:
+    return f"{base}.{rel}" if base and rel else base or rel
+
+
 def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
-                  example_inputs: tuple | None = None, on_indivisible: str = "error",
-                  given: Plan | None = None, tracer: TracerName = "fx") -> Compiled:
+                  example_inputs: tuple | None = None, example_kwargs: dict | None = None,
+                  on_indivisible: str = "error", given: Plan | None = None,
+                  tracer: TracerName = "auto", skeleton: nn.Module | None = None,
+                  bound: bool = False) -> Compiled:
+    """Trace -> analyze for the root and, once per distinct block signature, each block.
+    ``given``: a plan to apply instead of detecting one (``bound``: already bound to this
+    model). Works on a meta-device skeleton of ``model``; ``model`` is never changed."""
     if on_indivisible not in ("error", "replicate"):
         raise ValueError("on_indivisible must be 'error' or 'replicate'")
+    if tracer not in ("auto", "export", "fx"):
+        raise ValueError(f"tracer must be 'auto', 'export' or 'fx', got {tracer!r}")
     t0 = time.perf_counter()
-    if given is not None:
+    if given is not None and not bound:
         from .plan_bind import bind
         given = bind(given, model)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    sk = skeleton if skeleton is not None else FE.skeleton(model)
+    for (_, mine), (_, theirs) in zip(sk.named_modules(), model.named_modules()):
+        mine.training = theirs.training
+    if example_inputs is None and example_kwargs is None:
+        example_inputs = synthesize_inputs(model, batch=2, seq=2 * max(tp, 2))
+    args, kwargs = FE.example_for(model, example_inputs, example_kwargs)
+    kwargs = dict(sorted(kwargs.items()))
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
+    shared_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared}
     units: dict[Any, Unit] = {}
     order: list[Any] = []
     parents: dict[str, int] = {}
+    used_tracer: list[str] = []
 
-    def add_nested_members(block: nn.Module, member: str) -> None:
-        for rel, nested in find_blocks(block).items():
-            path = f"{member}.{rel}"
-            add_nested_members(nested, path)
-            units[block_signature(nested)].members.append(path)
+    def add_member(key: Any, member: str) -> None:
+        unit = units[key]
+        if member in unit.members:
+            return
+        unit.members.append(member)
+        for rel, nested_key in unit.nested:
+            add_member(nested_key, _join(member, rel))
 
-    def process(module: nn.Module, path: str, args: tuple, kwargs: dict, is_root: bool,
-                key: Any) -> tuple[Unit, Any]:
-        gm = trace(module, tracer=tracer, where=path or type(module).__name__)
-        blocks = find_blocks(module)
-        for rel in blocks:
-            parent = f"{path}.{rel}".strip(".").rsplit(".", 1)[0]
-            parents[parent] = parents.get(parent, 0) + 1
-        sigs = {rel: block_signature(b) for rel, b in blocks.items()}
-        contracts: dict[str, Contract] = {}
-        outs: dict[Any, Any] = {}
+    def process(module: nn.Module, path: str, a: tuple, k: dict, is_root: bool) -> Unit:
+        sigs: dict[str, Any] = {}
 
-        def on_block(target: str, a: tuple, k: dict) -> Any:
-            sig = sigs[target]
-            member = f"{path}.{target}".strip(".")
-            key = (sig, _shapes(a), tuple(k), _shapes(tuple(k.values())))
+        def on_block(rel: str, block: nn.Module, ba: tuple, bk: dict) -> FE.BlockShapes:
+            sig = FE.block_signature(block)
+            sigs[rel] = sig
             if sig not in units:
-                unit, out = process(blocks[target], member, a, k, False, sig)
-                outs[key] = out
-            else:  # a repeat: its own nested blocks repeat the first one's
-                add_nested_members(blocks[target], member)
-            units[sig].members.append(member)
-            contracts[target] = units[sig].contract  # type: ignore[assignment]
-            if key not in outs:
-                with mode:
-                    outs[key] = blocks[target](*a, **k)
-            return outs[key]
+                unit = process(block, _join(path, rel), ba, bk, False)
+                assert unit.shapes is not None
+            return units[sig].shapes  # type: ignore[return-value]
 
-        if is_root and not args:
-            args = synthesize_inputs(model, gm, batch=2, seq=2 * max(tp, 1))
-        if kwargs:  # a block called with keywords: values in the forward's (placeholders') order
-            bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            bound.apply_defaults()
-            args = tuple(bound.arguments.values())
-        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) and not
-                          isinstance(a, torch._subclasses.FakeTensor) else a for a in args)
-        out = propagate_shapes(gm, fake_args, mode, set(blocks), on_block, where=path)
-        unit = _analyze(gm, module, path, contracts, tp, sequence_parallel, on_indivisible,
-                        is_root, given, shared)
+        t = FE.trace(module, a, k, tracer=tracer, where=path, on_block=on_block)
+        used_tracer.append(t.tracer)
+        FE.annotate(t)
+        A.mark_layers(t)
+        for rel in FE.find_blocks(module):
+            parent = _join(path, rel).rsplit(".", 1)[0]
+            parents[parent] = parents.get(parent, 0) + 1
+        contracts: dict[fx.Node, Contract] = {}
+        nested: list[tuple[str, Any]] = []
+        for node, call in t.blocks.items():
+            sig = FE.block_signature(module.get_submodule(call.member))
+            contracts[node] = units[sig].contract  # type: ignore[assignment]
+            if (call.member, sig) not in nested:
+                nested.append((call.member, sig))
+        unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
+                        is_root, given, shared_names)
+        unit.nested = nested
+        key = "<root>" if is_root else FE.block_signature(module)
+        if not is_root:
+            unit.shapes = FE.shapes_of(t)
         units[key] = unit
         order.append(key)
-        return unit, out
+        return unit
 
-    process(model, "", tuple(example_inputs or ()), {}, True, "<root>")
-    units["<root>"].members.append("")
+    process(sk, "", args, kwargs, True)
+    add_member("<root>", "")
     plans = []
-    for key in reversed(order):  # root first, then blocks in the order first met
+    keys = list(reversed(order))  # root first, then blocks in the order first met
+    for key in keys:
         u = units[key]
         u.plan.members = list(u.members)
         u.plan.path = _group_path(u.members, parents)
         plans.append(u.plan)
-    plan = Plan(tracer=tracer, tp=tp, sequence_parallel=sequence_parallel, modules=plans)
-    return Compiled(plan, [units[k] for k in reversed(order)], time.perf_counter() - t0)
+    plan = Plan(tracer=used_tracer[0], tp=tp, sequence_parallel=sequence_parallel,  # type: ignore[arg-type]
+                modules=[p for p in plans if p.members])
+    return Compiled(plan, [units[k] for k in keys if units[k].members],
+                    time.perf_counter() - t0, [k for k in keys if units[k].members])
 
 
-def _shapes(a: tuple) -> tuple:
-    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in a)
+def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
+    """Example inputs when the user gives none, for a forward of one required tensor:
+    token ids if the model's first layer is an Embedding, [batch, seq, features] if it is
+    a Linear or a norm."""
+    required = [p for p in inspect.signature(model.forward).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind in (
+                    p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Linear,
+                                                               nn.LayerNorm, nn.RMSNorm))), None)
+    if len(required) != 1 or first is None:
+        from .errors import TraceError
+        raise TraceError(f"cannot guess example inputs for {type(model).__name__}.forward"
+                         f"{inspect.signature(model.forward)}; pass example_inputs=(...) "
+                         "(and/or example_kwargs={...}) to tpcompile")
+    if isinstance(first, nn.Embedding):
+        return (torch.zeros(batch, seq, dtype=torch.long),)
+    width = first.in_features if isinstance(first, nn.Linear) else first.normalized_shape[-1]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return (torch.zeros(batch, seq, width, dtype=dtype),)
 
 
-def _tied_layers(module: nn.Module, shared: frozenset[int]) -> set[str]:
-    """Layers (relative names) holding a parameter that is also held elsewhere."""
-    return {name.rpartition(".")[0] for name, p in
-            module.named_parameters(remove_duplicate=False) if id(p) in shared}
-
-
-def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[str, Contract],
+def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],
              tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
-             shared: frozenset[int] = frozenset()) -> Unit:
+             shared_names: set[str] = frozenset()) -> Unit:  # type: ignore[assignment]
+    gm = t.gm
     prefix = f"{path}." if path else ""
     notes: list[A.Note] = []
     if given is not None:
@@ -247,8 +284,9 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
         segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
         from .plan_bind import check_graph
         check_graph(gm, styles, path)
+        heads = A.head_layers(gm, styles, segments, 1, contracts)
         try:
-            prop = A.propagate(gm, styles, tp, contracts=contracts)
+            prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads)
         except A.Unsafe as u:
             raise A.PlanError(
                 f"the given plan does not fit {path or 'the root'}: {u.reason}. It would compute "
@@ -259,30 +297,37 @@ def _analyze(gm: fx.GraphModule, module: nn.Module, path: str, contracts: dict[s
         styles, segments, notes = A.detect_segments(gm, contracts)
         _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
-        for layer in sorted(_tied_layers(module, shared) & set(styles)):
+        tied = {n.rpartition(".")[0] for n in shared_names if n.startswith(prefix) or not prefix}
+        tied = {n[len(prefix):] if prefix and n.startswith(prefix) else n for n in tied}
+        for layer in sorted(tied & set(styles)):
             if layer in styles:  # a segment dropped for an earlier tied layer took it too
                 notes.append(A.replicate_layer(styles, segments, layer,
                                                "its weight is tied to another layer's"))
+        heads = A.head_layers(gm, styles, segments, 1, contracts)
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
-                                                      prefix, contracts)
+                                                      prefix, contracts, heads)
         for n in more:
             warnings.warn(f"tpcompile: {prefix}{n.layer} {n.reason}", stacklevel=4)
         notes += more
-        prop = A.propagate(gm, styles, tp, contracts=contracts)
+        prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
     SQ.apply_block_needs(gm, prop, contracts)
-    q = SQ.sequence_parallel(gm, prop, styles, contracts, is_root) if sp else set()
-    contract = None if is_root else SQ.block_contract(gm, prop)
+    params = set(t.params) | set(t.buffers)
+    q = SQ.sequence_parallel(gm, prop, styles, contracts, params, is_root) if sp else set()
+    tensor_inputs = [p for p in t.inputs if p.meta.get("tpc") is not None]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    contract = None if is_root else SQ.block_contract(tensor_inputs, t.outputs, prop, out_node)
     all_styles: dict[str, Style] = dict(styles)  # type: ignore[arg-type]
-    for name in SQ.norm_layers(gm, q):
+    modules = {n for n, _ in module.named_modules()}
+    for name in SQ.norm_layers(gm, q, modules):
         all_styles[name] = "sequence_parallel"
     mp = ModulePlan(
         path=path, members=[], module_type=type(module).__name__, styles=all_styles,
         segments=[SegmentPlan(kind=s.kind, colwise=s.colwise, rowwise=s.rowwise) for s in segments],  # type: ignore[arg-type]
         inputs=[l.kind if l.kind == "Q" else "R" for l in contract.inputs] if contract else [],  # type: ignore[misc]
-        output=contract.output.kind if contract and contract.output.kind == "Q" else "R",  # type: ignore[arg-type]
+        output=contract.outputs[0].kind if contract and contract.outputs and contract.outputs[0].kind == "Q" else "R",  # type: ignore[arg-type]
         notes=[NotePlan(layer=n.layer, reason=n.reason) for n in notes],
     )
-    return Unit(gm, prop, styles, q, contracts, contract, mp)
+    return Unit(t, prop, styles, q, contracts, contract, mp)
 
 
 def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible: str) -> None:
@@ -299,13 +344,13 @@ def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible:
 
 
 def plan(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
-         example_inputs: tuple | None = None, on_indivisible: str = "error",
-         tracer: TracerName = "fx") -> Plan:
+         example_inputs: tuple | None = None, example_kwargs: dict | None = None,
+         on_indivisible: str = "error", tracer: TracerName = "auto") -> Plan:
     """Detect a tensor-parallel plan for ``model`` at tensor-parallel degree ``tp``.
 
     Needs no process group and no real weights: a model built under
     ``torch.device("meta")`` plans the same as a real one.
     """
     return compile_model(model, tp=tp, sequence_parallel=sequence_parallel,
-                         example_inputs=example_inputs, on_indivisible=on_indivisible,
-                         tracer=tracer).plan
+                         example_inputs=example_inputs, example_kwargs=example_kwargs,
+                         on_indivisible=on_indivisible, tracer=tracer).plan

@@ -21,10 +21,10 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
-from .analyze import NORM_MODULES
+from .analyze import layer_of
 from .errors import PlanError
 from .plan import ModulePlan, Plan, SegmentPlan
-from .trace import block_signature, find_blocks
+from .frontend import block_signature, find_blocks
 
 SHARDING = ("colwise", "rowwise", "vocab_parallel")
 
@@ -128,7 +128,7 @@ def check_fit(name: str, module: nn.Module, style: str) -> None:
 
 def _norm_like(module: nn.Module) -> bool:
     """A norm module: a torch norm, or a leaf whose parameters are all 1-D (per feature)."""
-    if isinstance(module, NORM_MODULES):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return True
     params = list(module.parameters(recurse=False))
     return not list(module.children()) and bool(params) and all(p.dim() == 1 for p in params)
@@ -207,12 +207,13 @@ def _rel(name: str, member: str) -> str | None:
 
 
 def check_graph(gm: fx.GraphModule, styles: dict[str, str], where: str) -> None:
-    """Every sharded layer must be called as a module in the traced graph; a layer used any
-    other way (its weight read directly, or hidden in an opaque call) cannot be rewritten."""
-    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    """Every sharded layer must be a layer of the traced graph (an ATen linear or
+    embedding on its own weight); a layer used any other way (its weight read directly,
+    or tied to another layer) cannot be rewritten."""
+    called = {l.name for n in gm.graph.nodes if (l := layer_of(n)) is not None}
     for name, style in styles.items():
         if style in SHARDING and name not in called:
             full = _join(where, name)
             raise PlanError(f"{full}: the plan makes it {style}, but the traced graph of "
-                            f"{where or 'the root'} never calls it as a module (its weight is "
-                            "used directly or inside another module); use replicate for it")
+                            f"{where or 'the root'} never calls it as a layer (its weight is "
+                            "used directly, tied, or inside another module); use replicate for it")

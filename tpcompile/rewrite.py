@@ -1,39 +1,39 @@
-"""Stage 4: rewrite a traced graph into an SPMD graph on local shards.
+"""Stage 4: rewrite a traced ATen graph into an SPMD program on local shards.
 
 The new graph computes on plain local tensors. It reads each parameter through the
-live module (``self.attention.wq.weight``), takes its local shard (``p.to_local()``),
+live module (``self.self_attn.q_proj.weight``), takes its local shard (``p.to_local()``),
 and calls the conversions of :mod:`tpcompile.collectives` where a producer's layout
-differs from what its consumer needs. The generated Python is bound as ``forward`` of
-the original module objects, so parameter names, ``state_dict`` keys and module hooks
-(FSDP2's included) stay exactly the user's.
+differs from what its consumer needs. The program is a function of the traced module's
+flattened inputs; :mod:`tpcompile.runtime` binds it as the ``forward`` of the original
+module objects, so parameter names, ``state_dict`` keys and module hooks (FSDP2's
+included) stay exactly the user's.
 """
 
 from __future__ import annotations
 
 import operator
-import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.node import map_arg
 
 from . import collectives as C
 from . import ops
-from .analyze import NORM_MODULES, Contract, Propagation, submodule, where
+from .analyze import Contract, Propagation, is_block, layer_of, where
 from .errors import PlanError
+from .frontend import Traced, TensorInfo
 from .ops import Layout, R, info
 from .plan import PLACEMENTS
-from .trace import TensorInfo
+
+aten = torch.ops.aten
 
 
 @dataclass
 class Rewritten:
     graph: fx.Graph
-    forward: Callable  # unbound: forward(self, *args)
+    forward: Callable  # unbound: forward(self, *flat_inputs) -> tuple of outputs
     code: str
 
 
@@ -72,73 +72,91 @@ def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -
     raise PlanError(f"no conversion from {src} to {dst}")
 
 
-_RANDOM_MODULES = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# ops that draw random numbers: on a sharded tensor every rank draws its own
+RANDOM = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default,
+          aten.alpha_dropout.default, aten.feature_alpha_dropout.default, aten.bernoulli.p,
+          aten.rand_like.default, aten.randn_like.default}
+META_DEVICE = torch.device("meta")
 
 
-def _random_name(target: Any) -> str:
-    return next(name for name, fn in C.RANDOM_OPS.items() if fn is target)
-
-
-def _draws_random(n: fx.Node, mod: nn.Module | None) -> bool:
-    """Dropout (a function, a module, or sdpa's ``dropout_p``): on a sharded tensor every
-    rank must draw its own mask, or the shards' masks repeat each other."""
-    if n.op == "call_module":
-        return isinstance(mod, _RANDOM_MODULES)
-    if n.target is F.scaled_dot_product_attention:
+def _draws_random(n: fx.Node) -> bool:
+    if n.target is aten.scaled_dot_product_attention.default:
         p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
         return p != 0.0
-    return n.op == "call_function" and any(n.target is fn for fn in C.RANDOM_OPS.values())
+    return n.target in RANDOM
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
-                 q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract],
+    def __init__(self, t: Traced, prop: Propagation, styles: dict[str, str],
+                 q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[fx.Node, Contract],
                  loss_parallel: bool = False):
-        self.gm, self.prop, self.styles, self.q = gm, prop, styles, q_nodes
+        self.t, self.gm, self.prop, self.styles, self.q = t, t.gm, prop, styles, q_nodes
         self.tp, self.group, self.contracts = tp, group, contracts
         self.g = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.conv: dict[tuple[fx.Node, Layout], fx.Node] = {}
-        self.params: dict[str, fx.Node] = {}
         self.loss_parallel = loss_parallel
-        self.gathered: dict[Any, fx.Node] = {}
+        self.gathered: dict[fx.Node, fx.Node] = {}
+        self.device: fx.Node | None = None
+        self.owner: dict[fx.Node, fx.Node] = {}  # sharded param placeholder -> its layer node
+        for n in self.gm.graph.nodes:
+            layer = layer_of(n)
+            if layer is not None and self._placement(layer.weight) is not None:
+                self.owner[layer.weight] = n
+                if layer.bias is not None and self._placement(layer.bias) is not None:
+                    self.owner[layer.bias] = n
+
+    def _placement(self, p: fx.Node) -> Any:
+        fqn = self.t.params.get(p)
+        if fqn is None:
+            return None
+        owner, _, pname = fqn.rpartition(".")
+        return PLACEMENTS.get((self.styles.get(owner), pname))
 
     # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
-    def _params(self) -> None:
-        names = dict(self.gm.named_parameters())
-        used: list[str] = []
-        sync: set[str] = set()
-        for n in self.gm.graph.nodes:
-            if n.op == "get_attr" and n.target in names:
-                used.append(n.target)
-                if any(u in self.q for u in n.users):
-                    sync.add(n.target)
-            mod = submodule(self.gm, n)
-            if mod is not None and n.target not in self.contracts and not self._opaque(mod):
-                for pn, _ in mod.named_parameters(recurse=False):
-                    full = f"{n.target}.{pn}"
-                    used.append(full)
-                    if n in self.q and (isinstance(mod, NORM_MODULES) or pn == "bias"):
-                        sync.add(full)
-        for name in dict.fromkeys(used):
-            self.params[name] = self.g.call_function(C.local, (self.g.get_attr(name),))
+    def _inputs(self) -> None:
+        t, g = self.t, self.g
+        for ph in t.inputs:
+            self.env[ph] = g.placeholder(ph.name)
+        sync: list[fx.Node] = []
+        for ph, fqn in t.params.items():
+            self.env[ph] = g.call_function(C.local, (g.get_attr(fqn),))
+            if self._placement(ph) is None and any(u in self.q for u in ph.users):
+                sync.append(ph)
+        for ph, fqn in t.buffers.items():
+            self.env[ph] = g.get_attr(fqn)
+        for ph, name in t.consts.items():
+            value = t.ep.constants[name]
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise PlanError(f"the traced graph holds a constant tensor {name} made on the "
+                                "meta device; register it as a buffer instead")
+            self.env[ph] = g.call_function(C.constant, (C.keep_constant(value), self._device()))
         if sync:
-            order = [s for s in self.params if s in sync]
-            out = self.g.call_function(C.sync_grads, (self.group, *[self.params[s] for s in order]))
-            ps = [self.gm.get_parameter(s) for s in order]
+            out = g.call_function(C.sync_grads, (self.group, *[self.env[p] for p in sync]))
+            shapes = [info(p) for p in sync]
             out.meta["tpc_site"] = Site(
-                ", ".join(order), "gradients of replicated parameters used on sequence shards",
-                TensorInfo((sum(p.numel() for p in ps),), ps[0].dtype, True))
-            for i, s in enumerate(order):
-                self.params[s] = self.g.call_function(operator.getitem, (out, i))
+                ", ".join(t.params[p] for p in sync),
+                "gradients of replicated parameters used on sequence shards",
+                TensorInfo((sum(_numel(s.shape) for s in shapes),), shapes[0].dtype, True))  # type: ignore[union-attr]
+            for i, p in enumerate(sync):
+                self.env[p] = g.call_function(operator.getitem, (out, i))
 
-    @staticmethod
-    def _opaque(mod: nn.Module) -> bool:
-        return not isinstance(mod, (nn.Linear, nn.Embedding, *NORM_MODULES))
+    def _device(self) -> fx.Node:
+        """The device the program runs on, read at run time off a parameter or an input."""
+        if self.device is None:
+            first = next(iter(self.t.params), None) or next(
+                (p for p in self.t.inputs if p.meta.get("tpc") is not None), None)
+            if first is None:
+                raise PlanError("a traced module with neither parameters nor tensor inputs "
+                                "creates tensors; tpcompile cannot tell their device")
+            self.device = self.g.call_function(C.device_of, (self.env[first],))
+        return self.device
 
     # -- values with conversions
     def value(self, p: fx.Node, consumer: fx.Node) -> Any:
         v = self.env[p]
+        if p in self.owner and self.owner[p] is not consumer:
+            return self._direct_read(p)
         if not isinstance(v, fx.Node) or p.meta.get("tpc") is None:
             return v
         src = self.prop.layouts.get(p, R)
@@ -155,16 +173,25 @@ class _Builder:
 
     def args(self, node: fx.Node) -> tuple[Any, Any]:
         f = lambda p: self.value(p, node)  # noqa: E731
-        return map_arg(node.args, f), map_arg(node.kwargs, f)
+        a, k = map_arg(node.args, f), map_arg(node.kwargs, f)
+        return self._on_device(a), self._on_device(k)
+
+    def _on_device(self, x: Any) -> Any:
+        """The trace ran on meta: a device argument becomes the program's runtime device."""
+        if isinstance(x, torch.device) and x == META_DEVICE:
+            return self._device()
+        if isinstance(x, tuple):
+            return tuple(self._on_device(v) for v in x)
+        if isinstance(x, list):
+            return [self._on_device(v) for v in x]
+        if isinstance(x, dict):
+            return {k: self._on_device(v) for k, v in x.items()}
+        return x
 
     # -- the walk
     def build(self) -> fx.Graph:
-        nodes = list(self.gm.graph.nodes)
-        for n in nodes:
-            if n.op == "placeholder":
-                self.env[n] = self.g.node_copy(n, lambda x: self.env[x])
-        self._params()
-        for n in nodes:
+        self._inputs()
+        for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 continue
             self.env[n] = self._node(n)
@@ -172,63 +199,56 @@ class _Builder:
 
     def _node(self, n: fx.Node) -> Any:
         g = self.g
-        if n.op == "get_attr":
-            return self._direct_read(n)
         if n.op == "output":
-            if self.loss_parallel:
-                return g.output(map_arg(n.args[0], self._sharded_output))
-            a, _ = self.args(n)
-            return g.output(a[0])
-        mod = submodule(self.gm, n)
-        if isinstance(mod, nn.Linear):
-            return self._linear(n, mod)
-        if isinstance(mod, nn.Embedding):
-            return self._embedding(n, mod)
-        if isinstance(mod, NORM_MODULES):
-            return self._norm(n, mod)
-        if mod is not None and n.target not in self.contracts and any(
-                True for _ in mod.parameters()):
-            a, k = self.args(n)
-            return g.call_function(C.module_call, (g.get_attr(n.target), *a), k)
+            return self._output(n)
+        if n.target is aten._assert_tensor_metadata.default:
+            return None  # a dtype/device assertion of the trace; shapes are local now
+        layer = layer_of(n)
+        if layer is not None and layer.kind == "linear":
+            return self._linear(n, layer)
+        if layer is not None and layer.kind == "embedding" and \
+                self.styles.get(layer.name) == "vocab_parallel":
+            ids, w = self.value(n.args[1], n), self.env[layer.weight]
+            padding = layer.options[0]
+            return self._reduce(n, layer.name, g.call_function(
+                C.vocab_embedding, (ids, w, self.group, padding)))
+        if is_block(n):
+            return self._block(n)
         src_lay = self._sharded_input(n)
         if src_lay is not None and ops.is_meta_op(n):
             return self._meta(n, src_lay)
         lay = self.prop.layouts.get(n, R)
-        if lay.sharded and _draws_random(n, mod):  # each rank's shard its own mask
+        if lay.sharded and _draws_random(n):  # each rank's shard its own mask
             a, k = self.args(n)
-            # a module is passed as itself; a function by its name in C.RANDOM_OPS
-            fn = g.get_attr(n.target) if n.op == "call_module" else _random_name(n.target)
-            return g.call_function(C.on_rank_rng, (fn, self.group, *a), k)
-        if lay.kind == "S" and n.op in ("call_method", "call_function") and (
-                n.target in ops.SIZED_METHODS or n.target in ops.SIZED_FUNCTIONS):
-            return self._sized_view(n, lay)
+            return g.call_function(C.on_rank_rng, (C.keep_constant(n.target), self.group, *a), k)
+        if lay.kind == "S" and n.target in ops.SIZED:
+            return self._sized(n, lay)
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
 
-    def _direct_read(self, n: fx.Node) -> fx.Node:
-        """``self.w1.weight`` read in the forward itself (a regulariser, a tied head):
-        a sharded parameter is gathered to full, so the code sees what it saw before."""
-        p = self.params.get(n.target)
-        if p is None:
-            return self.g.get_attr(n.target)
-        owner, _, pname = str(n.target).rpartition(".")
-        placement = PLACEMENTS.get((self.styles.get(owner), pname))
-        if placement is None:
-            return p
-        if n.target not in self.gathered:
-            full = self.gm.get_parameter(str(n.target))
-            node = self.g.call_function(C.gather, (p, placement.dim, self.group))
-            node.meta["tpc_site"] = Site(str(n.target), "sharded parameter read directly",
-                                         TensorInfo(tuple(full.shape), full.dtype, True))
-            self.gathered[n.target] = node
-        return self.gathered[n.target]
+    def _output(self, n: fx.Node) -> fx.Node:
+        values = list(self.t.outputs) + [v for v, _ in self.t.mutations]
+        out = []
+        for p in values:
+            if not isinstance(p, fx.Node):
+                out.append(p)
+            elif self.loss_parallel and self.prop.layouts.get(p, R).kind == "S":
+                out.append(self.g.call_function(C.as_dtensor, (self.env[p],
+                                                               self.prop.layouts[p].dim, self.group)))
+            else:
+                out.append(self.value(p, n))
+        return self.g.output(tuple(out))
 
-    def _sharded_output(self, p: fx.Node) -> Any:
-        lay = self.prop.layouts.get(p, R)
-        if lay.kind == "S":
-            return self.g.call_function(C.as_dtensor, (self.env[p], lay.dim, self.group))
-        out = next(n for n in self.gm.graph.nodes if n.op == "output")
-        return self.value(p, out)
+    def _direct_read(self, p: fx.Node) -> fx.Node:
+        """A sharded parameter read other than by its own layer (a regulariser, a tied
+        head): gathered to full, so that code sees what it saw before."""
+        if p not in self.gathered:
+            placement = self._placement(p)
+            node = self.g.call_function(C.gather, (self.env[p], placement.dim, self.group))
+            node.meta["tpc_site"] = Site(self.t.params[p], "sharded parameter read directly",
+                                         info(p))  # type: ignore[arg-type]
+            self.gathered[p] = node
+        return self.gathered[p]
 
     def _sharded_input(self, n: fx.Node) -> Layout | None:
         x = n.args[0] if n.args else None
@@ -237,99 +257,83 @@ class _Builder:
             return lay if lay.sharded else None
         return None
 
-    def _linear(self, n: fx.Node, mod: nn.Linear) -> fx.Node:
-        g, style = self.g, self.styles.get(n.target)
+    def _linear(self, n: fx.Node, layer: Any) -> fx.Node:
+        g, style = self.g, self.styles.get(layer.name)
         x = self.value(n.args[0], n)
-        w, b = self.params[f"{n.target}.weight"], self.params.get(f"{n.target}.bias")
+        w = self.env[layer.weight]
+        b = self.env[layer.bias] if layer.bias is not None else None
         if style != "rowwise":
-            return g.call_function(F.linear, (x, w, b))
-        y = g.call_function(F.linear, (x, w, None))
-        y = self._reduce(n, y)
-        return g.call_function(torch.add, (y, b)) if b is not None else y
+            y = g.call_function(aten.linear.default, (x, w, b))
+            if layer.name not in self.prop.heads:
+                return y
+            out = g.call_function(C.gather, (y, info(n).rank - 1, self.group))  # type: ignore[union-attr]
+            out.meta["tpc_site"] = Site(layer.name, "colwise head output gathered (a loss "
+                                        "inside the model reads the logits)", info(n), n.name)  # type: ignore[arg-type]
+            return out
+        y = g.call_function(aten.linear.default, (x, w))
+        y = self._reduce(n, layer.name, y)
+        return g.call_function(aten.add.Tensor, (y, b)) if b is not None else y
 
-    def _reduce(self, n: fx.Node, partial: fx.Node) -> fx.Node:
-        style = self.styles.get(n.target)
+    def _reduce(self, n: fx.Node, name: str, partial: fx.Node) -> fx.Node:
+        style = self.styles.get(name)
         if n in self.q:
             out = self.g.call_function(C.reduce_scatter, (partial, 1, self.group))
             why = f"{style} partial sums, to sequence shards"
         else:
             out = self.g.call_function(C.all_reduce, (partial, self.group))
             why = f"{style} partial sums"
-        out.meta["tpc_site"] = Site(str(n.target), why, info(n), n.name)  # type: ignore[arg-type]
+        out.meta["tpc_site"] = Site(name, why, info(n), n.name)  # type: ignore[arg-type]
         return out
 
-    def _embedding(self, n: fx.Node, mod: nn.Embedding) -> fx.Node:
-        ids, w = self.value(n.args[0], n), self.params[f"{n.target}.weight"]
-        if self.styles.get(n.target) == "vocab_parallel":
-            return self._reduce(n, self.g.call_function(C.vocab_embedding, (ids, w, self.group)))
-        return self.g.call_function(C.module_call, (self.g.get_attr(n.target), ids))
-
-    def _norm(self, n: fx.Node, mod: nn.Module) -> fx.Node:
-        x = self.value(n.args[0], n)
-        w, b = self.params.get(f"{n.target}.weight"), self.params.get(f"{n.target}.bias")
-        shape = tuple(mod.normalized_shape)
-        if isinstance(mod, nn.LayerNorm):
-            return self.g.call_function(F.layer_norm, (x, shape, w, b, mod.eps))
-        return self.g.call_function(F.rms_norm, (x, shape, w, mod.eps))
+    def _block(self, n: fx.Node) -> fx.Node:
+        call = self.t.blocks[n]
+        tensors = [self.value(p, n) for p in n.args[1]]
+        key = C.keep_constant(call)
+        return self.g.call_function(C.call_block, (self.g.get_attr(call.member), key, tensors))
 
     def _meta(self, n: fx.Node, lay: Layout) -> fx.Node:
         x = self.env[n.args[0]]
         g = self.g
-        if n.target == "numel":
+        if n.target is aten.sym_numel.default:
             return g.call_function(C.logical_numel, (x, lay.dim, self.tp))
-        if n.target == "size":
-            rest = map_arg(n.args[1:], lambda p: self.env[p])
-            return g.call_function(C.logical_size, (x, lay.dim, self.tp, *rest),
-                                   {k: self.env.get(v, v) for k, v in n.kwargs.items()})
-        if n.op == "call_function" and n.args[1] == "shape":
-            return g.call_function(C.logical_shape, (x, lay.dim, self.tp))
+        if n.target is aten.sym_size.int:
+            return g.call_function(C.logical_size, (x, lay.dim, self.tp, n.args[1]))
+        if n.target is aten._assert_tensor_metadata.default:
+            return None  # type: ignore[return-value]
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
 
-    def _sized_view(self, n: fx.Node, lay: Layout) -> fx.Node:
-        """``x.view(b, s, n_heads, hd)`` on a shard -> ``x.view(b, s, n_heads // tp, hd)``."""
-        x = self.value(n.args[0], n)
-        rest = map_arg(n.args[1:], lambda p: self.env[p])
-        if n.target in ("unflatten", torch.unflatten):
-            d0 = ops.norm_dim(rest[0], info(n.args[0]).rank)  # type: ignore[union-attr]
-            sizes = self.g.call_function(C.localize_shape, (tuple(rest[1]), lay.dim - d0, self.tp))
-            return self.g.create_node(n.op, n.target, (x, rest[0], sizes), {}, n.name)
-        shape = rest[0] if len(rest) == 1 else tuple(rest)
-        if not shape and "shape" in n.kwargs:
-            shape = self.env.get(n.kwargs["shape"], n.kwargs["shape"])
-        if isinstance(shape, fx.Node):
-            shape = (shape,)
-        sizes = self.g.call_function(C.localize_shape, (tuple(shape), lay.dim, self.tp))
-        return self.g.create_node(n.op, n.target, (x, sizes), {}, n.name)
+    def _sized(self, n: fx.Node, lay: Layout) -> fx.Node:
+        """``view(x, [b, s, n_heads, hd])`` on a shard -> ``view(x, [b, s, n_heads // tp, hd])``."""
+        a, k = self.args(n)
+        pos = ops.SIZED[n.target]
+        if n.target is aten.unflatten.int:
+            d0 = ops.norm_dim(a[1], info(n.args[0]).rank)  # type: ignore[union-attr]
+            sizes = self.g.call_function(C.localize_shape, (list(a[2]), lay.dim - d0, self.tp))
+        else:
+            sizes = self.g.call_function(C.localize_shape, (list(a[pos]), lay.dim, self.tp))
+        a = list(a)
+        a[pos if n.target is not aten.unflatten.int else 2] = sizes
+        return self.g.create_node(n.op, n.target, tuple(a), k, n.name)
 
 
-def rewrite(gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
-            q_nodes: set[fx.Node], tp: int, group: str, contracts: dict[str, Contract],
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[fx.Node],
+            tp: int, group: str, contracts: dict[fx.Node, Contract],
             loss_parallel: bool = False) -> Rewritten:
     """The SPMD program of one traced module. ``loss_parallel``: outputs sharded on their
     features (a colwise head's logits) are returned as DTensors ``Shard(-1)`` on the tp
     mesh instead of being gathered, for a vocab-parallel loss."""
-    graph = _Builder(gm, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
+    graph = _Builder(t, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
+    graph.eliminate_dead_code()
     graph.lint()
     code = graph.python_code(root_module="self")
     scope: dict[str, Any] = dict(code.globals)
-    exec(compile(code.src, f"<tpcompile:{type(gm).__name__}>", "exec"), scope)
+    exec(compile(code.src, f"<tpcompile:{type(t.gm).__name__}>", "exec"), scope)
     return Rewritten(graph, scope["forward"], code.src)
-
-
-def install(module: nn.Module, rw: Rewritten, rw_eval: Rewritten | None = None) -> None:
-    """Make ``module`` run the rewritten program (an instance attribute shadows the class
-    ``forward``; parameters are still looked up on the module at every call). With
-    ``rw_eval`` (a forward that reads ``self.training``), the program follows the mode."""
-    if rw_eval is None or rw_eval.code == rw.code:
-        module.forward = types.MethodType(rw.forward, module)  # type: ignore[method-assign]
-        module.__dict__["_tpcompile_code"] = rw.code
-        return
-    train_forward, eval_forward = rw.forward, rw_eval.forward
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
-
-    module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
-    module.__dict__["_tpcompile_code"] = rw.code
-    module.__dict__["_tpcompile_code_eval"] = rw_eval.code

@@ -9,56 +9,68 @@ a stack of blocks never gathers the sequence between them.
 from __future__ import annotations
 
 import networkx as nx
+import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from . import ops
-from .analyze import NORM_FUNCTIONS, NORM_MODULES, Contract, Propagation, submodule, where
+from .analyze import NORM_OPS, Contract, Propagation, is_block, layer_of
 from .ops import Q, R, info, tensor_inputs
 
-def _norm_like(gm: fx.GraphModule, node: fx.Node) -> bool:
-    mod = submodule(gm, node)
-    if isinstance(mod, NORM_MODULES) or node.target in NORM_FUNCTIONS:
+aten = torch.ops.aten
+
+
+def _norm_like(node: fx.Node) -> bool:
+    if node.target in NORM_OPS:
         return True
     # the reduction at the heart of a hand-written norm: mean/var over the last dim
-    if node.target in ("mean", "var") or getattr(node.target, "__name__", "") == "mean":
+    if node.target in (aten.mean.dim, aten.var.correction, aten.var.dim):
         d = ops.arg(node, 1, "dim")
-        return d in (-1, [-1], (-1,)) or (info(node.args[0]) is not None and d == info(node.args[0]).rank - 1)
+        t = info(node.args[0])
+        return t is not None and d is not None and all(
+            ops.norm_dim(x, t.rank) == t.rank - 1 for x in (d if isinstance(d, (list, tuple)) else [d]))
     return False
 
 
-def _q_eligible(gm: fx.GraphModule, node: fx.Node, styles: dict[str, str],
-                contracts: dict[str, Contract], is_root: bool) -> bool:
+def _q_eligible(node: fx.Node, styles: dict[str, str], params: set[fx.Node],
+                is_root: bool) -> bool:
     t = info(node)
     if t is None or t.rank != 3:
         return False
     if node.op == "placeholder":
-        return not is_root
-    mod = submodule(gm, node)
-    if isinstance(mod, (nn.Linear, nn.Embedding)):
-        return styles.get(node.target) in ("rowwise", "vocab_parallel")
-    if node.op == "call_module" and node.target in contracts:
-        return contracts[node.target].output.kind == "Q"
-    if isinstance(mod, NORM_MODULES) or node.target in NORM_FUNCTIONS:
+        return not is_root and node not in params
+    layer = layer_of(node)
+    if layer is not None and layer.kind in ("linear", "embedding"):
+        return styles.get(layer.name) in ("rowwise", "vocab_parallel")
+    if node.op == "call_function" and node.target is __import__("operator").getitem and \
+            is_block(node.args[0]):
+        return True  # a block output: the block's contract decides (see sequence_parallel)
+    if node.target in NORM_OPS:
         return True
-    rule = ops.rule_for(node, mod)
+    rule = ops.rule_for(node)
     if rule in (ops.unary, ops.elementwise):
         return True
     if rule is ops.reduction:
         d = ops.arg(node, 1, "dim")
         dims = d if isinstance(d, (list, tuple)) else [d]
-        return d is not None and all(ops.norm_dim(x, 3) != 1 and ops.norm_dim(x, 3) != 0 for x in dims) \
+        return d is not None and all(ops.norm_dim(x, 3) not in (0, 1) for x in dims) \
             and ops.arg(node, 2, "keepdim", False)
     return False
 
 
 def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, str],
-                      contracts: dict[str, Contract], is_root: bool) -> set[fx.Node]:
+                      contracts: dict[fx.Node, Contract], params: set[fx.Node],
+                      is_root: bool) -> set[fx.Node]:
     """Turn replicated regions around norms into sequence-sharded ones (dim 1). Returns the
     nodes that become ``Q`` and updates ``prop`` (layouts and needs) in place."""
     lay = prop.layouts
     elig = {n for n in gm.graph.nodes
-            if lay.get(n) == R and _q_eligible(gm, n, styles, contracts, is_root)}
+            if lay.get(n) == R and _q_eligible(n, styles, params, is_root)}
+    # a block output is sequence-sharded only where the block's contract says so
+    for n in list(elig):
+        if n.op == "call_function" and is_block(n.args[0]) if n.args else False:
+            c = contracts.get(n.args[0])
+            if c is None or c.outputs[n.args[1]].kind != "Q":
+                elig.discard(n)
     g = nx.Graph()
     g.add_nodes_from(elig)
     for n in elig:
@@ -67,23 +79,26 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, s
                 g.add_edge(p, n)
     chosen: set[fx.Node] = set()
     for comp in nx.connected_components(g):
-        forced = any(n.op == "call_module" and n.target in contracts for n in comp)
-        if forced or any(_norm_like(gm, n) for n in comp):
+        forced = any(n.op == "call_function" and n.args and is_block(n.args[0]) for n in comp
+                     if n.target is __import__("operator").getitem)
+        if forced or any(_norm_like(n) for n in comp):
             chosen |= comp
     for n in chosen:
         lay[n] = Q(1)
     for n in chosen:
         if n.op == "placeholder":
             continue
-        mod = submodule(gm, n)
-        if isinstance(mod, (nn.Linear, nn.Embedding)):
+        layer = layer_of(n)
+        if layer is not None and layer.kind in ("linear", "embedding"):
             continue  # partial sums reduce-scattered inside; input needs unchanged
-        if n.op == "call_module" and n.target in contracts:
-            _block_needs(n, contracts[n.target], prop)
-            continue
+        if n.op == "call_function" and n.args and is_block(n.args[0]):
+            continue  # a block output; the block call's needs are set below
         out = info(n)
         for p in tensor_inputs(n):
             t = info(p)
+            if p in params:
+                prop.need[n][p] = R
+                continue
             pos = 1 - (out.rank - t.rank)  # type: ignore[union-attr]
             prop.need[n][p] = Q(pos) if pos >= 0 and t.shape[pos] != 1 else R  # type: ignore[union-attr]
     for n in gm.graph.nodes:  # non-Q consumers of a Q producer read it replicated
@@ -95,42 +110,43 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, s
     return chosen
 
 
-def _block_needs(n: fx.Node, c: Contract, prop: Propagation) -> None:
-    for i, a in enumerate(n.args):
-        if isinstance(a, fx.Node) and i < len(c.inputs):
-            prop.need[n][a] = c.inputs[i]
-    for k, a in n.kwargs.items():  # layer(x, attention_mask=m)
-        if isinstance(a, fx.Node) and k in c.names:
-            prop.need[n][a] = c.inputs[c.names.index(k)]
+def apply_block_needs(gm: fx.GraphModule, prop: Propagation,
+                      contracts: dict[fx.Node, Contract]) -> None:
+    """A block call needs its inputs in the layouts of the block's contract."""
+    for n, c in contracts.items():
+        for a, want in zip(n.args[1], c.inputs):
+            if isinstance(a, fx.Node):
+                prop.need[n][a] = want
 
 
-def block_contract(gm: fx.GraphModule, prop: Propagation) -> Contract:
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    res = out.args[0]
-    out_lay = prop.layouts.get(res, R) if isinstance(res, fx.Node) else R
-    if out_lay.kind == "Q":
-        prop.need[out][res] = out_lay
-    else:
-        out_lay = R
-    return Contract([prop.layouts.get(p, R) for p in phs], out_lay, [str(p.target) for p in phs])
+def block_contract(t_inputs: list[fx.Node], outputs: list, prop: Propagation,
+                   out_node: fx.Node) -> Contract:
+    """The layouts at a block's boundary: its tensor inputs, and its tensor outputs (a
+    sequence-sharded output stays sharded for the next block)."""
+    ins = [prop.layouts.get(p, R) for p in t_inputs]
+    outs = []
+    for o in outputs:
+        if not isinstance(o, fx.Node) or info(o) is None:
+            continue
+        lay = prop.layouts.get(o, R)
+        if lay.kind == "Q":
+            prop.need[out_node][o] = lay
+            outs.append(lay)
+        else:
+            outs.append(R)
+    return Contract([l if l.kind == "Q" else R for l in ins], outs)
 
 
-def apply_block_needs(gm: fx.GraphModule, prop: Propagation, contracts: dict[str, Contract]) -> None:
-    """Without sequence parallel a block call still needs its contract's inputs."""
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target in contracts:
-            _block_needs(n, contracts[n.target], prop)
-
-
-def norm_layers(gm: fx.GraphModule, chosen: set[fx.Node]) -> list[str]:
-    """Module paths of the norms that run sequence-parallel (modules or hand-written)."""
-    modules = dict(gm.named_modules())
+def norm_layers(gm: fx.GraphModule, chosen: set[fx.Node], modules: set[str]) -> list[str]:
+    """Names of the norm layers that run sequence-parallel: ATen norms by their weight,
+    hand-written norms (mean over the features) by the module they were written in."""
+    from .analyze import where
     out: list[str] = []
     for n in gm.graph.nodes:
-        if n in chosen and _norm_like(gm, n):
-            name = str(n.target) if n.op == "call_module" else where(n)
-            # a norm written inline in this module's own forward has no layer to name
-            if name in modules and name and name not in out:
-                out.append(name)
+        if n not in chosen or not _norm_like(n):
+            continue
+        layer = layer_of(n)
+        name = layer.name if layer is not None else where(n)
+        if name in modules and name not in out:
+            out.append(name)
     return out

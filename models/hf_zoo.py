@@ -1,0 +1,136 @@
+"""Tiny Hugging Face models, built offline from their config classes (random weights).
+
+``build(family, **overrides)`` returns a ``*ForCausalLM`` (BERT: ``BertForMaskedLM``) of
+hidden size 64, 2 layers, 4 heads (2 key/value heads where the family has GQA),
+intermediate 128, vocab 128, 64 positions, no cache, no dropout. Overrides are config
+fields (``num_hidden_layers=4``, ``tie_word_embeddings=True``, ...) under this module's
+common names, mapped to GPT-2's and Starcoder2's own names where they differ;
+``attn_implementation`` is "sdpa" by default ("eager" for the explicit softmax path),
+except Gemma2, which refuses "sdpa" (its attention logits are soft-capped) and gets "eager".
+
+BERT is built as ``BertForMaskedLM`` rather than ``BertModel``: like the decoders it
+ends in a (tied) vocabulary projection and takes ``labels`` for a loss, so the same
+training step and the same embedding/head sharding questions apply; ``BertModel``
+stops at hidden states plus a tanh pooler, which has no counterpart elsewhere.
+
+``transformers`` is optional for the package: it is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# family -> (config class, model class) in the transformers namespace
+_CLASSES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "bert": ("BertConfig", "BertForMaskedLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
+}
+
+FAMILIES: list[str] = list(_CLASSES)
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 128, 128, 64
+
+# families whose attention has separate key/value head counts (GQA)
+_GQA = {"llama", "qwen2", "mistral", "gemma", "phi3", "qwen3", "gemma2", "olmo2", "granite",
+        "starcoder2"}
+# families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
+_HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}
+
+# families that cannot take "sdpa" (transformers raises at construction)
+_DEFAULT_ATTN = {"gemma2": "eager"}
+
+# GPT-2 spells the common fields its own way
+_GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+               "num_attention_heads": "n_head", "intermediate_size": "n_inner",
+               "max_position_embeddings": "n_positions"}
+
+
+def _common(family: str) -> dict[str, Any]:
+    """The tiny size in this module's common names, plus per-family extras."""
+    cfg: dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=INTERMEDIATE,
+        max_position_embeddings=POSITIONS, use_cache=False,
+        # the defaults of several families (Phi3 32000, GPT-2 50256, ...) lie outside vocab 128
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if family in _GQA:
+        cfg["num_key_value_heads"] = KV_HEADS
+    if family in _HEAD_DIM:
+        cfg["head_dim"] = HIDDEN // HEADS
+    if family in ("llama", "qwen2", "mistral", "gemma", "phi3", "qwen3", "gemma2", "olmo2",
+                  "granite", "starcoder2"):
+        cfg["attention_dropout"] = 0.0
+    if family == "phi3":
+        cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, original_max_position_embeddings=POSITIONS)
+    elif family == "gpt2":
+        cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    elif family == "bert":
+        cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                   classifier_dropout=0.0)
+    elif family == "gemma2":
+        cfg.update(query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=POSITIONS)
+    elif family == "mistral":
+        cfg.update(sliding_window=POSITIONS)
+    elif family == "starcoder2":
+        cfg.update(residual_dropout=0.0, embedding_dropout=0.0, sliding_window=POSITIONS)
+    return cfg
+
+
+def config(family: str, **overrides: Any):
+    """The family's transformers config object for the tiny size plus overrides."""
+    import transformers
+
+    if family not in _CLASSES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    cfg = _common(family)
+    attn = overrides.pop("attn_implementation", _DEFAULT_ATTN.get(family, "sdpa"))
+    cfg.update(overrides)
+    if family == "gpt2":
+        cfg = {_GPT2_NAMES.get(k, k): v for k, v in cfg.items()}
+    config_cls = getattr(transformers, _CLASSES[family][0])
+    return config_cls(attn_implementation=attn, **cfg)
+
+
+def build(family: str, **overrides: Any) -> nn.Module:
+    """A tiny randomly initialised model of the family (float32, train mode, on CPU)."""
+    import transformers
+
+    cfg = config(family, **overrides)
+    model_cls = getattr(transformers, _CLASSES[family][1])
+    model = model_cls(cfg)
+    if family == "gpt2":
+        # its class name does not match "ForCausalLM", so transformers warns on every
+        # loss and then uses that loss anyway; say it up front
+        model.loss_type = "ForCausalLM"
+    model.train()
+    return model
+
+
+def example_inputs(family: str, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+    """Keyword inputs: random ``input_ids``, an all-ones ``attention_mask`` and ``labels``.
+
+    Decoders shift ``labels`` inside the loss, so labels are the ids themselves; for BERT
+    they are masked-LM targets, here every position (no -100s), which is fine for tests.
+    """
+    if family not in _CLASSES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    input_ids = torch.randint(3, VOCAB, (batch, seq))  # clear of pad/bos/eos
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": input_ids.clone(),
+    }

@@ -1,0 +1,409 @@
+"""Stage 1: the front end. A module goes in, an ATen graph (``torch.export``'s training IR)
+comes out, with its blocks kept as opaque calls.
+
+Every trace runs on a *skeleton*: a structural copy of the user's model whose parameters
+and buffers live on the meta device. Tracing therefore never touches the user's model
+(no proxies left in its buffers, nothing changed when a trace fails) and costs no memory.
+
+Repeated blocks (the children of an ``nn.ModuleList`` / ``nn.ModuleDict``) are exported
+once per distinct signature. In the graph of their parent each call of a block is one
+node, ``torch.ops.tpcompile.block(member, tensors)``: an opaque custom op whose fake
+implementation gives the shapes the block's own export found. The block inputs are
+learnt while exporting the parent: the first call of an unknown block stops that export,
+the block is exported on the inputs it was about to get, and the parent is exported again.
+
+``tracer="fx"`` runs ``torch.fx.symbolic_trace`` first and exports the traced
+``GraphModule``: both front ends end in the same ATen IR, read by one op table.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
+
+from .errors import TPCompileError, TraceError, UnsupportedError
+
+TracerName = Literal["auto", "export", "fx"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool = False  # in the traced run: whether a gradient can flow back to it
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def find_blocks(module: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> block, for every child of a ModuleList/ModuleDict below ``module``
+    that is reachable without entering another block."""
+    found: dict[str, nn.Module] = {}
+
+    def visit(mod: nn.Module, prefix: str) -> None:
+        for name, child in mod.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and not _is_torch_leaf(child):
+                found[path] = child
+            else:
+                visit(child, path + ".")
+
+    visit(module, "")
+    return found
+
+
+def _is_torch_leaf(m: nn.Module) -> bool:
+    return m.__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
+
+
+def block_signature(block: nn.Module) -> tuple:
+    """Blocks with equal signatures trace to the same graph (same class, same parameter and
+    buffer shapes, same plain Python settings, the very same other attribute objects: an
+    activation function held as an attribute is baked into the traced graph), so one
+    analysis serves them all."""
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
+    buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in block.named_buffers())
+    settings = []
+    for path, sub in block.named_modules():
+        for k, v in sorted(vars(sub).items()):
+            if k.startswith("_") or k in ("training", "forward"):
+                continue
+            if isinstance(v, (int, float, bool, str, type(None))) or (
+                isinstance(v, tuple) and all(isinstance(e, (int, float, bool, str)) for e in v)
+            ):
+                settings.append((path, k, v))
+            else:  # a function, a tensor, a config object: the same object, or not the same
+                settings.append((path, k, ("id", id(v))))
+    return (type(block), params, buffers, tuple(settings))
+
+
+class _TensorSlot:
+    """Where a tensor goes in a flattened structure of leaves (None is a leaf too)."""
+
+    def __repr__(self) -> str:
+        return "TENSOR"
+
+
+TENSOR = _TensorSlot()
+
+
+@dataclass
+class BlockShapes:
+    """What the parent's export needs to know of a block: its output structure, and for
+    each tensor output the tensor input whose shape it has (and its dtype)."""
+
+    out_leaves: list[Any]  # non-tensor leaves as they are, TENSOR where a tensor goes
+    out_spec: pytree.TreeSpec
+    like: list[tuple[int, torch.dtype]]
+
+
+_SHAPES: dict[str, BlockShapes] = {}  # member path of a block call -> its shapes
+
+
+@torch.library.custom_op("tpcompile::block", mutates_args=())
+def block_op(member: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    raise RuntimeError("tpcompile::block is a tracing placeholder; it never runs")
+
+
+@block_op.register_fake
+def _block_fake(member: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[i].new_empty(tensors[i].shape, dtype=d) for i, d in _SHAPES[member].like]
+
+
+BLOCK_OP = torch.ops.tpcompile.block.default
+
+
+@dataclass
+class BlockCall:
+    """One call of a block in a parent graph: how to rebuild its (args, kwargs)."""
+
+    member: str  # path relative to the parent module
+    in_spec: pytree.TreeSpec
+    in_leaves: list[Any]  # TENSOR where a tensor goes
+    out_spec: pytree.TreeSpec
+    out_leaves: list[Any]
+
+
+class _NeedBlock(Exception):
+    def __init__(self, member: str, args: tuple, kwargs: dict) -> None:
+        super().__init__(f"block {member} not exported yet")
+        self.member, self.args, self.kwargs = member, args, kwargs
+
+
+# ----------------------------------------------------------------------------- skeleton
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parameter and buffer on the meta device (tied
+    parameters stay tied; hooks and Python attributes are copied)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:  # noqa: BLE001 - an object deepcopy cannot take
+        raise TraceError(f"could not copy {type(model).__name__} for tracing: {e}. tpcompile "
+                         "traces a meta-device copy so your model is never changed; make "
+                         "its attributes copyable (copy.deepcopy)") from e
+
+
+def _meta_like(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.zeros([_hint(s) for s in x.shape], dtype=x.dtype, device="meta")
+    return x
+
+
+def _hint(s: Any) -> int:
+    if isinstance(s, torch.SymInt):
+        h = s.node.hint
+        return int(h) if h is not None else int(s)
+    return int(s)
+
+
+# ----------------------------------------------------------------------------- export
+
+@dataclass
+class Traced:
+    """One module's ATen graph and how its placeholders and outputs map to the module."""
+
+    gm: fx.GraphModule
+    ep: ExportedProgram
+    tracer: str
+    in_spec: pytree.TreeSpec
+    inputs: list[fx.Node]  # user-input placeholders, in the order of the flat (args, kwargs)
+    constants: dict[int, Any]  # flat position -> non-tensor input baked into the graph
+    params: dict[fx.Node, str]  # placeholder -> parameter FQN (relative to the module)
+    buffers: dict[fx.Node, str]
+    consts: dict[fx.Node, str]  # lifted constant tensors: placeholder -> name in ep.constants
+    out_spec: pytree.TreeSpec
+    outputs: list[Any]  # user outputs (nodes or constants)
+    mutations: list[tuple[fx.Node, str]] = field(default_factory=list)  # (value, buffer FQN)
+    blocks: dict[fx.Node, BlockCall] = field(default_factory=dict)
+    ranges: dict[Any, tuple[int, float]] = field(default_factory=dict)
+
+
+def dynamic_dims(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Every dim of every tensor input is ``Dim.AUTO``: export keeps dynamic what the
+    code allows (batch, sequence) and specialises the rest (widths fixed by weights)."""
+    def auto(v: Any) -> Any:
+        return pytree.tree_map(lambda t: {i: Dim.AUTO for i in range(t.dim())}
+                               if isinstance(t, torch.Tensor) else None, v)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: auto(v) for name, v in bound.arguments.items()}
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+    import logging
+    log = logging.getLogger("torch._export.non_strict_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "0/1 specialized" notes for size-1 dims are expected
+    try:
+        return torch.export.export(module, args, kwargs, strict=False,
+                                   dynamic_shapes=dynamic_dims(module, args, kwargs))
+    finally:
+        log.setLevel(level)
+
+
+def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
+    """``tracer='fx'``: symbolic_trace (blocks and torch layers as leaves), to be exported."""
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return any(m is b for b in blocks.values()) or _is_torch_leaf(m)
+
+    graph = _Tracer().trace(module)
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
+          on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes]) -> Traced:
+    """Export ``module`` (a skeleton) on ``args``/``kwargs`` with its blocks opaque.
+    ``on_block(member, block, args, kwargs)`` is called for each block signature not seen
+    yet and returns its shapes (it exports the block, recursively)."""
+    blocks = find_blocks(module)
+    sigs = {rel: block_signature(b) for rel, b in blocks.items()}
+    known: dict[tuple, BlockShapes] = {}
+    calls: list[BlockCall] = []
+    label = where or type(module).__name__
+
+    def patched(rel: str) -> Callable:
+        def forward(*a: Any, **k: Any) -> Any:
+            flat, spec = pytree.tree_flatten((a, dict(sorted(k.items()))))
+            shapes = known.get(sigs[rel])
+            if shapes is None:
+                ex = pytree.tree_unflatten([_meta_like(x) for x in flat], spec)
+                raise _NeedBlock(rel, *ex)
+            key = f"{where}/{rel}#{len(calls)}"
+            _SHAPES[key] = shapes
+            calls.append(BlockCall(rel, spec, [TENSOR if isinstance(x, torch.Tensor) else x
+                                               for x in flat], shapes.out_spec, shapes.out_leaves))
+            outs = iter(torch.ops.tpcompile.block(key, [x for x in flat if isinstance(x, torch.Tensor)]))
+            leaves = [next(outs) if o is TENSOR else o for o in shapes.out_leaves]
+            return pytree.tree_unflatten(leaves, shapes.out_spec)
+        return forward
+
+    errors: dict[str, str] = {}
+    for front in (["export", "fx"] if tracer == "auto" else [tracer]):
+        for _ in range(len(set(sigs.values())) + 1):
+            calls.clear()
+            for rel, b in blocks.items():
+                b.forward = patched(rel)  # type: ignore[method-assign]
+            try:
+                target = module if front == "export" else _fx_lowered(module, blocks)
+                ep = _export(target, args, kwargs)
+            except _NeedBlock as need:
+                _unpatch(blocks)
+                sig = sigs[need.member]
+                known[sig] = on_block(need.member, blocks[need.member], need.args, need.kwargs)
+                continue
+            except TPCompileError:
+                _unpatch(blocks)
+                raise
+            except Exception as e:  # noqa: BLE001 - export raises many types
+                _unpatch(blocks)
+                need = _find_need(e)
+                if need is not None:
+                    known[sigs[need.member]] = on_block(need.member, blocks[need.member],
+                                                        need.args, need.kwargs)
+                    continue
+                errors[front] = f"{type(e).__name__}: {_first_line(e)}{_user_frame(e)}"
+                break
+            _unpatch(blocks)
+            return _read(ep, front, calls)
+    said = "; ".join(f"torch.{'export' if f == 'export' else 'fx'} said: {m}" for f, m in errors.items())
+    raise TraceError(
+        f"could not trace {label} ({type(module).__name__}): {said}. Make the forward free of "
+        "Python control flow on tensor values, or pass example_inputs=(...) / "
+        "example_kwargs={...} that the model accepts.")
+
+
+def _unpatch(blocks: dict[str, nn.Module]) -> None:
+    for b in blocks.values():
+        b.__dict__.pop("forward", None)
+
+
+def _find_need(e: BaseException | None) -> _NeedBlock | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, _NeedBlock):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:400] if text else ""
+
+
+def _user_frame(e: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and "/tpcompile/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename}:{f.lineno}: {f.line})"
+
+
+def _read(ep: ExportedProgram, tracer: str, calls: list[BlockCall]) -> Traced:
+    gm = ep.graph_module
+    sig = ep.graph_signature
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs: list[fx.Node] = []
+    constants: dict[int, Any] = {}
+    params: dict[fx.Node, str] = {}
+    buffers: dict[fx.Node, str] = {}
+    consts: dict[fx.Node, str] = {}
+    for ph, spec in zip(phs, sig.input_specs):
+        if spec.kind == InputKind.USER_INPUT:
+            if isinstance(spec.arg, ConstantArgument):
+                constants[len(inputs)] = spec.arg.value
+            inputs.append(ph)
+        elif spec.kind == InputKind.PARAMETER:
+            params[ph] = spec.target  # type: ignore[assignment]
+        elif spec.kind == InputKind.BUFFER:
+            buffers[ph] = spec.target  # type: ignore[assignment]
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            consts[ph] = spec.target  # type: ignore[assignment]
+        else:
+            raise UnsupportedError(f"exported input of kind {spec.kind.name} is not supported yet")
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(out_node.args[0])
+    outputs: list[Any] = []
+    mutations: list[tuple[fx.Node, str]] = []
+    for o, spec in zip(outs, sig.output_specs):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            outputs.append(o)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            mutations.append((o, spec.target))  # type: ignore[arg-type]
+        else:
+            raise UnsupportedError(f"exported output of kind {spec.kind.name} (an input "
+                                   "changed in place) is not supported yet")
+    block_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is BLOCK_OP]
+    blocks = {n: calls[int(n.args[0].rsplit("#", 1)[1])] for n in block_nodes}
+    ranges = {s: (int(r.lower), float(r.upper)) for s, r in ep.range_constraints.items()}
+    return Traced(gm, ep, tracer, ep.call_spec.in_spec, inputs, constants, params, buffers,
+                  consts, ep.call_spec.out_spec, outputs, mutations, blocks, ranges)
+
+
+def shapes_of(t: Traced) -> BlockShapes:
+    """A block's output structure and the input each tensor output is shaped like."""
+    tensor_inputs = [p for p in t.inputs if isinstance(p.meta.get("val"), torch.Tensor)]
+    leaves: list[Any] = []
+    like: list[tuple[int, torch.dtype]] = []
+    flat_outs = [o.meta["val"] if isinstance(o, fx.Node) else o for o in t.outputs]
+    for o in flat_outs:
+        if not isinstance(o, torch.Tensor):
+            leaves.append(o)
+            continue
+        j = next((j for j, p in enumerate(tensor_inputs)
+                  if tuple(p.meta["val"].shape) == tuple(o.shape)), None)
+        if j is None:
+            raise UnsupportedError(
+                f"a block output of shape {list(o.shape)} is shaped like none of the block's "
+                "inputs; tpcompile keeps blocks opaque in their parent only when each output "
+                "has the shape of an input (hidden states in, hidden states out)")
+        leaves.append(TENSOR)
+        like.append((j, o.dtype))
+    return BlockShapes(leaves, t.out_spec, like)
+
+
+def annotate(t: Traced) -> None:
+    """``node.meta['tpc']``: a TensorInfo (example sizes) per tensor node, a list for
+    tuple outputs, None otherwise."""
+    for n in t.gm.graph.nodes:
+        n.meta["tpc"] = _info(n.meta.get("val"))
+
+
+def _info(val: Any) -> Any:
+    if isinstance(val, torch.Tensor):
+        return TensorInfo(tuple(_hint(s) for s in val.shape), val.dtype, val.requires_grad)
+    if isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val):
+        return [_info(v) for v in val]
+    return None
+
+
+def example_for(model: nn.Module, args: tuple | None, kwargs: dict | None) -> tuple[tuple, dict]:
+    """The example inputs as meta tensors (values do not matter to tracing)."""
+    if args is None and kwargs is None:
+        raise TraceError(f"{type(model).__name__}: pass example_inputs=(...) (or "
+                         "example_kwargs={...}) so tpcompile can trace the model")
+    a, k = pytree.tree_map(lambda x: torch.empty_like(x, device="meta") if isinstance(
+        x, torch.Tensor) else x, (tuple(args or ()), dict(kwargs or {})))
+    return a, k

@@ -1,0 +1,148 @@
+"""Running the rewritten programs: one program per input structure, like torch.compile's
+guards.
+
+Each traced module (the root and every block member) gets a ``forward`` that flattens
+its ``(args, kwargs)``, picks the program made for that structure (which optional
+arguments are given, the non-tensor arguments, train or eval mode, shapes inside the
+ranges the export proved), runs it, writes back buffers the forward mutates, and rebuilds
+the original output structure (a ``ModelOutput``, a tuple, a dict). A call that no
+program fits is planned on first use: the root traces again (on its meta skeleton) with
+the same styles, and the new programs join the old ones.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .errors import RuntimeShapeError
+
+
+@dataclass
+class Guard:
+    pos: int  # position in the flat inputs
+    dims: tuple[Any, ...]  # int (static) or a sympy expression of the export's symbols
+    scale: dict[int, int] = field(default_factory=dict)  # dim -> tp (a sequence-sharded input)
+
+
+@dataclass
+class Program:
+    forward: Callable
+    code: str
+    training: bool
+    in_spec: pytree.TreeSpec
+    constants: dict[int, Any]
+    guards: list[Guard]
+    ranges: dict[Any, tuple[int, float]]
+    n_outputs: int
+    out_spec: pytree.TreeSpec
+    mutations: list[str]
+
+    def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
+        """None if this program serves the call, else why not."""
+        if training != self.training:
+            return f"made for {'train' if self.training else 'eval'} mode"
+        if spec != self.in_spec:
+            return "made for another input structure"
+        for pos, value in self.constants.items():
+            if flat[pos] != value:
+                return f"made for input {pos} = {value!r}, got {flat[pos]!r}"
+        bound: dict[Any, int] = {}
+        later: list[tuple[Any, int]] = []
+        for g in self.guards:
+            x = flat[g.pos]
+            if not isinstance(x, torch.Tensor) or x.dim() != len(g.dims):
+                return f"input {g.pos} is not a tensor of rank {len(g.dims)}"
+            for d, want in enumerate(g.dims):
+                got = int(x.shape[d]) * g.scale.get(d, 1)
+                if isinstance(want, int):
+                    if got != want:
+                        return f"input {g.pos} dim {d} is {got}, the program has {want}"
+                elif isinstance(want, sympy.Symbol):
+                    if bound.setdefault(want, got) != got:
+                        return f"input {g.pos} dim {d} is {got}, but {want} = {bound[want]}"
+                    lo, hi = self.ranges.get(want, (0, float("inf")))
+                    if not lo <= got <= hi:
+                        return f"input {g.pos} dim {d} = {got} is outside [{lo}, {hi}]"
+                else:
+                    later.append((want, got))
+        for expr, got in later:
+            if expr.free_symbols <= set(bound) and int(expr.subs(bound)) != got:
+                return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
+        return None
+
+
+@dataclass
+class Runtime:
+    """The programs of one module, and (at the root) how to make another."""
+
+    programs: list[Program] = field(default_factory=list)
+    replan: Callable[[nn.Module, tuple, dict], None] | None = None
+    name: str = ""
+
+    def find(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> tuple[Program | None, str]:
+        why = "no program yet"
+        for p in self.programs:
+            reason = p.fits(training, spec, flat)
+            if reason is None:
+                return p, ""
+            why = reason
+        return None, why
+
+
+def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    rt: Runtime = self.__dict__["_tpcompile_runtime"]
+    kwargs = dict(sorted(kwargs.items()))
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    prog, why = rt.find(self.training, spec, flat)
+    if prog is None:
+        if rt.replan is None:
+            raise RuntimeShapeError(
+                f"{rt.name or type(self).__name__} was called in a way its parent's program "
+                f"did not plan for ({why}); call the model at its root")
+        rt.replan(self, args, kwargs)
+        prog, why = rt.find(self.training, spec, flat)
+        if prog is None:
+            raise RuntimeShapeError(f"tpcompile made a program for this call but it does not "
+                                    f"fit ({why}); please report this")
+    outs = prog.forward(self, *flat)
+    n = prog.n_outputs
+    if prog.mutations:
+        with torch.no_grad():
+            for fqn, v in zip(prog.mutations, outs[n:]):
+                self.get_buffer(fqn).copy_(v)
+    return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
+
+
+def install(module: nn.Module, program: Program, replan: Callable | None = None,
+            name: str = "") -> None:
+    """Make ``module`` run its programs (an instance attribute shadows the class
+    ``forward``; parameters are still looked up on the module at every call)."""
+    rt = module.__dict__.get("_tpcompile_runtime")
+    if rt is None:
+        rt = Runtime(replan=replan, name=name)
+        module.__dict__["_tpcompile_runtime"] = rt
+        module.forward = types.MethodType(_dispatch, module)  # type: ignore[method-assign]
+    rt.programs.append(program)
+    module.__dict__["_tpcompile_code"] = program.code if len(rt.programs) == 1 else \
+        module.__dict__.get("_tpcompile_code", program.code)
+
+
+def guards_for(inputs: list[Any], q_dims: dict[Any, int], tp: int) -> list[Guard]:
+    """Shape guards of a program from its input placeholders' symbolic shapes."""
+    out = []
+    for pos, ph in enumerate(inputs):
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = tuple(int(s) if not isinstance(s, torch.SymInt) else s.node.expr for s in val.shape)
+        dims = tuple(int(d) if isinstance(d, sympy.Integer) else d for d in dims)
+        scale = {q_dims[ph]: tp} if ph in q_dims else {}
+        out.append(Guard(pos, dims, scale))
+    return out
