@@ -11,6 +11,7 @@ an all-reduce, ``(t-1)/t`` for an all-gather or reduce-scatter.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Literal
 
 import torch
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from . import collectives as C
 from . import ops
+from .analyze import is_block, layer_of
 from .ops import R, info
 from .plan import PLACEMENTS, Compiled, Unit
 from .rewrite import Site, rewrite
@@ -118,7 +120,7 @@ def unit_collectives(u: Unit, tp: int) -> list[tuple]:
     """(at, kind, phase, why, full shape, dtype, (from node, to node)) for one call of the
     unit's program, read off the program the rewrite builds (no process group needed: the
     group is only a name in the graph), so explain and the rewrite cannot disagree."""
-    rw = rewrite(u.gm, u.prop, u.styles, u.q_nodes, tp, "explain", u.contracts)
+    rw = rewrite(u.t, u.prop, u.styles, u.q_nodes, tp, "explain", u.contracts)
     out = []
     for node in rw.graph.nodes:
         site: Site | None = node.meta.get("tpc_site")
@@ -153,7 +155,7 @@ def megatron_min(c: Compiled) -> int:
     backward; a vocab-parallel embedding one all-reduce in forward."""
     tp, total = c.plan.tp, 0
     for u in c.units:
-        mods = {str(n.target): n for n in u.gm.graph.nodes if n.op == "call_module"}
+        mods = {l.name: n for n in u.gm.graph.nodes if (l := layer_of(n)) is not None}
         per_call = 0
         for seg in u.plan.segments:
             inputs = {mods[x].args[0] for x in seg.colwise if x in mods}
@@ -227,7 +229,7 @@ def activation_memory(c: Compiled) -> int:
             t = info(n)
             if t is None or n.op in ("placeholder", "get_attr", "output") or ops.is_meta_op(n):
                 continue
-            if n.op == "call_module" and n.target in u.contracts:
+            if is_block(n) or n.target is operator.getitem and is_block(n.args[0]):
                 continue  # a block's tensors are counted in its own program
             per_call += _bytes(t.shape, t.dtype) // (tp if u.prop.layouts.get(n, R).sharded else 1)
         total += per_call * len(u.members)
@@ -247,16 +249,18 @@ def replicated(c: Compiled, model: nn.Module) -> list[Replicated]:
 
 def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int = 2048,
             sequence_parallel: bool = True, example_inputs: tuple | None = None,
-            name: str = "", plan: object = None) -> tuple[Explanation, Compiled]:
+            example_kwargs: dict | None = None, name: str = "", plan: object = None,
+            tracer: str = "auto") -> tuple[Explanation, Compiled]:
     """Plan ``model`` (meta device is fine) at ``tp`` and say what the rewrite would do for
     inputs of ``batch`` x ``seq`` (or ``example_inputs``)."""
     from .api import load_plan
     from .plan import compile_model
-    from .trace import synthesize_inputs, trace
-    if example_inputs is None:
-        example_inputs = synthesize_inputs(model, trace(model), batch=batch, seq=seq)
+    from .plan import synthesize_inputs
+    if example_inputs is None and example_kwargs is None:
+        example_inputs = synthesize_inputs(model, batch=batch, seq=seq)
     given = load_plan(plan)  # type: ignore[arg-type]
-    kw = dict(tp=tp, example_inputs=example_inputs, given=given)
+    kw = dict(tp=tp, example_inputs=example_inputs, example_kwargs=example_kwargs, given=given,
+              tracer=tracer)
     c = compile_model(model, sequence_parallel=sequence_parallel, **kw)  # type: ignore[arg-type]
     other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
     sp_c, no_c = (c, other) if sequence_parallel else (other, c)

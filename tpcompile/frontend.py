@@ -18,17 +18,20 @@ the block is exported on the inputs it was about to get, and the parent is expor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim, ExportedProgram
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from .errors import TPCompileError, TraceError, UnsupportedError
@@ -148,24 +151,74 @@ class _NeedBlock(Exception):
 
 def skeleton(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every parameter and buffer on the meta device (tied
-    parameters stay tied; hooks and Python attributes are copied)."""
+    parameters stay tied; hooks and Python attributes are copied). The device each
+    tensor really lives on is kept, so traces see the devices the model runs on."""
     memo: dict[int, Any] = {}
+    devices: dict[int, torch.device] = {}
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) in memo:
             continue
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        devices[id(memo[id(t)])] = t.device
     try:
-        return copy.deepcopy(model, memo)
+        sk = copy.deepcopy(model, memo)
     except Exception as e:  # noqa: BLE001 - an object deepcopy cannot take
         raise TraceError(f"could not copy {type(model).__name__} for tracing: {e}. tpcompile "
                          "traces a meta-device copy so your model is never changed; make "
                          "its attributes copyable (copy.deepcopy)") from e
+    sk.__dict__["_tpcompile_devices"] = devices
+    return sk
 
 
-def _meta_like(x: Any) -> Any:
+@contextlib.contextmanager
+def fake_state(sk: nn.Module) -> Iterator[FakeTensorMode]:
+    """Give the skeleton fake parameters and buffers on their real devices (no storage),
+    in a fresh FakeTensorMode, for the duration of a trace."""
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    devices: dict[int, torch.device] = sk.__dict__.get("_tpcompile_devices", {})
+    fakes: dict[int, Any] = {}
+    saved = []
+    for mod in sk.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in list(store.items()):
+                if t is None:
+                    continue
+                if id(t) not in fakes:
+                    with mode:
+                        f = torch.empty(t.shape, dtype=t.dtype, device=devices.get(id(t), t.device))
+                    fakes[id(t)] = nn.Parameter(f, t.requires_grad) if isinstance(t, nn.Parameter) else f
+                saved.append((store, k, t))
+                store[k] = fakes[id(t)]
+    try:
+        yield mode
+    finally:
+        for store, k, t in saved:
+            store[k] = t
+
+
+def fake_like(mode: FakeTensorMode, x: Any) -> Any:
+    """A fake tensor of the same shape, dtype and device (a described tensor too)."""
+    if isinstance(x, _Described):
+        shape, dtype, device = x.shape, x.dtype, x.device
+    elif isinstance(x, torch.Tensor):
+        shape, dtype, device = tuple(x.shape), x.dtype, x.device
+    else:
+        return x
+    with mode:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class _Described:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _describe(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return torch.zeros([_hint(s) for s in x.shape], dtype=x.dtype, device="meta")
+        return _Described(tuple(_hint(s) for s in x.shape), x.dtype, x.device)
     return x
 
 
@@ -231,10 +284,12 @@ def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
 
 
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
-          on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes]) -> Traced:
-    """Export ``module`` (a skeleton) on ``args``/``kwargs`` with its blocks opaque.
-    ``on_block(member, block, args, kwargs)`` is called for each block signature not seen
-    yet and returns its shapes (it exports the block, recursively)."""
+          on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes],
+          mode: FakeTensorMode) -> Traced:
+    """Export ``module`` (part of a skeleton in :func:`fake_state`) on ``args``/``kwargs``
+    (fake tensors of ``mode``) with its blocks opaque. ``on_block(member, block, args,
+    kwargs)`` is called for each block signature not seen yet and returns its shapes (it
+    exports the block, recursively)."""
     blocks = find_blocks(module)
     sigs = {rel: block_signature(b) for rel, b in blocks.items()}
     known: dict[tuple, BlockShapes] = {}
@@ -246,7 +301,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
             flat, spec = pytree.tree_flatten((a, dict(sorted(k.items()))))
             shapes = known.get(sigs[rel])
             if shapes is None:
-                ex = pytree.tree_unflatten([_meta_like(x) for x in flat], spec)
+                ex = pytree.tree_unflatten([_describe(x) for x in flat], spec)
                 raise _NeedBlock(rel, *ex)
             key = f"{where}/{rel}#{len(calls)}"
             _SHAPES[key] = shapes
@@ -268,8 +323,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 ep = _export(target, args, kwargs)
             except _NeedBlock as need:
                 _unpatch(blocks)
-                sig = sigs[need.member]
-                known[sig] = on_block(need.member, blocks[need.member], need.args, need.kwargs)
+                known[sigs[need.member]] = _on_need(need, blocks, on_block, mode)
                 continue
             except TPCompileError:
                 _unpatch(blocks)
@@ -278,8 +332,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 _unpatch(blocks)
                 need = _find_need(e)
                 if need is not None:
-                    known[sigs[need.member]] = on_block(need.member, blocks[need.member],
-                                                        need.args, need.kwargs)
+                    known[sigs[need.member]] = _on_need(need, blocks, on_block, mode)
                     continue
                 errors[front] = f"{type(e).__name__}: {_first_line(e)}{_user_frame(e)}"
                 break
@@ -290,6 +343,13 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
         f"could not trace {label} ({type(module).__name__}): {said}. Make the forward free of "
         "Python control flow on tensor values, or pass example_inputs=(...) / "
         "example_kwargs={...} that the model accepts.")
+
+
+def _on_need(need: _NeedBlock, blocks: dict[str, nn.Module], on_block: Callable,
+             mode: FakeTensorMode) -> BlockShapes:
+    a, k = pytree.tree_map(lambda x: fake_like(mode, x), (need.args, need.kwargs),
+                           is_leaf=lambda x: isinstance(x, _Described))
+    return on_block(need.member, blocks[need.member], a, k)
 
 
 def _unpatch(blocks: dict[str, nn.Module]) -> None:
@@ -399,11 +459,7 @@ def _info(val: Any) -> Any:
     return None
 
 
-def example_for(model: nn.Module, args: tuple | None, kwargs: dict | None) -> tuple[tuple, dict]:
-    """The example inputs as meta tensors (values do not matter to tracing)."""
-    if args is None and kwargs is None:
-        raise TraceError(f"{type(model).__name__}: pass example_inputs=(...) (or "
-                         "example_kwargs={...}) so tpcompile can trace the model")
-    a, k = pytree.tree_map(lambda x: torch.empty_like(x, device="meta") if isinstance(
-        x, torch.Tensor) else x, (tuple(args or ()), dict(kwargs or {})))
+def example_for(mode: FakeTensorMode, args: tuple | None, kwargs: dict | None) -> tuple[tuple, dict]:
+    """The example inputs as fake tensors of ``mode`` (values do not matter to tracing)."""
+    a, k = pytree.tree_map(lambda x: fake_like(mode, x), (tuple(args or ()), dict(kwargs or {})))
     return a, k

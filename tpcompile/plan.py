@@ -183,8 +183,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         mine.training = theirs.training
     if example_inputs is None and example_kwargs is None:
         example_inputs = synthesize_inputs(model, batch=2, seq=2 * max(tp, 2))
-    args, kwargs = FE.example_for(model, example_inputs, example_kwargs)
-    kwargs = dict(sorted(kwargs.items()))
+    kwargs = dict(sorted((example_kwargs or {}).items()))
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
     shared_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared}
@@ -212,7 +211,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                 assert unit.shapes is not None
             return units[sig].shapes  # type: ignore[return-value]
 
-        t = FE.trace(module, a, k, tracer=tracer, where=path, on_block=on_block)
+        t = FE.trace(module, a, dict(sorted(k.items())), tracer=tracer, where=path,
+                     on_block=on_block, mode=mode)
         used_tracer.append(t.tracer)
         FE.annotate(t)
         A.mark_layers(t)
@@ -236,7 +236,9 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         order.append(key)
         return unit
 
-    process(sk, "", args, kwargs, True)
+    with FE.fake_state(sk) as mode:
+        args, kwargs = FE.example_for(mode, example_inputs, kwargs)
+        process(sk, "", args, kwargs, True)
     add_member("<root>", "")
     plans = []
     keys = list(reversed(order))  # root first, then blocks in the order first met

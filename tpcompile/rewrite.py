@@ -129,7 +129,8 @@ class _Builder:
             value = t.ep.constants[name]
             if isinstance(value, torch.Tensor) and value.is_meta:
                 raise PlanError(f"the traced graph holds a constant tensor {name} made on the "
-                                "meta device; register it as a buffer instead")
+                                "meta device, whose values are unknown; make it on a real "
+                                "device or register it as a buffer")
             self.env[ph] = g.call_function(C.constant, (C.keep_constant(value), self._device()))
         if sync:
             out = g.call_function(C.sync_grads, (self.group, *[self.env[p] for p in sync]))
