@@ -88,6 +88,6 @@ def test_failure_midway_leaves_the_model_untouched(pool, where):
         assert not any(c.startswith("FSDP") for c in r["classes"]), r["classes"]
 
 
-def test_unsupported_tracer():
-    with pytest.raises(tpcompile.UnsupportedError, match="tracer='fx'"):
-        tpcompile.plan(GatedMLPStack(), tp=2, tracer="export")
+def test_unknown_tracer():
+    with pytest.raises(tpcompile.UnsupportedError, match="tracer='auto'"):
+        tpcompile.plan(GatedMLPStack(), tp=2, tracer="jit")

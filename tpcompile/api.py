@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_t
 
 from .errors import PlanError, TPCompileError, UnsupportedError
 from .frontend import skeleton
-from .plan import PLACEMENTS, Compiled, Plan, Unit, compile_model
+from .plan import PLACEMENTS, Compiled, Plan, Unit, _cast_floats, compile_model
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
 
@@ -113,9 +113,14 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh; "
                              f"got a 1-D mesh {mesh}")
     tp = tp_mesh.size()
-    sk = skeleton(model)
+    policy = fsdp_kwargs.get("mp_policy")
+    param_dtype = getattr(policy, "param_dtype", None) if dp_mesh is not None else None
+    sk = skeleton(model, param_dtype)
+    input_dtype = param_dtype if getattr(policy, "cast_forward_inputs", True) else None
+    if input_dtype is not None:
+        example_inputs, example_kwargs = _cast_floats((example_inputs, example_kwargs), input_dtype)
     options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
-                   tracer=tracer)
+                   tracer=tracer, input_dtype=input_dtype)
     compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                              given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
     _refuse_unsupported_layers(model, compiled)

@@ -9,6 +9,7 @@ import html
 import networkx as nx
 
 from .explain import Explanation, unit_collectives
+from .analyze import is_block, layer_of
 from .ops import R, info
 from .plan import Compiled, Unit
 
@@ -80,17 +81,20 @@ def block_graph(c: Compiled, path: str | None = None) -> tuple[Unit, nx.DiGraph]
                              f"{', '.join(u.plan.path or '<root>' for u in c.units)}")
     u = units[0]
     g = nx.DiGraph()
+    ids: dict[str, str] = {}  # graph node name -> drawn id (a layer is drawn by its name)
     for n in u.gm.graph.nodes:
-        if info(n) is None and n.op not in ("output", "call_module"):
+        if info(n) is None and n.op != "output" and not is_block(n):
             continue
+        layer = layer_of(n)
+        ids[n.name] = nid = layer.name if layer is not None else n.name
         lay = u.prop.layouts.get(n, R)
-        g.add_node(n.name, label=f"{n.target if n.op == 'call_module' else n.name}\n{lay}",
-                   kind=lay.kind)
+        g.add_node(nid, label=f"{nid}\n{lay}", kind=lay.kind)
         for p in n.all_input_nodes:
-            if p.name in g:
-                g.add_edge(p.name, n.name)
+            if p.name in ids:
+                g.add_edge(ids[p.name], nid)
     for i, (at, kind, phase, _, shape, _, (src, dst)) in enumerate(unit_collectives(u, c.plan.tp)):
         cid = f"c{i}"
+        src, dst = ids.get(src or "", src), ids.get(dst or "", dst)
         g.add_node(cid, label=f"{kind} ({phase})\n{list(shape)}\n{at}", kind="C")
         if src in g:
             g.add_edge(src, cid)

@@ -149,16 +149,19 @@ class _NeedBlock(Exception):
 
 # ----------------------------------------------------------------------------- skeleton
 
-def skeleton(model: nn.Module) -> nn.Module:
+def skeleton(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of ``model`` with every parameter and buffer on the meta device (tied
     parameters stay tied; hooks and Python attributes are copied). The device each
-    tensor really lives on is kept, so traces see the devices the model runs on."""
+    tensor really lives on is kept, so traces see the devices the model runs on.
+    ``param_dtype``: floating parameters in this dtype (FSDP2's mixed precision computes
+    with parameters cast to it, and a trace bakes dtypes in)."""
     memo: dict[int, Any] = {}
     devices: dict[int, torch.device] = {}
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) in memo:
             continue
-        meta = torch.empty_like(t, device="meta")
+        cast = param_dtype if isinstance(t, nn.Parameter) and t.is_floating_point() else None
+        meta = torch.empty_like(t, device="meta", dtype=cast or t.dtype)
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
         devices[id(memo[id(t)])] = t.device
     try:
@@ -200,13 +203,14 @@ def fake_state(sk: nn.Module) -> Iterator[FakeTensorMode]:
 def fake_like(mode: FakeTensorMode, x: Any) -> Any:
     """A fake tensor of the same shape, dtype and device (a described tensor too)."""
     if isinstance(x, _Described):
-        shape, dtype, device = x.shape, x.dtype, x.device
+        shape, dtype, device, grad = x.shape, x.dtype, x.device, x.requires_grad
     elif isinstance(x, torch.Tensor):
-        shape, dtype, device = tuple(x.shape), x.dtype, x.device
+        shape, dtype, device, grad = tuple(x.shape), x.dtype, x.device, x.requires_grad
     else:
         return x
     with mode:
-        return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device,
+                           requires_grad=grad and (dtype.is_floating_point or dtype.is_complex))
 
 
 @dataclass
@@ -214,11 +218,12 @@ class _Described:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    requires_grad: bool
 
 
 def _describe(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return _Described(tuple(_hint(s) for s in x.shape), x.dtype, x.device)
+        return _Described(tuple(_hint(s) for s in x.shape), x.dtype, x.device, x.requires_grad)
     return x
 
 
@@ -249,6 +254,8 @@ class Traced:
     mutations: list[tuple[fx.Node, str]] = field(default_factory=list)  # (value, buffer FQN)
     blocks: dict[fx.Node, BlockCall] = field(default_factory=dict)
     ranges: dict[Any, tuple[int, float]] = field(default_factory=dict)
+    input_grads: list[bool] = field(default_factory=list)  # per flat input: needs a gradient
+    param_grads: dict[fx.Node, bool] = field(default_factory=dict)
 
 
 def dynamic_dims(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -294,6 +301,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
     sigs = {rel: block_signature(b) for rel, b in blocks.items()}
     known: dict[tuple, BlockShapes] = {}
     calls: list[BlockCall] = []
+    raised: list[_NeedBlock] = []  # this trace's own requests (not a nested trace's)
     label = where or type(module).__name__
 
     def patched(rel: str) -> Callable:
@@ -302,7 +310,8 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
             shapes = known.get(sigs[rel])
             if shapes is None:
                 ex = pytree.tree_unflatten([_describe(x) for x in flat], spec)
-                raise _NeedBlock(rel, *ex)
+                raised.append(_NeedBlock(rel, *ex))
+                raise raised[-1]
             key = f"{where}/{rel}#{len(calls)}"
             _SHAPES[key] = shapes
             calls.append(BlockCall(rel, spec, [TENSOR if isinstance(x, torch.Tensor) else x
@@ -330,17 +339,23 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 raise
             except Exception as e:  # noqa: BLE001 - export raises many types
                 _unpatch(blocks)
-                need = _find_need(e)
+                need = _find_need(e, raised)
                 if need is not None:
                     known[sigs[need.member]] = _on_need(need, blocks, on_block, mode)
                     continue
                 errors[front] = f"{type(e).__name__}: {_first_line(e)}{_user_frame(e)}"
                 break
             _unpatch(blocks)
-            return _read(ep, front, calls)
+            t = _read(ep, front, calls)
+            flat = pytree.tree_leaves((args, kwargs))
+            t.input_grads = [bool(getattr(x, "requires_grad", False)) for x in flat]
+            t.param_grads = {ph: module.get_parameter(fqn).requires_grad for ph, fqn in t.params.items()}
+            return t
     said = "; ".join(f"torch.{'export' if f == 'export' else 'fx'} said: {m}" for f, m in errors.items())
+    shapes = [tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     raise TraceError(
-        f"could not trace {label} ({type(module).__name__}): {said}. Make the forward free of "
+        f"could not trace {label} ({type(module).__name__}) on inputs of shapes {shapes}: "
+        f"{said}. Make the forward free of "
         "Python control flow on tensor values, or pass example_inputs=(...) / "
         "example_kwargs={...} that the model accepts.")
 
@@ -357,11 +372,11 @@ def _unpatch(blocks: dict[str, nn.Module]) -> None:
         b.__dict__.pop("forward", None)
 
 
-def _find_need(e: BaseException | None) -> _NeedBlock | None:
+def _find_need(e: BaseException | None, raised: list[_NeedBlock]) -> _NeedBlock | None:
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, _NeedBlock):
-            return e
+        if any(e is r for r in raised):
+            return e  # type: ignore[return-value]
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
@@ -445,17 +460,25 @@ def shapes_of(t: Traced) -> BlockShapes:
 
 
 def annotate(t: Traced) -> None:
-    """``node.meta['tpc']``: a TensorInfo (example sizes) per tensor node, a list for
-    tuple outputs, None otherwise."""
+    """``node.meta['tpc']``: a TensorInfo (example sizes; whether a gradient reaches it,
+    from the dataflow) per tensor node, a list for tuple outputs, None otherwise."""
+    grads: dict[fx.Node, bool] = {}
+    inputs = {p: g for p, g in zip(t.inputs, t.input_grads)}
     for n in t.gm.graph.nodes:
-        n.meta["tpc"] = _info(n.meta.get("val"))
+        if n.op == "placeholder":
+            g = inputs.get(n, t.param_grads.get(n, False))
+        else:
+            g = any(grads.get(p, False) for p in n.all_input_nodes)
+        grads[n] = g
+        n.meta["tpc"] = _info(n.meta.get("val"), g)
 
 
-def _info(val: Any) -> Any:
+def _info(val: Any, grad: bool) -> Any:
     if isinstance(val, torch.Tensor):
-        return TensorInfo(tuple(_hint(s) for s in val.shape), val.dtype, val.requires_grad)
+        differentiable = val.dtype.is_floating_point or val.dtype.is_complex
+        return TensorInfo(tuple(_hint(s) for s in val.shape), val.dtype, grad and differentiable)
     if isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val):
-        return [_info(v) for v in val]
+        return [_info(v, grad) for v in val]
     return None
 
 

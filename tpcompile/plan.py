@@ -166,14 +166,16 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                   example_inputs: tuple | None = None, example_kwargs: dict | None = None,
                   on_indivisible: str = "error", given: Plan | None = None,
                   tracer: TracerName = "auto", skeleton: nn.Module | None = None,
-                  bound: bool = False) -> Compiled:
+                  bound: bool = False, input_dtype: torch.dtype | None = None) -> Compiled:
     """Trace -> analyze for the root and, once per distinct block signature, each block.
     ``given``: a plan to apply instead of detecting one (``bound``: already bound to this
     model). Works on a meta-device skeleton of ``model``; ``model`` is never changed."""
     if on_indivisible not in ("error", "replicate"):
         raise ValueError("on_indivisible must be 'error' or 'replicate'")
     if tracer not in ("auto", "export", "fx"):
-        raise ValueError(f"tracer must be 'auto', 'export' or 'fx', got {tracer!r}")
+        from .errors import UnsupportedError
+        raise UnsupportedError(f"tracer {tracer!r} does not exist; use tracer='auto' (export, "
+                               "then fx), 'export' or 'fx'")
     t0 = time.perf_counter()
     if given is not None and not bound:
         from .plan_bind import bind
@@ -206,6 +208,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         def on_block(rel: str, block: nn.Module, ba: tuple, bk: dict) -> FE.BlockShapes:
             sig = FE.block_signature(block)
             sigs[rel] = sig
+            if input_dtype is not None:  # FSDP2 casts each block's floating inputs
+                ba, bk = _cast_floats((ba, bk), input_dtype)
             if sig not in units:
                 unit = process(block, _join(path, rel), ba, bk, False)
                 assert unit.shapes is not None
@@ -253,6 +257,12 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                     time.perf_counter() - t0, [k for k in keys if units[k].members])
 
 
+def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    import torch.utils._pytree as pytree
+    return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and
+                           x.is_floating_point() else x, tree)
+
+
 def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
     """Example inputs when the user gives none, for a forward of one required tensor:
     token ids if the model's first layer is an Embedding, [batch, seq, features] if it is
@@ -267,11 +277,12 @@ def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
         raise TraceError(f"cannot guess example inputs for {type(model).__name__}.forward"
                          f"{inspect.signature(model.forward)}; pass example_inputs=(...) "
                          "(and/or example_kwargs={...}) to tpcompile")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if isinstance(first, nn.Embedding):
-        return (torch.zeros(batch, seq, dtype=torch.long),)
+        return (torch.zeros(batch, seq, dtype=torch.long, device=device),)
     width = first.in_features if isinstance(first, nn.Linear) else first.normalized_shape[-1]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return (torch.zeros(batch, seq, width, dtype=dtype),)
+    return (torch.zeros(batch, seq, width, dtype=dtype, device=device),)
 
 
 def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],

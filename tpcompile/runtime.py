@@ -29,6 +29,7 @@ class Guard:
     pos: int  # position in the flat inputs
     dims: tuple[Any, ...]  # int (static) or a sympy expression of the export's symbols
     scale: dict[int, int] = field(default_factory=dict)  # dim -> tp (a sequence-sharded input)
+    dtype: torch.dtype | None = None  # a trace bakes dtypes in (casts, factories)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Program:
             x = flat[g.pos]
             if not isinstance(x, torch.Tensor) or x.dim() != len(g.dims):
                 return f"input {g.pos} is not a tensor of rank {len(g.dims)}"
+            if g.dtype is not None and x.dtype != g.dtype:
+                return f"input {g.pos} is {x.dtype}, the program has {g.dtype}"
             for d, want in enumerate(g.dims):
                 got = int(x.shape[d]) * g.scale.get(d, 1)
                 if isinstance(want, int):
@@ -144,5 +147,5 @@ def guards_for(inputs: list[Any], q_dims: dict[Any, int], tp: int) -> list[Guard
         dims = tuple(int(s) if not isinstance(s, torch.SymInt) else s.node.expr for s in val.shape)
         dims = tuple(int(d) if isinstance(d, sympy.Integer) else d for d in dims)
         scale = {q_dims[ph]: tp} if ph in q_dims else {}
-        out.append(Guard(pos, dims, scale))
+        out.append(Guard(pos, dims, scale, val.dtype))
     return out

@@ -8,6 +8,8 @@ a stack of blocks never gathers the sequence between them.
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -41,8 +43,7 @@ def _q_eligible(node: fx.Node, styles: dict[str, str], params: set[fx.Node],
     layer = layer_of(node)
     if layer is not None and layer.kind in ("linear", "embedding"):
         return styles.get(layer.name) in ("rowwise", "vocab_parallel")
-    if node.op == "call_function" and node.target is __import__("operator").getitem and \
-            is_block(node.args[0]):
+    if node.op == "call_function" and node.target is operator.getitem and is_block(node.args[0]):
         return True  # a block output: the block's contract decides (see sequence_parallel)
     if node.target in NORM_OPS:
         return True
@@ -54,6 +55,19 @@ def _q_eligible(node: fx.Node, styles: dict[str, str], params: set[fx.Node],
         dims = d if isinstance(d, (list, tuple)) else [d]
         return d is not None and all(ops.norm_dim(x, 3) not in (0, 1) for x in dims) \
             and ops.arg(node, 2, "keepdim", False)
+    return False
+
+
+def _block_wants_q(n: fx.Node, contracts: dict[fx.Node, Contract]) -> bool:
+    """Blocks exchange sequence shards: a block output the contract makes ``Q``, or a
+    tensor passed to a block input the contract makes ``Q``, is sequence-sharded."""
+    if n.target is operator.getitem and n.args and is_block(n.args[0]):
+        c = contracts.get(n.args[0])
+        return c is not None and c.outputs[n.args[1]].kind == "Q"
+    for u in n.users:
+        c = contracts.get(u)
+        if c is not None and any(a is n and c.inputs[i].kind == "Q" for i, a in enumerate(u.args[1])):
+            return True
     return False
 
 
@@ -79,9 +93,7 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, s
                 g.add_edge(p, n)
     chosen: set[fx.Node] = set()
     for comp in nx.connected_components(g):
-        forced = any(n.op == "call_function" and n.args and is_block(n.args[0]) for n in comp
-                     if n.target is __import__("operator").getitem)
-        if forced or any(_norm_like(n) for n in comp):
+        if any(_block_wants_q(n, contracts) for n in comp) or any(_norm_like(n) for n in comp):
             chosen |= comp
     for n in chosen:
         lay[n] = Q(1)
