@@ -145,7 +145,8 @@ def _clean_path(path: str) -> str:
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path.strip(".")
+    path = path.strip(".")
+    return "" if path == "inner" else path.removeprefix("inner.")  # frontend._Flat
 
 
 def source_line(node: fx.Node) -> str:

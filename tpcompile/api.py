@@ -202,8 +202,9 @@ def _programs(compiled: Compiled, sk: nn.Module, tp: int, group: str,
                   if u.prop.layouts.get(p) is not None and u.prop.layouts[p].kind == "Q"}
         t = u.t
         out.append(Program(rw.forward, rw.code, sk.get_submodule(u.members[0]).training,
-                           t.in_spec, dict(t.constants), guards_for(t.inputs, q_dims, tp),
-                           t.ranges, len(t.outputs), t.out_spec, [f for _, f in t.mutations]))
+                           t.in_spec, dict(t.constants),
+                           guards_for(t.inputs, t.positions, q_dims, tp), t.ranges,
+                           len(t.outputs), t.out_spec, [f for _, f in t.mutations], t.positions))
     return out
 
 

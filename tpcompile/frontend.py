@@ -141,6 +141,43 @@ class BlockCall:
     out_leaves: list[Any]
 
 
+def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call in one canonical form: arguments that can be named are passed by name,
+    sorted, and those passed as None are left out (the same, for a forward that defaults
+    them to None; export cannot take a None inside its inputs). Traces and the programs'
+    lookups both use this form, so one structure means one program."""
+    try:
+        sig = _signature(forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(args), {k: v for k, v in sorted(kwargs.items()) if v is not None}
+    pos: list[Any] = []
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            pos.append(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            pos.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    if any(p is None for p in pos):
+        return tuple(args), {k: v for k, v in sorted(kwargs.items()) if v is not None}
+    return tuple(pos), {k: v for k, v in sorted(named.items()) if v is not None}
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _signature(fn: Callable) -> inspect.Signature:
+    key = getattr(fn, "__func__", fn)
+    if key not in _SIGNATURES:
+        _SIGNATURES[key] = inspect.signature(fn)
+    return _SIGNATURES[key]
+
+
 class _NeedBlock(Exception):
     def __init__(self, member: str, args: tuple, kwargs: dict) -> None:
         super().__init__(f"block {member} not exported yet")
@@ -243,9 +280,9 @@ class Traced:
     gm: fx.GraphModule
     ep: ExportedProgram
     tracer: str
-    in_spec: pytree.TreeSpec
-    inputs: list[fx.Node]  # user-input placeholders, in the order of the flat (args, kwargs)
-    constants: dict[int, Any]  # flat position -> non-tensor input baked into the graph
+    in_spec: pytree.TreeSpec  # of the call's (args, kwargs), in canonical form
+    inputs: list[fx.Node]  # tensor-input placeholders, in the order of the flat call
+    constants: dict[int, Any]  # flat position -> non-tensor leaf baked into the graph
     params: dict[fx.Node, str]  # placeholder -> parameter FQN (relative to the module)
     buffers: dict[fx.Node, str]
     consts: dict[fx.Node, str]  # lifted constant tensors: placeholder -> name in ep.constants
@@ -254,30 +291,47 @@ class Traced:
     mutations: list[tuple[fx.Node, str]] = field(default_factory=list)  # (value, buffer FQN)
     blocks: dict[fx.Node, BlockCall] = field(default_factory=dict)
     ranges: dict[Any, tuple[int, float]] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)  # flat position of each input
     input_grads: list[bool] = field(default_factory=list)  # per flat input: needs a gradient
     param_grads: dict[fx.Node, bool] = field(default_factory=dict)
 
 
-def dynamic_dims(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Every dim of every tensor input is ``Dim.AUTO``: export keeps dynamic what the
-    code allows (batch, sequence) and specialises the rest (widths fixed by weights)."""
-    def auto(v: Any) -> Any:
-        return pytree.tree_map(lambda t: {i: Dim.AUTO for i in range(t.dim())}
-                               if isinstance(t, torch.Tensor) else None, v)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    return {name: auto(v) for name, v in bound.arguments.items()}
+class _Flat(nn.Module):
+    """The traced module behind a forward of its tensor inputs alone: the call's other
+    leaves (None, flags, ints) are constants of the trace, and any structure (kwargs,
+    tuples, dataclasses) is rebuilt inside, so export sees only a tuple of tensors."""
+
+    def __init__(self, inner: nn.Module, spec: pytree.TreeSpec, leaves: list[Any]) -> None:
+        super().__init__()
+        self.inner = inner
+        self._spec, self._leaves = spec, leaves
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        a, k = pytree.tree_unflatten([next(it) if x is TENSOR else x for x in self._leaves],
+                                     self._spec)
+        return self.inner(*a, **k)
 
 
-def _export(module: nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+def _export(module: nn.Module, args: tuple, kwargs: dict) -> tuple[ExportedProgram, Any]:
+    """Export ``module(*args, **kwargs)``; every dim of every tensor input is
+    ``Dim.AUTO`` (export keeps dynamic what the code allows, batch and sequence, and
+    specialises the rest, widths fixed by weights). Returns the program and the flat
+    (leaves, spec) of the call."""
     import logging
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    tensors = tuple(x for x in flat if isinstance(x, torch.Tensor))
+    leaves = [TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
+    dims = tuple({i: Dim.AUTO for i in range(t.dim())} if t.dim() else None for t in tensors)
     log = logging.getLogger("torch._export.non_strict_utils")
     level = log.level
     log.setLevel(logging.ERROR)  # "0/1 specialized" notes for size-1 dims are expected
     try:
-        return torch.export.export(module, args, kwargs, strict=False,
-                                   dynamic_shapes=dynamic_dims(module, args, kwargs))
+        ep = torch.export.export(_Flat(module, spec, leaves), tensors, strict=False,
+                                 dynamic_shapes={"tensors": dims})
     finally:
         log.setLevel(level)
+    return ep, (leaves, spec)
 
 
 def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
@@ -306,7 +360,8 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
 
     def patched(rel: str) -> Callable:
         def forward(*a: Any, **k: Any) -> Any:
-            flat, spec = pytree.tree_flatten((a, dict(sorted(k.items()))))
+            a, k = canonical_call(type(blocks[rel]).forward.__get__(blocks[rel]), a, k)
+            flat, spec = pytree.tree_flatten((a, k))
             shapes = known.get(sigs[rel])
             if shapes is None:
                 ex = pytree.tree_unflatten([_describe(x) for x in flat], spec)
@@ -329,7 +384,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 b.forward = patched(rel)  # type: ignore[method-assign]
             try:
                 target = module if front == "export" else _fx_lowered(module, blocks)
-                ep = _export(target, args, kwargs)
+                ep, (leaves, spec) = _export(target, args, kwargs)
             except _NeedBlock as need:
                 _unpatch(blocks)
                 known[sigs[need.member]] = _on_need(need, blocks, on_block, mode)
@@ -346,9 +401,9 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 errors[front] = f"{type(e).__name__}: {_first_line(e)}{_user_frame(e)}"
                 break
             _unpatch(blocks)
-            t = _read(ep, front, calls)
-            flat = pytree.tree_leaves((args, kwargs))
-            t.input_grads = [bool(getattr(x, "requires_grad", False)) for x in flat]
+            t = _read(ep, front, calls, leaves, spec)
+            flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            t.input_grads = [bool(x.requires_grad) for x in flat]
             t.param_grads = {ph: module.get_parameter(fqn).requires_grad for ph, fqn in t.params.items()}
             return t
     said = "; ".join(f"torch.{'export' if f == 'export' else 'fx'} said: {m}" for f, m in errors.items())
@@ -396,24 +451,29 @@ def _user_frame(e: BaseException) -> str:
     return f" (at {f.filename}:{f.lineno}: {f.line})"
 
 
-def _read(ep: ExportedProgram, tracer: str, calls: list[BlockCall]) -> Traced:
+def _inner(fqn: str) -> str:
+    return fqn.removeprefix("inner.")
+
+
+def _read(ep: ExportedProgram, tracer: str, calls: list[BlockCall], leaves: list[Any],
+          in_spec: pytree.TreeSpec) -> Traced:
     gm = ep.graph_module
     sig = ep.graph_signature
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs: list[fx.Node] = []
-    constants: dict[int, Any] = {}
+    constants = {i: x for i, x in enumerate(leaves) if x is not TENSOR}
     params: dict[fx.Node, str] = {}
     buffers: dict[fx.Node, str] = {}
     consts: dict[fx.Node, str] = {}
     for ph, spec in zip(phs, sig.input_specs):
         if spec.kind == InputKind.USER_INPUT:
             if isinstance(spec.arg, ConstantArgument):
-                constants[len(inputs)] = spec.arg.value
+                raise UnsupportedError("export kept a non-tensor input; please report this")
             inputs.append(ph)
         elif spec.kind == InputKind.PARAMETER:
-            params[ph] = spec.target  # type: ignore[assignment]
+            params[ph] = _inner(spec.target)  # type: ignore[arg-type]
         elif spec.kind == InputKind.BUFFER:
-            buffers[ph] = spec.target  # type: ignore[assignment]
+            buffers[ph] = _inner(spec.target)  # type: ignore[arg-type]
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             consts[ph] = spec.target  # type: ignore[assignment]
         else:
@@ -426,15 +486,16 @@ def _read(ep: ExportedProgram, tracer: str, calls: list[BlockCall]) -> Traced:
         if spec.kind == OutputKind.USER_OUTPUT:
             outputs.append(o)
         elif spec.kind == OutputKind.BUFFER_MUTATION:
-            mutations.append((o, spec.target))  # type: ignore[arg-type]
+            mutations.append((o, _inner(spec.target)))  # type: ignore[arg-type]
         else:
             raise UnsupportedError(f"exported output of kind {spec.kind.name} (an input "
                                    "changed in place) is not supported yet")
     block_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is BLOCK_OP]
     blocks = {n: calls[int(n.args[0].rsplit("#", 1)[1])] for n in block_nodes}
     ranges = {s: (int(r.lower), float(r.upper)) for s, r in ep.range_constraints.items()}
-    return Traced(gm, ep, tracer, ep.call_spec.in_spec, inputs, constants, params, buffers,
-                  consts, ep.call_spec.out_spec, outputs, mutations, blocks, ranges)
+    positions = [i for i, x in enumerate(leaves) if x is TENSOR]
+    return Traced(gm, ep, tracer, in_spec, inputs, constants, params, buffers,
+                  consts, ep.call_spec.out_spec, outputs, mutations, blocks, ranges, positions)
 
 
 def shapes_of(t: Traced) -> BlockShapes:

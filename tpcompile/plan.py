@@ -185,7 +185,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         mine.training = theirs.training
     if example_inputs is None and example_kwargs is None:
         example_inputs = synthesize_inputs(model, batch=2, seq=2 * max(tp, 2))
-    kwargs = dict(sorted((example_kwargs or {}).items()))
+    kwargs = dict(example_kwargs or {})
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
     shared_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared}
@@ -215,7 +215,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                 assert unit.shapes is not None
             return units[sig].shapes  # type: ignore[return-value]
 
-        t = FE.trace(module, a, dict(sorted(k.items())), tracer=tracer, where=path,
+        a, k = FE.canonical_call(type(module).forward.__get__(module), a, k)
+        t = FE.trace(module, a, k, tracer=tracer, where=path,
                      on_block=on_block, mode=mode)
         used_tracer.append(t.tracer)
         FE.annotate(t)

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .errors import RuntimeShapeError
+from .frontend import canonical_call
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Program:
     n_outputs: int
     out_spec: pytree.TreeSpec
     mutations: list[str]
+    positions: list[int]  # flat positions of the tensor inputs the program takes
 
     def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
         """None if this program serves the call, else why not."""
@@ -101,7 +103,7 @@ class Runtime:
 
 def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
-    kwargs = dict(sorted(kwargs.items()))
+    args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs)
     flat, spec = pytree.tree_flatten((args, kwargs))
     prog, why = rt.find(self.training, spec, flat)
     if prog is None:
@@ -114,7 +116,7 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if prog is None:
             raise RuntimeShapeError(f"tpcompile made a program for this call but it does not "
                                     f"fit ({why}); please report this")
-    outs = prog.forward(self, *flat)
+    outs = prog.forward(self, *[flat[i] for i in prog.positions])
     n = prog.n_outputs
     if prog.mutations:
         with torch.no_grad():
@@ -137,10 +139,11 @@ def install(module: nn.Module, program: Program, replan: Callable | None = None,
         module.__dict__.get("_tpcompile_code", program.code)
 
 
-def guards_for(inputs: list[Any], q_dims: dict[Any, int], tp: int) -> list[Guard]:
+def guards_for(inputs: list[Any], positions: list[int], q_dims: dict[Any, int],
+               tp: int) -> list[Guard]:
     """Shape guards of a program from its input placeholders' symbolic shapes."""
     out = []
-    for pos, ph in enumerate(inputs):
+    for pos, ph in zip(positions, inputs):
         val = ph.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue
