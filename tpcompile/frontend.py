@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 import inspect
 import traceback
 from dataclasses import dataclass, field
@@ -83,14 +84,9 @@ def block_signature(block: nn.Module) -> tuple:
     settings = []
     for path, sub in block.named_modules():
         for k, v in sorted(vars(sub).items()):
-            if k.startswith("_") or k in ("training", "forward"):
+            if k in ("training", "_tpcompile_devices") or k.startswith("_") and k != "_forward_hooks":
                 continue
-            if isinstance(v, (int, float, bool, str, type(None))) or (
-                isinstance(v, tuple) and all(isinstance(e, (int, float, bool, str)) for e in v)
-            ):
-                settings.append((path, k, v))
-            else:  # a function, a tensor, a config object: the same object, or not the same
-                settings.append((path, k, ("id", id(v))))
+            settings.append((path, k, _plain(v)))
     return (type(block), params, buffers, tuple(settings))
 
 
@@ -102,6 +98,25 @@ class _TensorSlot:
 
 
 TENSOR = _TensorSlot()
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _plain(v: Any, depth: int = 0) -> Any:
+    """A hashable stand-in for an attribute value: plain values as they are, containers
+    and config-like objects by their contents, anything else (a function, a tensor) by
+    identity (the very same object)."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (tuple, list)) and depth < 3:
+        return (type(v).__name__, tuple(_plain(x, depth + 1) for x in v))
+    if isinstance(v, dict) and depth < 3:
+        return ("dict", tuple(sorted((str(k), _plain(x, depth + 1)) for k, x in v.items())))
+    if depth < 2 and not isinstance(v, (nn.Module, torch.Tensor)) and not callable(v) and \
+            hasattr(v, "__dict__"):
+        return (type(v), tuple(sorted((k, _plain(x, depth + 1)) for k, x in vars(v).items())))
+    return ("id", id(v))
 
 
 @dataclass
@@ -142,8 +157,8 @@ class BlockCall:
 
 
 def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A call in one canonical form: arguments that can be named are passed by name,
-    sorted, and those passed as None are left out (the same, for a forward that defaults
+    """A call in one canonical form: arguments that can be named are passed by name, in
+    the signature's order (extra keywords sorted), and those passed as None are left out (the same, for a forward that defaults
     them to None; export cannot take a None inside its inputs). Traces and the programs'
     lookups both use this form, so one structure means one program."""
     try:
@@ -160,12 +175,12 @@ def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple,
         elif kind is inspect.Parameter.VAR_POSITIONAL:
             pos.extend(value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
+            named.update(sorted(value.items()))
         else:
             named[name] = value
     if any(p is None for p in pos):
         return tuple(args), {k: v for k, v in sorted(kwargs.items()) if v is not None}
-    return tuple(pos), {k: v for k, v in sorted(named.items()) if v is not None}
+    return tuple(pos), {k: v for k, v in named.items() if v is not None}
 
 
 _SIGNATURES: dict[Any, inspect.Signature] = {}
@@ -344,9 +359,53 @@ def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
+_CACHE: "OrderedDict[Any, tuple[Traced, list]]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where: str) -> Any:
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    leaves = tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad)
+                   if isinstance(x, torch.Tensor) else ("leaf", _plain(x)) for x in flat)
+    modes = tuple(m.training for m in module.modules())
+    devices = tuple(t.device for t in [*module.parameters(), *module.buffers()])
+    return (block_signature(module), modes, devices, repr(spec), leaves, tracer, where)
+
+
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
           on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes],
           mode: FakeTensorMode) -> Traced:
+    """:func:`trace_module`, remembered: a model of the same structure traced on inputs
+    of the same description (shapes, dtypes, structure, mode) gives the same graph, so
+    the second time only the block requests are replayed (planning the same model again
+    costs milliseconds)."""
+    try:
+        key = _trace_key(module, args, kwargs, tracer, where)
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        t, requested = _CACHE[key]
+        blocks = find_blocks(module)
+        for rel, a, k in requested:
+            a, k = pytree.tree_map(lambda x: fake_like(mode, x), (a, k),
+                                   is_leaf=lambda x: isinstance(x, _Described))
+            on_block(rel, blocks[rel], a, k)
+        return t
+    requested: list = []
+    t = trace_module(module, args, kwargs, tracer=tracer, where=where, on_block=on_block,
+                     mode=mode, requested=requested)
+    if key is not None:
+        _CACHE[key] = (t, requested)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return t
+
+
+def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName,
+                 where: str, on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes],
+                 mode: FakeTensorMode, requested: list | None = None) -> Traced:
     """Export ``module`` (part of a skeleton in :func:`fake_state`) on ``args``/``kwargs``
     (fake tensors of ``mode``) with its blocks opaque. ``on_block(member, block, args,
     kwargs)`` is called for each block signature not seen yet and returns its shapes (it
@@ -387,7 +446,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 ep, (leaves, spec) = _export(target, args, kwargs)
             except _NeedBlock as need:
                 _unpatch(blocks)
-                known[sigs[need.member]] = _on_need(need, blocks, on_block, mode)
+                known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
                 continue
             except TPCompileError:
                 _unpatch(blocks)
@@ -396,7 +455,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
                 _unpatch(blocks)
                 need = _find_need(e, raised)
                 if need is not None:
-                    known[sigs[need.member]] = _on_need(need, blocks, on_block, mode)
+                    known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
                     continue
                 errors[front] = f"{type(e).__name__}: {_first_line(e)}{_user_frame(e)}"
                 break
@@ -416,7 +475,9 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
 
 
 def _on_need(need: _NeedBlock, blocks: dict[str, nn.Module], on_block: Callable,
-             mode: FakeTensorMode) -> BlockShapes:
+             mode: FakeTensorMode, requested: list | None) -> BlockShapes:
+    if requested is not None:
+        requested.append((need.member, need.args, need.kwargs))
     a, k = pytree.tree_map(lambda x: fake_like(mode, x), (need.args, need.kwargs),
                            is_leaf=lambda x: isinstance(x, _Described))
     return on_block(need.member, blocks[need.member], a, k)

@@ -1,0 +1,176 @@
+"""Jobs on models this project did not write: Hugging Face families built offline from
+their config classes, the reference-style Llama and the nanoGPT-style GPT.
+
+Every job compares the parallel model with the unsharded one on *this* rank: the whole
+output structure (ModelOutput fields, tuples), and every parameter's gradient, with its
+placements checked (nothing left ``Partial``) and no global floor on the error.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Partial, Shard
+
+import tpcompile
+from tests.harness import mesh, tp_mesh
+from tpcompile.verify import full
+
+TOL = 5e-5  # float32, relative (see README: numerics)
+
+
+def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tuple, dict]:
+    """A model and its keyword inputs, identical on every rank."""
+    torch.manual_seed(seed)
+    if family == "reference_llama":
+        from models import reference_llama as R
+        m = R.Transformer(R.CONFIGS["tiny"])
+        return m, (), R.example_inputs("tiny", 4, 8)
+    if family == "nanogpt":
+        from models import nanogpt as G
+        cfg = G.CONFIGS["tiny"]
+        m = G.GPT(G.GPTConfig(**{**cfg.__dict__, **overrides}) if overrides else cfg)
+        return m, (), G.example_inputs("tiny", 4, 8)
+    from models import hf_zoo
+    m = hf_zoo.build(family, **overrides)
+    return m, (), hf_zoo.example_inputs(family, 4, 8)
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|; exact agreement required where the reference is all zeros."""
+    a, b = full(a).detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float("inf")
+    scale = b.abs().max().item() if b.numel() else 0.0
+    diff = (a - b).abs().max().item() if b.numel() else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def _leaves(out: Any) -> dict[str, Any]:
+    """Every field of an output structure, by path (ModelOutput, tuples, dicts)."""
+    import torch.utils._pytree as pytree
+    flat, _ = pytree.tree_flatten_with_path(out)
+    return {pytree.keystr(p): v for p, v in flat}
+
+
+def loss_of(out: Any) -> torch.Tensor:
+    """The model's own loss where it computes one, else a weighted sum of the logits."""
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
+        loss = out[1]
+    if loss is not None:
+        return loss
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    w = torch.linspace(0.5, 1.5, logits.shape[-1], dtype=logits.dtype)
+    return (logits.float().pow(2) * w).mean()
+
+
+def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
+          dp: int = 1) -> dict:
+    """This rank's verdict: output fields and every gradient against the reference."""
+    lr, lp = _leaves(out_ref), _leaves(out_par)
+    problems: list[str] = []
+    if set(lr) != set(lp):
+        problems.append(f"output fields differ: {sorted(set(lr) ^ set(lp))}")
+    outputs = {}
+    for k, v in lr.items():
+        w = lp.get(k)
+        if isinstance(v, torch.Tensor):
+            if type(w) is not torch.Tensor:
+                problems.append(f"output {k} is {type(w).__name__}, not a plain tensor")
+                continue
+            outputs[k] = _err(w, v) if dp == 1 else 0.0
+        elif v != w:
+            problems.append(f"output {k}: {w!r} != {v!r}")
+    grads, sharded, total = {}, 0, 0
+    ref_params = dict(ref.named_parameters())
+    par_params = dict(par.named_parameters())
+    if set(ref_params) != set(par_params):
+        problems.append(f"parameter names differ: {sorted(set(ref_params) ^ set(par_params))}")
+    for name, p in ref_params.items():
+        q = par_params.get(name)
+        if q is None:
+            continue
+        total += p.numel()
+        if isinstance(q, DTensor) and any(isinstance(pl, Shard) for pl in q.placements[-1:]):
+            sharded += p.numel()
+        if p.grad is None:
+            problems.append(f"{name}: the reference has no gradient (a useless comparison)")
+            continue
+        if q.grad is None:
+            problems.append(f"{name}: no gradient in the parallel model")
+            continue
+        if isinstance(q.grad, DTensor) and any(isinstance(pl, Partial) for pl in q.grad.placements):
+            problems.append(f"{name}: gradient left Partial {q.grad.placements}")
+            continue
+        grads[name] = _err(q.grad, p.grad)
+    return {"outputs": outputs, "grads": grads, "problems": problems,
+            "sharded": sharded / max(total, 1), "rank": dist.get_rank()}
+
+
+def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None = None,
+             shapes: list[tuple[int, int]] | None = None, padding: bool = False) -> list[dict]:
+    """Parallelize on (4, 8) inputs, then compare at each (batch, seq) in ``shapes``."""
+    ref, args, kwargs = build(family, **(overrides or {}))
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                     example_kwargs=kwargs, sequence_parallel=sp)
+    out = []
+    for batch, seq in shapes or [(4, 8)]:
+        kw = _inputs(family, kwargs, batch, seq, padding)
+        for m in (ref, par):
+            m.zero_grad(set_to_none=True)
+        o_ref, o_par = ref(*args, **kw), par(*args, **kw)
+        loss_of(o_ref).backward()
+        loss_of(o_par).backward()
+        out.append(dict(judge(ref, par, o_ref, o_par), shape=(batch, seq)))
+    return out
+
+
+def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dict:
+    """Inputs of the same structure as ``like`` at another batch and sequence length."""
+    g = torch.Generator().manual_seed(batch * 100 + seq)
+    vocab = 128
+    out = {}
+    for k, v in like.items():
+        if k == "attention_mask":
+            mask = torch.ones(batch, seq, dtype=v.dtype)
+            if padding:  # left padding on every other row, as a batched generate pads
+                mask[::2, : seq // 4] = 0
+            out[k] = mask
+        elif isinstance(v, torch.Tensor):
+            out[k] = torch.randint(0, vocab, (batch, seq), generator=g)
+        else:
+            out[k] = v
+    if "labels" in out and padding and "attention_mask" in out:
+        out["labels"] = out["labels"].masked_fill(out["attention_mask"] == 0, -100)
+    return out
+
+
+def fsdp_numerics(rank: int, family: str) -> dict:
+    """dp 2 x tp 2: FSDP2 on dp, each dp rank its half of the batch."""
+    m = mesh((2, 2), ("dp", "tp"))
+    ref, args, kwargs = build(family)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), m, example_inputs=args,
+                                     example_kwargs=kwargs)
+    dp, me = m["dp"].size(), m["dp"].get_local_rank()
+    mine = {k: v.chunk(dp, 0)[me] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    o_ref, o_par = ref(**kwargs), par(**mine)
+    loss_of(o_ref).backward()
+    loss_par = loss_of(o_par)
+    loss_par.backward()
+    verdict = judge(ref, par, o_ref, o_par, dp=dp)
+    total = loss_par.detach().clone()
+    dist.all_reduce(total, group=m["dp"].get_group())
+    verdict["outputs"] = {"loss": _err(total / dp, loss_of(o_ref))}
+    return verdict
+
+
+def plan_fraction(rank: int, family: str, tp: int) -> dict:
+    """Planning only: the share of parameters a tp plan shards."""
+    ref, args, kwargs = build(family)
+    styles = tpcompile.plan(ref, tp=tp, example_inputs=args, example_kwargs=kwargs).layer_styles()
+    return {"styles": styles}
