@@ -25,9 +25,11 @@ def test_review_case_matches_the_unsharded_model(pool, name, sp):
         matches(r)
 
 
-def test_tied_weights_stay_tied_and_replicated(pool):
+def test_tied_embedding_and_head_are_sharded_once(pool):
+    """``head.weight = emb.weight``: one Shard(0) weight, a vocab-parallel lookup and a
+    colwise head (numerics in test_review_case_matches_the_unsharded_model)."""
     r = pool.run(jobs_cases.case, "tied_module", 2, True)[0]
-    assert "head" not in r["styles"] and "emb" not in r["styles"]
+    assert r["styles"]["head"] == "colwise" and r["styles"]["emb"] == "vocab_parallel"
     assert r["styles"]["layers.0.w1"] == "colwise"
 
 

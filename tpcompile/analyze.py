@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from . import ops
 from .errors import IndivisibleError, PlanError
@@ -43,9 +44,11 @@ class Layer:
     options: tuple = ()  # embedding: (padding_idx, scale_grad_by_freq, sparse)
 
 
-def mark_layers(t: Traced) -> dict[str, Layer]:
-    """Find the layers of a traced graph (``node.meta['tpc_layer']``). A weight used by
-    two layers (tied) makes neither a layer: they stay replicated."""
+def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
+    """Find the layers of a traced graph (``node.meta['tpc_layer']``). A weight tied
+    between an embedding and a Linear head (export keeps one placeholder, named after
+    the first) gives two layers, each named after the module that calls it; a weight
+    used by two Linears makes neither a layer: they stay replicated."""
     found: dict[fx.Node, Layer] = {}
     uses: dict[fx.Node, int] = defaultdict(int)
     for n in t.gm.graph.nodes:
@@ -67,7 +70,13 @@ def mark_layers(t: Traced) -> dict[str, Layer]:
         if fqn is None or not fqn.endswith("weight"):
             continue
         layer = fqn[:-len(".weight")] if fqn.endswith(".weight") else ""
-        if not layer or (b is not None and t.params.get(b) != f"{layer}.bias"):
+        caller = _caller(n) if module is not None else layer
+        if caller and caller != layer:
+            if not _holds(module, caller, "weight", module.get_parameter(fqn)):  # type: ignore[union-attr]
+                continue  # another module's weight read directly (F.linear(h, emb.weight))
+            layer = caller  # the tied twin: named after the module that calls it
+        if not layer or b is not None and not (t.params.get(b) == f"{layer}.bias" or _holds(
+                module, layer, "bias", module.get_parameter(t.params.get(b, "")))):  # type: ignore[union-attr, arg-type]
             continue
         uses[w] += 1
         opts = ()
@@ -77,11 +86,33 @@ def mark_layers(t: Traced) -> dict[str, Layer]:
         found[n] = Layer(kind, layer, w, b, tuple(info(w).shape), opts)  # type: ignore[arg-type, union-attr]
     out: dict[str, Layer] = {}
     for n, layer in found.items():
-        if uses[layer.weight] > 1 and layer.kind != "norm":
-            continue  # tied: one weight, two layers
+        kinds = sorted(l.kind for l in found.values() if l.weight is layer.weight)
+        if len(kinds) > 1 and kinds != ["embedding", "linear"] and layer.kind != "norm":
+            continue  # one weight, two layers of the same kind: replicated
         n.meta["tpc_layer"] = layer
         out.setdefault(layer.name, layer)
     return out
+
+
+def _caller(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return _clean_path(list(stack.values())[-1][0]) if stack else ""
+
+
+def _holds(module: nn.Module | None, path: str, name: str, p: Any) -> bool:
+    if module is None:
+        return False
+    try:
+        return module.get_submodule(path)._parameters.get(name) is p
+    except AttributeError:
+        return False
+
+
+def tied_pairs(gm: fx.GraphModule) -> list[tuple[Layer, Layer]]:
+    """(embedding, linear) layers that share one weight."""
+    layers = [l for n in gm.graph.nodes if (l := layer_of(n)) is not None]
+    return [(e, h) for e in layers if e.kind == "embedding"
+            for h in layers if h.kind == "linear" and h.weight is e.weight]
 
 
 def layer_of(node: fx.Node) -> Layer | None:
@@ -108,6 +139,7 @@ class Propagation:
     found_rowwise: set[str] = field(default_factory=set)
     gathered_outputs: list[fx.Node] = field(default_factory=list)
     heads: set[str] = field(default_factory=set)  # colwise heads gathered right at the layer
+    packed: dict[str, int] = field(default_factory=dict)  # fused colwise layer -> parts
 
 
 @dataclass
@@ -182,6 +214,7 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
     contracts = contracts or {}
     res = Propagation({}, defaultdict(dict), heads=set(heads))
     lay = res.layouts
+    ctx = ops.Ctx(tp, lay, packed=res.packed)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             lay[node] = R
@@ -196,6 +229,8 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
         layer = layer_of(node)
         if layer is not None and layer.kind == "linear":
             lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
+            if styles.get(layer.name) == "colwise":
+                ctx.colwise[node] = layer.name
             if layer.name in res.heads:
                 lay[node] = R  # gathered inside the rewritten layer
                 res.gathered_outputs.append(node)
@@ -217,7 +252,7 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
                          "a sharded tensor cannot pass through it" + (f" (at {line})" if line else ""),
                          no_rule=_describe(node))
         try:
-            lay[node] = rule(node, ops.Ctx(tp, lay))
+            lay[node] = rule(node, ctx)
         except Unsafe as u:
             u.reason = f"{where(node)}: {u.reason}"
             raise

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from .errors import PlanError, TPCompileError, UnsupportedError
 from .frontend import skeleton
@@ -45,9 +46,13 @@ def placements_for(unit: Unit, member: str, module: nn.Module) -> dict[str, list
     out: dict[str, list[Placement]] = {}
     for rel, style in unit.styles.items():
         layer = module.get_submodule(rel)
+        parts = unit.prop.packed.get(rel)
         for pname, _ in layer.named_parameters(recurse=False):
             full = f"{member}.{rel}.{pname}" if member else f"{rel}.{pname}"
-            out[full] = [PLACEMENTS.get((style, pname), Replicate())]
+            if parts and style == "colwise":  # fused q|k|v: a slice of each part per rank
+                out[full] = [_StridedShard(0, split_factor=parts)]
+            else:
+                out[full] = [PLACEMENTS.get((style, pname), Replicate())]
     return out
 
 
@@ -58,11 +63,15 @@ def distribute_parameters(model: nn.Module, placements: dict[str, list[Placement
     leaves the model as it was."""
     new: list[tuple[nn.Module, str, nn.Parameter]] = []
     made: dict[int, nn.Parameter] = {}  # a tied parameter stays one parameter
+    wanted: dict[int, list[Placement]] = {}  # by identity: a tied one under any of its names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in placements:
+            wanted.setdefault(id(p), placements[name])
     for name, p in model.named_parameters(remove_duplicate=False):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if id(p) not in made:
-            pl = placements.get(name, [Replicate()])
+            pl = wanted.get(id(p), [Replicate()])
             dt = distribute_tensor(p.detach(), tp_mesh, pl)
             made[id(p)] = nn.Parameter(dt, requires_grad=p.requires_grad)
         new.append((owner, attr, made[id(p)]))
@@ -120,7 +129,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     if input_dtype is not None:
         example_inputs, example_kwargs = _cast_floats((example_inputs, example_kwargs), input_dtype)
     options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
-                   tracer=tracer, input_dtype=input_dtype)
+                   tracer=tracer, input_dtype=input_dtype, packing=dp_mesh is None)
     compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                              given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
     _refuse_unsupported_layers(model, compiled)

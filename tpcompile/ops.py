@@ -12,9 +12,10 @@ states, for every op real models use, what happens to it.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -29,6 +30,8 @@ class Ctx:
     tp: int
     layouts: dict[fx.Node, Layout]
     where: str = ""
+    colwise: dict[fx.Node, str] = field(default_factory=dict)  # colwise output -> its layer
+    packed: dict[str, int] = field(default_factory=dict)  # layer -> parts it is split into
 
     def of(self, n: Any) -> Layout:
         return self.layouts.get(n, R) if isinstance(n, fx.Node) else R
@@ -395,9 +398,50 @@ def split(node: fx.Node, ctx: Ctx) -> Layout:
     unbind = node.target is aten.unbind.int
     d = _dim_arg(node, 1 if unbind else 2, rank) or 0
     if d == lay.dim:
-        raise Unsafe(f"{node.name}: splits the sharded dim (a fused projection? its parts "
-                     "would mix across ranks)")
+        parts = _equal_parts(node, info(src).shape[d])  # type: ignore[union-attr]
+        layer = ctx.colwise.get(src)
+        if layer is not None and parts is not None and not PACKING["enabled"]:
+            raise Unsafe(f"{node.name}: a fused projection (split into {parts} parts) is "
+                         "sharded per part only without FSDP2 (a 1-D mesh) for now")
+        if layer is None or parts is None or len(src.users) != 1:
+            raise Unsafe(f"{node.name}: splits the sharded dim into unequal parts or after "
+                         "other ops (a fused projection tpcompile cannot shard per part)")
+        if (info(src).shape[d] // parts) % ctx.tp:  # type: ignore[union-attr]
+            raise Unsafe(f"{node.name}: a part of the fused projection has "
+                         f"{info(src).shape[d] // parts} features, not divisible by tp = "  # type: ignore[union-attr]
+                         f"{ctx.tp}", indivisible=("part size", info(src).shape[d] // parts))  # type: ignore[union-attr]
+        ctx.packed[layer] = parts  # q|k|v or gate|up: each rank holds its slice of each part
+        return lay
     return Layout(lay.kind, lay.dim - 1 if unbind and d < lay.dim else lay.dim)
+
+
+# Fused projections sharded per part need a strided placement (``_StridedShard``) that
+# FSDP2 does not compose with yet: compile_model turns packing off for 2-D meshes.
+PACKING = {"enabled": True}
+
+
+@contextlib.contextmanager
+def packing(enabled: bool) -> Iterator[None]:
+    old = PACKING["enabled"]
+    PACKING["enabled"] = enabled
+    try:
+        yield
+    finally:
+        PACKING["enabled"] = old
+
+
+def _equal_parts(node: fx.Node, size: int) -> int | None:
+    """The number of parts when a split cuts ``size`` into equal parts, else None."""
+    if node.target is aten.chunk.default:
+        n = node.args[1]
+        return n if size % n == 0 else None
+    if node.target is aten.split.Tensor:
+        step = node.args[1]
+        return size // step if isinstance(step, int) and size % step == 0 else None
+    if node.target is aten.split_with_sizes.default:
+        sizes = list(node.args[1])
+        return len(sizes) if len(set(sizes)) == 1 else None
+    return None
 
 
 @register(aten.repeat_interleave.self_int)
@@ -457,6 +501,8 @@ def is_passable(node: fx.Node) -> bool:
 # ops whose explicit size arguments must be made local when the output is sharded
 SIZED = {aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1,
          aten.expand.default: 1, aten.unflatten.int: 2}
+# splits whose sizes are divided by tp when they cut the sharded dim (a fused projection)
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
 __all__ = ["Layout", "R", "E", "S", "Q", "Unsafe", "Ctx", "rule_for", "info", "tensor_inputs",

@@ -22,6 +22,7 @@ from torch.distributed.tensor import Shard
 
 from . import analyze as A
 from . import frontend as FE
+from . import ops
 from . import sequence as SQ
 from .analyze import Contract, Propagation
 from .errors import IndivisibleError
@@ -166,7 +167,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                   example_inputs: tuple | None = None, example_kwargs: dict | None = None,
                   on_indivisible: str = "error", given: Plan | None = None,
                   tracer: TracerName = "auto", skeleton: nn.Module | None = None,
-                  bound: bool = False, input_dtype: torch.dtype | None = None) -> Compiled:
+                  bound: bool = False, input_dtype: torch.dtype | None = None,
+                  packing: bool = True) -> Compiled:
     """Trace -> analyze for the root and, once per distinct block signature, each block.
     ``given``: a plan to apply instead of detecting one (``bound``: already bound to this
     model). Works on a meta-device skeleton of ``model``; ``model`` is never changed."""
@@ -220,7 +222,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                      on_block=on_block, mode=mode)
         used_tracer.append(t.tracer)
         FE.annotate(t)
-        A.mark_layers(t)
+        A.mark_layers(t, module)
         for rel in FE.find_blocks(module):
             parent = _join(path, rel).rsplit(".", 1)[0]
             parents[parent] = parents.get(parent, 0) + 1
@@ -241,7 +243,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         order.append(key)
         return unit
 
-    with FE.fake_state(sk) as mode:
+    with FE.fake_state(sk) as mode, ops.packing(packing):
         args, kwargs = FE.example_for(mode, example_inputs, kwargs)
         process(sk, "", args, kwargs, True)
     add_member("<root>", "")
@@ -311,12 +313,22 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         styles, segments, notes = A.detect_segments(gm, contracts)
         _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
-        tied = {n.rpartition(".")[0] for n in shared_names if n.startswith(prefix) or not prefix}
-        tied = {n[len(prefix):] if prefix and n.startswith(prefix) else n for n in tied}
-        for layer in sorted(tied & set(styles)):
-            if layer in styles:  # a segment dropped for an earlier tied layer took it too
+        for emb, head in A.tied_pairs(gm):
+            # one weight, Shard(0) for both uses: vocab-parallel lookup, colwise head
+            if styles.get(emb.name) == "vocab_parallel" and styles.get(head.name) == "colwise":
+                continue
+            for layer in (emb.name, head.name):
+                if layer in styles:
+                    notes.append(A.replicate_layer(
+                        styles, segments, layer, "its weight is tied to another layer's, "
+                        "which cannot be sharded the same way"))
+        tied_elsewhere = {n.rpartition(".")[0] for n in shared_names}
+        local = {l.name for n in gm.graph.nodes if (l := A.layer_of(n)) is not None}
+        for layer in sorted(set(styles) & local):
+            if f"{prefix}{layer}" in tied_elsewhere and not any(
+                    layer in (e.name, h.name) for e, h in A.tied_pairs(gm)):
                 notes.append(A.replicate_layer(styles, segments, layer,
-                                               "its weight is tied to another layer's"))
+                                               "its weight is tied to a layer in another module"))
         heads = A.head_layers(gm, styles, segments, 1, contracts)
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
                                                       prefix, contracts, heads)

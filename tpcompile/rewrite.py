@@ -98,15 +98,24 @@ class _Builder:
         self.loss_parallel = loss_parallel
         self.gathered: dict[fx.Node, fx.Node] = {}
         self.device: fx.Node | None = None
-        self.owner: dict[fx.Node, fx.Node] = {}  # sharded param placeholder -> its layer node
+        self.owner: dict[fx.Node, set[fx.Node]] = {}  # sharded param -> the layers using it
         for n in self.gm.graph.nodes:
             layer = layer_of(n)
             if layer is not None and self._placement(layer.weight) is not None:
-                self.owner[layer.weight] = n
+                self.owner.setdefault(layer.weight, set()).add(n)
                 if layer.bias is not None and self._placement(layer.bias) is not None:
-                    self.owner[layer.bias] = n
+                    self.owner.setdefault(layer.bias, set()).add(n)
 
     def _placement(self, p: fx.Node) -> Any:
+        """The tp placement of a parameter placeholder (None: replicated), from the style
+        of any layer that uses it (tied layers agree, the analysis made sure)."""
+        for n in p.users:
+            layer = layer_of(n)
+            if layer is not None and p in (layer.weight, layer.bias):
+                pname = "weight" if p is layer.weight else "bias"
+                pl = PLACEMENTS.get((self.styles.get(layer.name), pname))
+                if pl is not None:
+                    return pl
         fqn = self.t.params.get(p)
         if fqn is None:
             return None
@@ -156,7 +165,7 @@ class _Builder:
     # -- values with conversions
     def value(self, p: fx.Node, consumer: fx.Node) -> Any:
         v = self.env[p]
-        if p in self.owner and self.owner[p] is not consumer:
+        if p in self.owner and consumer not in self.owner[p]:
             return self._direct_read(p)
         if not isinstance(v, fx.Node) or p.meta.get("tpc") is None:
             return v
@@ -224,6 +233,11 @@ class _Builder:
             return g.call_function(C.on_rank_rng, (C.keep_constant(n.target), self.group, *a), k)
         if lay.kind == "S" and n.target in ops.SIZED:
             return self._sized(n, lay)
+        if lay.kind == "S" and n.target in ops.SPLITS and \
+                ops.norm_dim(ops.arg(n, 2, "dim", 0), info(n.args[0]).rank) == lay.dim:  # type: ignore[union-attr]
+            a, k = self.args(n)
+            sizes = a[1] // self.tp if isinstance(a[1], int) else [x // self.tp for x in a[1]]
+            return g.create_node(n.op, n.target, (a[0], sizes, *a[2:]), k, n.name)
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from . import ops
 from .analyze import NORM_OPS, Contract, Propagation, is_block, layer_of
-from .ops import Q, R, info, tensor_inputs
+from .ops import E, Q, R, info, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -109,10 +109,13 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, s
         for p in tensor_inputs(n):
             t = info(p)
             if p in params:
-                prop.need[n][p] = R
+                prop.need[n][p] = R  # its partial gradient is summed by the rewrite's sync_grads
                 continue
             pos = 1 - (out.rank - t.rank)  # type: ignore[union-attr]
-            prop.need[n][p] = Q(pos) if pos >= 0 and t.shape[pos] != 1 else R  # type: ignore[union-attr]
+            if pos >= 0 and t.shape[pos] != 1:  # type: ignore[union-attr]
+                prop.need[n][p] = Q(pos)
+            else:  # a replicated operand (1 + weight, a scale): its gradient is partial
+                prop.need[n][p] = R if p in chosen else E
     for n in gm.graph.nodes:  # non-Q consumers of a Q producer read it replicated
         if n in chosen or ops.is_meta_op(n):
             continue
