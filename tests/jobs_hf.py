@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Partial, Shard
+from torch.distributed.tensor import DTensor, Partial
 
 import tpcompile
 from tests.harness import mesh, tp_mesh
@@ -104,7 +104,7 @@ def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
         if q is None:
             continue
         total += p.numel()
-        if isinstance(q, DTensor) and any(isinstance(pl, Shard) for pl in q.placements[-1:]):
+        if isinstance(q, DTensor) and any(pl.is_shard() for pl in q.placements[-1:]):
             sharded += p.numel()
         if p.grad is None:
             problems.append(f"{name}: the reference has no gradient (a useless comparison)")

@@ -59,4 +59,5 @@ def test_llama_with_a_padding_mask(pool):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "reference_llama", "nanogpt"])
 def test_fsdp_dp2_tp2(pool, family):
-    check(pool.run(J.fsdp_numerics, family))
+    # fused projections stay replicated under FSDP2 for now (see README), so no share
+    check(pool.run(J.fsdp_numerics, family), None)

@@ -36,7 +36,7 @@ class Layer:
     parameter of the traced module. ``name`` is the module path (weight FQN less
     ``.weight``), relative to the traced module."""
 
-    kind: Literal["linear", "embedding", "norm"]
+    kind: Literal["linear", "conv1d", "embedding", "norm"]
     name: str
     weight: fx.Node
     bias: fx.Node | None
@@ -58,6 +58,8 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
         if n.target is aten.linear.default:
             w, b = n.args[1], (n.args[2] if len(n.args) > 2 else None)
             kind = "linear"
+        elif n.target is aten.addmm.default and len(n.args) == 3 and not n.kwargs:
+            w, b, kind = n.args[2], n.args[0], "conv1d"  # GPT-2's Conv1D: bias + x @ W
         elif n.target is aten.embedding.default:
             w, b, kind = n.args[0], None, "embedding"
         elif n.target in NORM_OPS:
@@ -112,7 +114,7 @@ def tied_pairs(gm: fx.GraphModule) -> list[tuple[Layer, Layer]]:
     """(embedding, linear) layers that share one weight."""
     layers = [l for n in gm.graph.nodes if (l := layer_of(n)) is not None]
     return [(e, h) for e in layers if e.kind == "embedding"
-            for h in layers if h.kind == "linear" and h.weight is e.weight]
+            for h in layers if h.kind in ("linear", "conv1d") and h.weight is e.weight]
 
 
 def layer_of(node: fx.Node) -> Layer | None:
@@ -227,7 +229,7 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
                     res.gathered_outputs.append(p)
             continue
         layer = layer_of(node)
-        if layer is not None and layer.kind == "linear":
+        if layer is not None and layer.kind in ("linear", "conv1d"):
             lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
             if styles.get(layer.name) == "colwise":
                 ctx.colwise[node] = layer.name
@@ -265,10 +267,10 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
 
 def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propagation,
             auto_rowwise: bool) -> Layout:
-    x = node.args[0]
+    x = node.args[1] if layer.kind == "conv1d" else node.args[0]
     lx, tx = res.layouts[x], info(x)
     last = tx.rank - 1  # type: ignore[union-attr]
-    out_features, in_features = layer.shape
+    out_features, in_features = layer.shape[::-1] if layer.kind == "conv1d" else layer.shape
     if style == "colwise":
         if lx.sharded:
             raise Unsafe(f"{layer.name}: colwise layer fed by a tensor sharded on dim {lx.dim}")
@@ -302,7 +304,8 @@ def _describe(node: fx.Node) -> str:
 
 
 def _linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.kind == "linear"]
+    return [n for n in gm.graph.nodes if (l := layer_of(n)) is not None
+            and l.kind in ("linear", "conv1d")]
 
 
 def _backtrace(g: nx.DiGraph, start: fx.Node, free: set[str]) -> set[str]:
@@ -311,7 +314,7 @@ def _backtrace(g: nx.DiGraph, start: fx.Node, free: set[str]) -> set[str]:
     while todo:
         n = todo.pop()
         layer = layer_of(n)
-        if layer is not None and layer.kind == "linear":
+        if layer is not None and layer.kind in ("linear", "conv1d"):
             if layer.name in free:
                 found.add(layer.name)
             continue

@@ -13,11 +13,11 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from .errors import PlanError, TPCompileError, UnsupportedError
 from .frontend import skeleton
-from .plan import PLACEMENTS, Compiled, Plan, Unit, _cast_floats, compile_model
+from .analyze import layer_of
+from .plan import Compiled, Plan, Unit, _cast_floats, compile_model, placement
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
 
@@ -44,15 +44,13 @@ def load_plan(plan: Plan | str | Path | None) -> Plan | None:
 def placements_for(unit: Unit, member: str, module: nn.Module) -> dict[str, list[Placement]]:
     """Absolute parameter name -> placements on the tp mesh, for one traced member."""
     out: dict[str, list[Placement]] = {}
+    kinds = {l.name: l.kind for n in unit.gm.graph.nodes if (l := layer_of(n)) is not None}
     for rel, style in unit.styles.items():
         layer = module.get_submodule(rel)
-        parts = unit.prop.packed.get(rel)
         for pname, _ in layer.named_parameters(recurse=False):
             full = f"{member}.{rel}.{pname}" if member else f"{rel}.{pname}"
-            if parts and style == "colwise":  # fused q|k|v: a slice of each part per rank
-                out[full] = [_StridedShard(0, split_factor=parts)]
-            else:
-                out[full] = [PLACEMENTS.get((style, pname), Replicate())]
+            pl = placement(kinds.get(rel, "linear"), style, pname, unit.prop.packed.get(rel))
+            out[full] = [pl if pl is not None else Replicate()]
     return out
 
 

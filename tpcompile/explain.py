@@ -22,7 +22,7 @@ from . import collectives as C
 from . import ops
 from .analyze import is_block, layer_of
 from .ops import R, info
-from .plan import PLACEMENTS, Compiled, Unit
+from .plan import PLACEMENTS, Compiled, Unit, placement
 from .rewrite import Site, rewrite
 
 Kind = Literal["all_reduce", "all_gather", "reduce_scatter"]
@@ -177,7 +177,7 @@ def megatron_min(c: Compiled) -> int:
 def _placements(style: str, module: nn.Module) -> dict[str, str]:
     out = {}
     for pn, _ in module.named_parameters(recurse=False):
-        pl = PLACEMENTS.get((style, pn))
+        pl = placement("conv1d" if type(module).__name__ == "Conv1D" else "linear", style, pn)
         out[pn] = repr(pl) if pl is not None else (
             "Replicate (grad summed over tp)" if style == "sequence_parallel" else
             "Replicate (added once, after the reduction)" if style == "rowwise" else "Replicate")

@@ -86,6 +86,9 @@ def block_signature(block: nn.Module) -> tuple:
         for k, v in sorted(vars(sub).items()):
             if k in ("training", "_tpcompile_devices") or k.startswith("_") and k != "_forward_hooks":
                 continue
+            if k in INDEX_ATTRS and isinstance(v, int):
+                continue  # the block's position (HF: for the KV cache); what it changes,
+                # HF stores as attributes of their own (sliding_window, is_sliding)
             settings.append((path, k, _plain(v)))
     return (type(block), params, buffers, tuple(settings))
 
@@ -101,6 +104,7 @@ TENSOR = _TensorSlot()
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
+INDEX_ATTRS = {"layer_idx", "layer_id", "layer_number", "block_idx"}
 
 
 def _plain(v: Any, depth: int = 0) -> Any:

@@ -207,7 +207,10 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
         if lay.dim >= b.rank:
             raise Unsafe(f"{node.name}: view_as_complex of the sharded real/imag pair")
         return Layout(lay.kind, lay.dim)
-    return Layout(lay.kind, view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name))
+    out = view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name)
+    if src in ctx.colwise and len(src.users) == 1 and a.shape[lay.dim] == b.shape[out]:
+        ctx.colwise[node] = ctx.colwise[src]  # still the fused output (Conv1D's view back)
+    return Layout(lay.kind, out)
 
 
 @register(aten.transpose.int, aten.permute.default, aten.t.default, aten.swapaxes.default,

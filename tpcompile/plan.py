@@ -37,6 +37,22 @@ PLACEMENTS: dict[tuple[str | None, str], Shard] = {
 }
 
 
+def placement(kind: str, style: str | None, pname: str, parts: int | None = None) -> Any:
+    """A layer parameter's placement on the tp mesh (None: replicated). ``kind``
+    "conv1d" (GPT-2's Conv1D) stores its weight as (in, out), the transpose of a Linear's;
+    ``parts``: a fused projection, each rank holding its slice of every part."""
+    pl = PLACEMENTS.get((style, pname))
+    if pl is None:
+        return None
+    dim = pl.dim
+    if kind == "conv1d" and pname == "weight":
+        dim = 1 - dim
+    if parts and style == "colwise":
+        from torch.distributed.tensor.placement_types import _StridedShard
+        return _StridedShard(dim, split_factor=parts)
+    return Shard(dim)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -25,7 +25,7 @@ from .analyze import Contract, Propagation, is_block, layer_of, where
 from .errors import PlanError
 from .frontend import Traced, TensorInfo
 from .ops import Layout, R, info
-from .plan import PLACEMENTS
+from .plan import placement
 
 aten = torch.ops.aten
 
@@ -113,14 +113,11 @@ class _Builder:
             layer = layer_of(n)
             if layer is not None and p in (layer.weight, layer.bias):
                 pname = "weight" if p is layer.weight else "bias"
-                pl = PLACEMENTS.get((self.styles.get(layer.name), pname))
+                pl = placement(layer.kind, self.styles.get(layer.name), pname,
+                               self.prop.packed.get(layer.name))
                 if pl is not None:
                     return pl
-        fqn = self.t.params.get(p)
-        if fqn is None:
-            return None
-        owner, _, pname = fqn.rpartition(".")
-        return PLACEMENTS.get((self.styles.get(owner), pname))
+        return None
 
     # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
     def _inputs(self) -> None:
@@ -214,7 +211,7 @@ class _Builder:
         if n.target is aten._assert_tensor_metadata.default:
             return None  # a dtype/device assertion of the trace; shapes are local now
         layer = layer_of(n)
-        if layer is not None and layer.kind == "linear":
+        if layer is not None and layer.kind in ("linear", "conv1d"):
             return self._linear(n, layer)
         if layer is not None and layer.kind == "embedding" and \
                 self.styles.get(layer.name) == "vocab_parallel":
@@ -274,18 +271,21 @@ class _Builder:
 
     def _linear(self, n: fx.Node, layer: Any) -> fx.Node:
         g, style = self.g, self.styles.get(layer.name)
-        x = self.value(n.args[0], n)
+        conv = layer.kind == "conv1d"  # addmm(bias, x, weight (in, out))
+        x = self.value(n.args[1] if conv else n.args[0], n)
         w = self.env[layer.weight]
         b = self.env[layer.bias] if layer.bias is not None else None
         if style != "rowwise":
-            y = g.call_function(aten.linear.default, (x, w, b))
+            y = g.call_function(aten.addmm.default, (b, x, w)) if conv else \
+                g.call_function(aten.linear.default, (x, w, b))
             if layer.name not in self.prop.heads:
                 return y
             out = g.call_function(C.gather, (y, info(n).rank - 1, self.group))  # type: ignore[union-attr]
             out.meta["tpc_site"] = Site(layer.name, "colwise head output gathered (a loss "
                                         "inside the model reads the logits)", info(n), n.name)  # type: ignore[arg-type]
             return out
-        y = g.call_function(aten.linear.default, (x, w))
+        y = g.call_function(aten.mm.default, (x, w)) if conv else \
+            g.call_function(aten.linear.default, (x, w))
         y = self._reduce(n, layer.name, y)
         return g.call_function(aten.add.Tensor, (y, b)) if b is not None else y
 
