@@ -185,3 +185,88 @@ def plan_fraction(rank: int, family: str, tp: int) -> dict:
     ref, args, kwargs = build(family)
     styles = tpcompile.plan(ref, tp=tp, example_inputs=args, example_kwargs=kwargs).layer_styles()
     return {"styles": styles}
+
+
+def collective_counts(rank: int, family: str, tp: int, sp: bool, n_layers: int) -> dict:
+    """Collectives by kind (count and bytes) in one forward and one backward."""
+    from tpcompile.counting import CollectiveCounter
+    layers = {"n_layers": n_layers} if family == "reference_llama" else {"num_hidden_layers": n_layers}
+    ref, args, kwargs = build(family, **layers)
+    par = tpcompile.auto_parallelize(ref, tp_mesh(tp), example_inputs=args,
+                                     example_kwargs=kwargs, sequence_parallel=sp)
+    with CollectiveCounter() as fwd:
+        out = par(*args, **kwargs)
+    with CollectiveCounter() as bwd:
+        loss_of(out).backward()
+    return {"fwd": dict(fwd.counts), "bwd": dict(bwd.counts),
+            "fwd_bytes": dict(fwd.bytes), "bwd_bytes": dict(bwd.bytes)}
+
+
+class NoRuleScale(torch.nn.Module):
+    """A block whose attention output goes through a custom op tpcompile has no rule for."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = torch.nn.LayerNorm(d)
+        self.wq, self.wk, self.wv, self.wo = (torch.nn.Linear(d, d) for _ in range(4))
+        self.w1, self.w2 = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        h = self.norm(x)
+        q, k, v = (w(h).view(b, s, self.heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = torch.ops.tpcompile_test.scale(o)  # no rule: this segment must stay replicated
+        x = x + self.wo(o.transpose(1, 2).reshape(b, s, -1))
+        return x + self.w2(torch.relu(self.w1(self.norm(x))))
+
+
+@torch.library.custom_op("tpcompile_test::scale", mutates_args=())
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.5
+
+
+@_scale.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_scale.register_autograd(lambda ctx, g: g * 1.5)
+
+
+def no_rule(rank: int) -> dict:
+    """A custom op without a rule: a warning naming the op, the layer and the line; the
+    segment replicated; the numbers right; no collective for it."""
+    import warnings
+    from tpcompile.counting import CollectiveCounter
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([NoRuleScale(), NoRuleScale()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    ref = Stack()
+    x = torch.randn(2, 8, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_inputs=(x,),
+                                         sequence_parallel=False)
+    plan = tpcompile.plan_of(par)
+    with CollectiveCounter() as c:
+        o_par = par(x)
+        loss_of(o_par).backward()
+    ref64 = copy.deepcopy(ref).double()
+    o_ref = ref(x)
+    loss_of(o_ref).backward()
+    loss_of(ref64(x.double())).backward()
+    verdict = judge(ref, par, o_ref, o_par, exact={n: p.grad for n, p in ref64.named_parameters()})
+    return {**verdict, "warnings": [str(w.message) for w in caught],
+            "styles": plan.layer_styles(), "notes": [n.reason for n in plan.notes()],
+            "collectives": dict(c.counts)}

@@ -61,3 +61,38 @@ def test_llama_with_a_padding_mask(pool):
 def test_fsdp_dp2_tp2(pool, family):
     # fused projections stay replicated under FSDP2 for now (see README), so no share
     check(pool.run(J.fsdp_numerics, family), None)
+
+
+def per_block(pool, family: str, tp: int, sp: bool) -> dict:
+    """Collectives of one block: counts(3 layers) - counts(2 layers)."""
+    two = pool.run(J.collective_counts, family, tp, sp, 2)[0]
+    three = pool.run(J.collective_counts, family, tp, sp, 3)[0]
+    out = {}
+    for phase in ("fwd", "bwd", "fwd_bytes", "bwd_bytes"):
+        out[phase] = {k: three[phase].get(k, 0) - two[phase].get(k, 0)
+                      for k in set(two[phase]) | set(three[phase])
+                      if three[phase].get(k, 0) - two[phase].get(k, 0)}
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "reference_llama"])
+def test_comm_per_block_is_the_megatron_minimum(pool, family):
+    """HF's rotate_half RoPE and the reference's complex RoPE add no collective."""
+    act = 4 * 8 * 64 * 4  # batch x seq x hidden x float32 (bytes of a full activation)
+    c = per_block(pool, family, 2, True)
+    assert c["fwd"] == {"all_gather": 2, "reduce_scatter": 2}
+    assert c["bwd"] == {"all_gather": 2, "reduce_scatter": 2, "all_reduce": 1}
+    # an all-gather's input is one shard, a reduce-scatter's the whole partial tensor
+    assert c["fwd_bytes"] == {"all_gather": act, "reduce_scatter": 2 * act}
+    c = per_block(pool, family, 2, False)
+    assert c["fwd"] == {"all_reduce": 2} and c["bwd"] == {"all_reduce": 2}
+
+
+def test_an_op_without_a_rule_keeps_its_segment_replicated(pool):
+    for r in pool.run(J.no_rule):
+        check([r], None)
+        said = [w for w in r["warnings"] if "tpcompile_test.scale" in w]
+        assert said and "layers.0" in said[0] and "jobs_hf.py:" in said[0], r["warnings"]
+        assert "layers.0.wq" not in r["styles"] and r["styles"]["layers.0.w1"] == "colwise"
+        # only the MLP's two all-reduces per block: nothing gathers around the custom op
+        assert r["collectives"] == {"all_reduce": 2 * 2 * 2}, r["collectives"]
