@@ -64,7 +64,42 @@ def builder(mod: Any, path: str, name: str | None) -> Callable[..., nn.Module]:
         "pick a function or class defined in the file.")
 
 
-def build(args: argparse.Namespace) -> tuple[nn.Module, tuple | None, str]:
+def hf_config_path(path: str) -> Path | None:
+    """A Hugging Face config.json, or a folder holding one."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    if p.is_file() and p.suffix == ".json":
+        return p.parent if p.name == "config.json" else p
+    return None
+
+
+def build_hf(path: Path, args: argparse.Namespace) -> tuple[nn.Module, tuple | None, str, dict]:
+    """A causal LM from a local HF config, on the meta device (no weights are read)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelFileError(f"{path} is a Hugging Face config: pip install 'tpcompile[hf]' "
+                             "(transformers) to explain it") from e
+    import json
+    cfg_file = path / "config.json" if path.is_dir() else path
+    data = json.loads(cfg_file.read_text())
+    model_type = data.get("model_type")
+    if model_type is None:
+        raise ModelFileError(f"{cfg_file} has no model_type; is it a Hugging Face config?")
+    config = transformers.AutoConfig.for_model(**data)
+    config.use_cache = False
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model = model.to(DTYPES[args.dtype])
+    ids = torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta")
+    return model, None, f"{cfg_file} ({model_type})", {"input_ids": ids}
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, tuple | None, str, dict | None]:
+    hf = hf_config_path(args.model_file)
+    if hf is not None:
+        return build_hf(hf, args)
     mod = load_module(args.model_file)
     fn = builder(mod, args.model_file, args.model)
     kwargs = {"config_name": args.config} if args.config else {}
@@ -82,16 +117,16 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, tuple | None, str]:
         with torch.device("meta"):
             inputs = tuple(make(args.batch, args.seq))
     label = f"{args.model_file}:{fn.__name__}" + (f"({args.config})" if args.config else "")
-    return model, inputs, label
+    return model, inputs, label, None
 
 
 def cmd_explain(args: argparse.Namespace) -> str:
     from . import explain_render as R
     from .explain import explain
-    model, inputs, label = build(args)
+    model, inputs, label, kwargs = build(args)
     e, c = explain(model, tp=args.tp, dp=args.dp, batch=args.batch, seq=args.seq,
-                   sequence_parallel=not args.no_sp, example_inputs=inputs, name=label,
-                   plan=args.plan)
+                   sequence_parallel=not args.no_sp, example_inputs=inputs,
+                   example_kwargs=kwargs, name=label, plan=args.plan, tracer=args.tracer)
     if args.format == "json":
         return e.model_dump_json(indent=2) + "\n"
     if args.format == "dot":
@@ -104,9 +139,9 @@ def cmd_explain(args: argparse.Namespace) -> str:
 def cmd_plan(args: argparse.Namespace) -> str:
     from .plan import plan
     from .plan_io import dumps
-    model, inputs, _ = build(args)
+    model, inputs, _, kwargs = build(args)
     p = plan(model, tp=args.tp, sequence_parallel=not args.no_sp, example_inputs=inputs,
-             on_indivisible=args.on_indivisible)
+             example_kwargs=kwargs, on_indivisible=args.on_indivisible, tracer=args.tracer)
     if args.output and args.output.endswith(".json"):
         return dumps(p, "json")
     return f"# written by: python -m tpcompile {' '.join(args.argv)}\n" + dumps(p, "yaml")
@@ -120,7 +155,10 @@ def parser() -> argparse.ArgumentParser:
                            ("plan", "write the detected plan (YAML, or JSON for -o *.json)")):
         p = sub.add_parser(name, help=helptext, description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("model_file", help="a Python file that builds the model")
+        p.add_argument("model_file", help="a Python file that builds the model, or a Hugging "
+                       "Face config.json (or a folder holding one)")
+        p.add_argument("--tracer", choices=("auto", "export", "fx"), default="auto",
+                       help="front end: torch.export, then fx if it fails (default auto)")
         p.add_argument("--model", help="callable in the file that builds the model")
         p.add_argument("--config", help="passed to the builder as config_name=")
         p.add_argument("--tp", type=int, default=8, help="tensor-parallel degree (default 8)")

@@ -50,12 +50,22 @@ def _q_eligible(node: fx.Node, styles: dict[str, str], params: set[fx.Node],
     rule = ops.rule_for(node)
     if rule in (ops.unary, ops.elementwise):
         return True
+    if node.target is aten.slice.Tensor and _full_slice(node):
+        return True  # x[:, slice(-0, None)]: HF's logits_to_keep=0
     if rule is ops.reduction:
         d = ops.arg(node, 1, "dim")
         dims = d if isinstance(d, (list, tuple)) else [d]
         return d is not None and all(ops.norm_dim(x, 3) not in (0, 1) for x in dims) \
             and ops.arg(node, 2, "keepdim", False)
     return False
+
+
+def _full_slice(node: fx.Node) -> bool:
+    t = info(node.args[0])
+    start, end = ops.arg(node, 2, "start"), ops.arg(node, 3, "end")
+    step = ops.arg(node, 4, "step", 1)
+    return t is not None and start in (None, 0) and step in (None, 1) and (
+        end is None or isinstance(end, int) and end >= max(t.shape))
 
 
 def _block_wants_q(n: fx.Node, contracts: dict[fx.Node, Contract]) -> bool:
