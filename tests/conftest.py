@@ -18,6 +18,16 @@ settings.register_profile("nightly", parent=settings.get_profile("deep"))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+# Pool restarts a test did not declare: (test id, why). Any of them fails the session.
+UNEXPECTED_RESTARTS: list[tuple[str, str]] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "pool_restart: the test restarts the worker pool on purpose (a restart "
+                   "anywhere else fails the session)")
+
+
 @pytest.fixture(scope="session")
 def pool():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,7 +36,34 @@ def pool():
     p.close()
 
 
+@pytest.fixture(autouse=True)
+def _pool_restarts_are_declared(request):
+    """Attribute every pool restart to the test that caused it; the session fails at the
+    end (``pytest_sessionfinish``) for each one its test did not declare."""
+    if "pool" not in request.fixturenames:
+        yield
+        return
+    p = request.getfixturevalue("pool")
+    before = p.restarts
+    yield
+    if p.restarts > before and request.node.get_closest_marker("pool_restart") is None:
+        UNEXPECTED_RESTARTS.extend((request.node.nodeid, why) for why in p.restart_log[before:])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    if UNEXPECTED_RESTARTS and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if UNEXPECTED_RESTARTS:
+        terminalreporter.write_sep("=", "worker pool restarted without the test declaring it",
+                                   red=True)
+        for nodeid, why in UNEXPECTED_RESTARTS:
+            terminalreporter.write_line(f"{nodeid}: {why}")
+        terminalreporter.write_line("the session fails: a crash that passes on retry is "
+                                    "still a crash (mark a test pool_restart if it is meant)")
     from tests.property import STATS
     if not STATS.examples:
         return

@@ -5,7 +5,10 @@ Starting processes costs seconds; a test or a hypothesis example costs milliseco
 the workers are started once per test session and fed jobs: ``pool.run(fn, *args)`` runs
 ``fn(rank, *args)`` on every rank (``fn`` must be importable: a module-level function) and
 returns the per-rank results. A job that fails on some ranks only, or hangs, gets the
-pool restarted so the next job starts clean.
+pool restarted so the next job starts clean. Every restart is logged with its reason
+(``pool.restart_log``): the test session fails at the end if a test needed one it did not
+declare (``@pytest.mark.pool_restart``; tests/conftest.py), so a crash that passes on
+retry is never forgotten.
 """
 
 from __future__ import annotations
@@ -55,8 +58,12 @@ class WorkerPool:
     def __init__(self, world: int) -> None:
         self.world = world
         self._procs: list[Any] = []
-        self.restarts = 0
+        self.restart_log: list[str] = []  # why the pool was restarted, in order
         self._start()
+
+    @property
+    def restarts(self) -> int:
+        return len(self.restart_log)
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -81,10 +88,10 @@ class WorkerPool:
             if p.is_alive():
                 p.kill()
 
-    def restart(self) -> None:
+    def restart(self, why: str) -> None:
         for p in self._procs:
             p.kill()
-        self.restarts += 1
+        self.restart_log.append(why)
         self._start()
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list[Any]:
@@ -96,7 +103,7 @@ class WorkerPool:
             got, lost = self._collect(fn, args, kwargs)
             if lost is None:
                 break
-            self.restart()
+            self.restart(f"job {fn.__name__}, attempt {attempt}: {lost}")
             if attempt == 2:
                 raise WorkerError(f"job {fn.__name__}: {lost} (ranks done: {sorted(got)}), "
                                   "twice; pool restarted")
@@ -105,8 +112,8 @@ class WorkerPool:
             # A rank that raised may have left the others in a collective until the gloo
             # timeout, which breaks the group's connections: start clean. (Jobs return the
             # errors a test expects as values; an exception here is always unexpected.)
-            self.restart()
             r, (name, msg, tb) = min(failed.items())
+            self.restart(f"job {fn.__name__}: rank {r} raised {name}: {msg[:200]}")
             raise WorkerError(f"rank {r} raised {name}: {msg}\n{tb}")
         return [got[r][1] for r in range(self.world)]
 
