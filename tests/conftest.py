@@ -73,4 +73,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         f"examples run: {STATS.examples} ({STATS.two_d} on a 2-D (dp, tp) mesh; "
         f"{STATS.compared} compared with the unsharded model; documented errors: {errors})")
     terminalreporter.write_line(
-        f"worst relative error: {STATS.worst:.2e} ({STATS.worst_where})")
+        f"worst relative error: {STATS.worst:.2e} ({STATS.worst_where}); every rank's "
+        f"outputs and local gradients judged")
+    terminalreporter.write_line(
+        f"closest to its bound: {STATS.used:.2f} of it ({STATS.used_where}); "
+        f"{STATS.noisy} tensors the float32 reference knows only to rounding noise "
+        "(judged against its float64 shadow)")

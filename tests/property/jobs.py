@@ -11,7 +11,7 @@ from unittest import mock
 import torch
 
 import tpcompile
-from tests.harness import compare, mesh, tp_mesh
+from tests.harness import judge, mesh, tp_mesh
 from tests.property.arch import Spec, build, make_inputs
 
 # Faults injected on purpose, to show the suite catches a broken rewrite.
@@ -42,7 +42,8 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
                   seq: int, on_indivisible: str, fault: str | None = None,
                   dtype: str = "float32", dp: bool = False) -> dict[str, Any]:
     """One example: ``dp`` runs it on the 2-D (dp=2, tp) mesh with FSDP2, each dp rank
-    on its own ``batch`` rows of a ``2 * batch`` batch the reference sees whole."""
+    on its own ``batch`` rows of a ``2 * batch`` batch the reference sees whole. Returns
+    this rank's report (``tpcompile.verify``), or the documented error it raised."""
     spec = Spec.model_validate_json(spec_json)
     dt = getattr(torch, dtype)
     ref = build(spec, seed, dt)
@@ -62,7 +63,7 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
         styles = plan.layer_styles()
         try:
             inputs = make_inputs(spec, batch * (2 if dp else 1), seq, seed, dt)
-            rep = compare(ref, par, inputs, dp=(target["dp"].get_local_rank(), 2) if dp else None)
+            rep = judge(ref, par, inputs, dp=(target["dp"].get_local_rank(), 2) if dp else None)
         except tpcompile.TPCompileError as e:
             return {"error": type(e).__name__, "message": str(e), "styles": styles}
         except RuntimeError as e:
@@ -71,6 +72,5 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
             # an injected fault that breaks the program outright (every rank fails at the
             # same op, so no collective is left half done): report it, keep the pool
             return {"error": "FaultCrash", "message": str(e), "styles": styles}
-    name, worst = rep.worst
-    return {"error": None, "output": rep.output_err, "worst": worst, "worst_name": name,
-            "styles": styles, "notes": [n.reason for n in plan.notes()]}
+    return {"error": None, "report": rep, "styles": styles,
+            "notes": [n.reason for n in plan.notes()]}
