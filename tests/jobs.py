@@ -160,35 +160,52 @@ def nested(rank: int, tp: int, sp: bool) -> dict:
 
 def loss_parallel(rank: int, tp: int, sp: bool, dp: bool = False) -> dict:
     """Cross-entropy on vocab-sharded logits (``loss_parallel=True`` and PyTorch's
-    ``loss_parallel()`` context) against the reference's loss on full logits."""
+    ``loss_parallel()`` context) against the reference's loss on full logits: each rank's
+    logits shard, the loss, and every local gradient."""
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel as lp_context
 
-    from tests.harness import mesh, rel_err
+    from tests.harness import compare, mesh
+    from tpcompile.verify import check_tensor, shadow
     ref, (x,) = build("llama")
     torch.manual_seed(7)
     x = torch.randint(0, ref.args.vocab_size, (4, 8))
     target = mesh((2, tp), ("dp", "tp")) if dp else tp_mesh(tp)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), target, sequence_parallel=sp,
                                      loss_parallel=True)
-    rows = x.chunk(2, 0)[target["dp"].get_local_rank()] if dp else x
-    logits = par(rows)
-    with lp_context():
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten())
+
+    def ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def mine(t: torch.Tensor) -> torch.Tensor:  # this dp rank's rows of a full batch
+        return t.chunk(2, 0)[target["dp"].get_local_rank()] if dp else t
+
+    def step(model: torch.nn.Module) -> tuple:
+        out = model(x)
+        loss = ce(out, x)
         loss.backward()
-    out = ref(x)
-    ref_loss = F.cross_entropy(out[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-    ref_loss.backward()
-    par_loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
-    if dp:
-        par_loss = par_loss.detach().clone()
-        torch.distributed.all_reduce(par_loss, group=target["dp"].get_group())
-        par_loss /= 2
-    pars = dict(par.named_parameters())
-    grads = {n: rel_err(full(pars[n].grad), p.grad) for n, p in ref.named_parameters()}
-    return {"sharded": isinstance(logits, DTensor), "loss": rel_err(par_loss, ref_loss),
-            "grads": grads}
+        return out, loss
+
+    sh = shadow(ref, step)
+    logits = par(mine(x))
+    with lp_context():
+        loss = ce(logits, mine(x))
+        loss.backward()
+    out, ref_loss = step(ref)
+    rep = compare(ref, par, mine(out), logits, shadow=sh.map_outputs(lambda o: mine(o[0])),
+                  dtensor_outputs=True)
+    if dp:  # the full batch's loss is the mean of the dp ranks' losses
+        if isinstance(loss, DTensor):
+            assert not any(p.is_partial() for p in loss.placements), loss.placements
+            loss = loss.to_local()
+        loss = loss.detach().clone()
+        torch.distributed.all_reduce(loss, group=target["dp"].get_group())
+        loss /= 2
+    rep.checks.append(check_tensor("loss", loss, ref_loss.detach(),
+                                   exact=sh.outputs[1].detach(),
+                                   noisy=[o[1].detach() for _, o in sh.noisy]))
+    return {"sharded": isinstance(logits, DTensor), "report": rep}
 
 
 def loss_parallel_without_head(rank: int) -> str:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tpcompile
-from tests.harness import compare, numerics_result, tp_mesh
+from tests.harness import judge, numerics_result, tp_mesh
 
 D, H, V = 16, 32, 32
 
@@ -200,16 +200,15 @@ def mode_switch(rank: int, start_in_train: bool) -> dict:
     flags_kept = all(m.training == start_in_train for m in par.modules())
     ref.eval()
     par.eval()
-    eval_report = compare(ref, par, (x,))
+    eval_report = judge(ref, par, (x,))
     par.train()
     with torch.no_grad():
         dropped = not torch.allclose(par(x), ref(x))
     # each mode ran its own program (the export bakes the flag in)
     programs = par.layers[0].__dict__["_tpcompile_runtime"].programs
     two_programs = sorted(p.training for p in programs) == [False, True]
-    return {"flags_kept": flags_kept, "two_programs": two_programs,
-            "output": eval_report.output_err,
-            "grads": eval_report.grad_errs, "dropped": dropped}
+    return {"flags_kept": flags_kept, "two_programs": two_programs, "error": None,
+            "report": eval_report, "dropped": dropped}
 
 
 def weight_normed(rank: int) -> dict:

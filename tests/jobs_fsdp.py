@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import tpcompile
 from models.llama2 import Transformer, config
-from tests.harness import full, mesh, rel_err
+from tests.harness import compare, full, mesh
+from tpcompile.verify import RTOL, Report, check_tensor, shadow
 from tpcompile.distribute import local_param_bytes
 
 BATCH, SEQ = 4, 8  # the full batch; each of the 2 dp ranks gets BATCH // 2 rows
@@ -53,31 +54,44 @@ def llama(seed: int = 0, **kw: Any) -> Transformer:
 
 def train_vs_reference(rank: int, steps: int = 3, lr: float = 1e-3, **fsdp: Any) -> dict:
     """``steps`` AdamW steps of the 2-D model (each dp rank half of the batch) and of the
-    single-process model (the full batch): the loss and every gradient at each step
-    (worst over steps), and the parameters after the last step."""
+    single-process model (the full batch). Each step's report (this rank's logits rows,
+    the loss, every parameter and its local gradient; a float64 copy of the reference as
+    it is at that step for the noise allowance), and a report on the parameters after
+    the last step."""
     m = mesh2d()
     ref = llama()
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), m, **fsdp)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=lr)
     opt_par = torch.optim.AdamW(par.parameters(), lr=lr)
-    out: dict[str, Any] = {"loss": [], "grads": {}, "params": {}}
+    tol = RTOL[torch.float32]
+    out: dict[str, Any] = {"reports": []}
     for step in range(steps):
         x = tokens(100 + step, ref.args.vocab_size)
-        l_ref = next_token_loss(ref, x)
-        l_par = next_token_loss(par, my_rows(x, m))
-        l_ref.backward()
-        l_par.backward()
-        out["loss"].append((dp_mean(l_par, m), l_ref.item()))
-        pars = dict(par.named_parameters())
-        for n, p in ref.named_parameters():
-            err = rel_err(full(pars[n].grad), p.grad) if pars[n].grad is not None else float("inf")
-            out["grads"][n] = max(out["grads"].get(n, 0.0), err)
+
+        def run(model: nn.Module, ids: torch.Tensor = x) -> tuple:
+            logits = model(ids)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            return logits, loss
+
+        sh = shadow(ref, run)  # a float64 copy of the reference as it is at this step
+        logits_ref, l_ref = run(ref)
+        logits_par, l_par = run(par, my_rows(x, m))
+        rep = compare(ref, par, my_rows(logits_ref, m), logits_par,
+                      shadow=sh.map_outputs(lambda o: my_rows(o[0], m)),
+                      param_rtol=0.0 if step == 0 else tol)
+        rep.checks.append(check_tensor("loss", torch.tensor(dp_mean(l_par, m)),
+                                       torch.tensor(l_ref.item()), rtol=tol))
+        out["reports"].append(rep)
         opt_ref.step()
         opt_par.step()
         opt_ref.zero_grad()
         opt_par.zero_grad()
     pars = dict(par.named_parameters())
-    out["params"] = {n: rel_err(full(pars[n]), p) for n, p in ref.named_parameters()}
+    final = Report(rank, out["reports"][0].group, tol)
+    final.checks = [check_tensor(n, pars[n], p, kind="param", rtol=tol)
+                    for n, p in ref.named_parameters()]
+    out["final"] = final
     out["placements"] = {n: [str(pl) for pl in p.placements] for n, p in pars.items()}
     from torch.distributed.fsdp import FSDPModule
     out["fsdp_modules"] = [n for n, mod in par.named_modules() if isinstance(mod, FSDPModule)]

@@ -270,3 +270,41 @@ def no_rule(rank: int) -> dict:
     return {**verdict, "warnings": [str(w.message) for w in caught],
             "styles": plan.layer_styles(), "notes": [n.reason for n in plan.notes()],
             "collectives": dict(c.counts)}
+
+
+def optional_args(rank: int) -> list[dict]:
+    """Planned with labels; called without them, with and without a mask, in eval mode:
+    each call structure gets its program on first use, each matches the original."""
+    ref, args, kwargs = build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    ids = kwargs["input_ids"]
+    calls = [{"input_ids": ids}, {"input_ids": ids, "attention_mask": kwargs["attention_mask"]},
+             {"input_ids": ids, "labels": ids, "attention_mask": None}, kwargs]
+    out = []
+    for mode in ("train", "eval"):
+        for m in (ref, par):
+            m.train(mode == "train")
+        for kw in calls:
+            for m in (ref, par):
+                m.zero_grad(set_to_none=True)
+            o_ref, o_par = ref(**kw), par(**kw)
+            loss_of(o_ref).backward()
+            loss_of(o_par).backward()
+            out.append(dict(judge(ref, par, o_ref, o_par), shape=(mode, sorted(kw))))
+    return out
+
+
+def already_parallel(rank: int) -> dict:
+    """A model parallelize_module already made DTensor: refused, model untouched."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    ref, args, kwargs = build("llama")
+    model = parallelize_module(copy.deepcopy(ref), tp_mesh(2),
+                               {"model.layers.0.mlp.gate_proj": ColwiseParallel()})
+    before = {n: type(p) for n, p in model.named_parameters()}
+    try:
+        tpcompile.auto_parallelize(model, tp_mesh(2), example_kwargs=kwargs)
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e),
+                "untouched": before == {n: type(p) for n, p in model.named_parameters()}
+                and "forward" not in model.__dict__}
+    return {"error": None}

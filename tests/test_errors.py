@@ -91,3 +91,20 @@ def test_failure_midway_leaves_the_model_untouched(pool, where):
 def test_unknown_tracer():
     with pytest.raises(tpcompile.UnsupportedError, match="tracer='auto'"):
         tpcompile.plan(GatedMLPStack(), tp=2, tracer="jit")
+
+
+def test_both_front_ends_failing_say_what_each_said():
+    class DataDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # control flow on a value: neither export nor fx can trace it
+                return self.w(x)
+            return x
+
+    with pytest.raises(tpcompile.TraceError) as e:
+        tpcompile.plan(DataDependent(), tp=2, example_inputs=(torch.randn(2, 4),))
+    msg = str(e.value)
+    assert "torch.export said" in msg and "torch.fx said" in msg and "(2, 4)" in msg

@@ -97,3 +97,13 @@ def test_an_op_without_a_rule_keeps_its_segment_replicated(pool):
         # the MLP's all-reduce, forward and backward, in each of the two blocks: nothing
         # gathers around the custom op
         assert r["collectives"] == {"all_reduce": 2 * 2}, r["collectives"]
+
+
+def test_optional_arguments_and_modes(pool):
+    check(pool.run(J.optional_args), None)
+
+
+def test_a_model_already_made_dtensor_is_refused(pool):
+    for r in pool.run(J.already_parallel):
+        assert r["error"] == "UnsupportedError" and "parallelize_module" in r["message"]
+        assert "model.layers.0.mlp.gate_proj.weight" in r["message"] and r["untouched"]

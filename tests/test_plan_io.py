@@ -173,7 +173,7 @@ def test_parallelize_module_matches_rewrite(pool, name, sp):
     res = pool.run(jobs_plans.parallelize_module_matches, name, 2, sp)
     check(res)
     for r in res:
-        assert r["vs_ours"] <= 5e-5, r["vs_ours"]
+        assert r["vs_ours"].ok, r["vs_ours"].describe()
         assert r["sharded"], "parallelize_module sharded nothing"
 
 

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_t
 from .errors import PlanError, TPCompileError, UnsupportedError
 from .frontend import skeleton
 from .analyze import layer_of
-from .plan import Compiled, Plan, Unit, _cast_floats, compile_model, placement
+from .plan import Compiled, Plan, Unit, _cast_floats, compile_model, dump, placement
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
 
@@ -205,6 +205,7 @@ def _programs(compiled: Compiled, sk: nn.Module, tp: int, group: str,
             raise
         except Exception as e:  # a bug of ours must not look like the user's fault
             raise PlanError(f"internal error rewriting {u.plan.path or 'the root'}: {e}") from e
+        dump(f"{u.plan.path or 'root'}.3-rewritten.txt", rw.code)
         q_dims = {p: u.prop.layouts[p].dim for p in u.t.inputs
                   if u.prop.layouts.get(p) is not None and u.prop.layouts[p].kind == "Q"}
         t = u.t

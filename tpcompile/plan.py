@@ -237,6 +237,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         t = FE.trace(module, a, k, tracer=tracer, where=path,
                      on_block=on_block, mode=mode)
         used_tracer.append(t.tracer)
+        dump(f"{path or 'root'}.1-traced.txt", t.gm.code)
         FE.annotate(t)
         A.mark_layers(t, module)
         for rel in FE.find_blocks(module):
@@ -251,6 +252,9 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                 nested.append((call.member, sig))
         unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
                         is_root, given, shared_names)
+        dump(f"{path or 'root'}.2-layouts.txt", "\n".join(
+            f"{n.name:40s} {unit.prop.layouts.get(n, '-')!r:8s} {n.format_node()}"
+            for n in t.gm.graph.nodes))
         unit.nested = nested
         key = "<root>" if is_root else FE.block_signature(module)
         if not is_root:
@@ -274,6 +278,16 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                 modules=[p for p in plans if p.members])
     return Compiled(plan, [units[k] for k in keys if units[k].members],
                     time.perf_counter() - t0, [k for k in keys if units[k].members])
+
+
+def dump(name: str, text: str) -> None:
+    """``TPCOMPILE_DUMP=DIR``: write each stage's graph there (readable text)."""
+    import os
+    folder = os.environ.get("TPCOMPILE_DUMP")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name.replace("/", "_")), "w") as f:
+            f.write(text)
 
 
 def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:

@@ -1,22 +1,539 @@
-"""The error measure the tests, the property suite and the benchmarks all use to compare a
-parallel module with the unsharded original."""
+"""The judge: does a parallel module compute what the unsharded original computes?
+
+The tests, the property suite and the benchmarks all decide with this module.
+
+**On each rank**, after forward and backward of both modules, :func:`compare` checks what
+this rank holds, and returns a :class:`Report`:
+
+- outputs, as a whole structure: the same container types (tuple, list, dict, a Hugging
+  Face ``ModelOutput``), the same keys in the same order, the same lengths, ``None``
+  where the reference has ``None``, equal non-tensor leaves; every tensor a plain
+  ``torch.Tensor`` (a DTensor only where the caller says the program returns sharded
+  outputs, as ``loss_parallel=True`` does) and equal to the reference's;
+- parameters: the same names; each one placed on the tp mesh as the plan says
+  (``Shard`` / ``Replicate``), never ``Partial``; its local values exactly those of the
+  reference (the part this rank holds);
+- gradients: each parameter's *local* gradient (what this rank's optimizer sees) against
+  the matching part of the reference gradient, never through ``full_tensor()``, which
+  performs a pending reduction and so hides a gradient left ``Partial``; the reference
+  must have a gradient for every parameter it is compared on.
+
+**Across ranks**, :func:`verdict` (or :func:`assert_match`) reads the reports of all
+ranks (collected by the test's worker pool, or by :func:`gather` under torchrun): every
+rank must pass, every rank of a tp group must have checked the same things, and every
+tensor that is replicated over tp (outputs, ``Replicate`` gradients) must be
+bit-identical on all ranks of the group. The shards of a sharded tensor each equal their
+slice of the reference, so together they assemble to it.
+
+**Error measure**, per tensor (this rank's part of it), in float64, with ``want`` the
+reference's tensor: ``||got - want||₂ / ||want||₂ <= rtol``, and where the reference is
+exactly zero (and its float64 run too) the parallel value must be exactly zero. There is
+no floor shared across tensors: a small parameter's gradient is held to rtol of itself.
+
+One thing float32 cannot do is know a tensor that is zero in exact arithmetic (a key
+bias's gradient: softmax ignores a shift of all scores): the reference then holds
+rounding noise, and the parallel program other noise. A :class:`Shadow` measures that
+noise: the reference run again in float64 (``exact``), and in float64 with every op's
+result perturbed by float32's unit roundoff (Monte Carlo arithmetic: how far float32
+rounding moves each tensor). The reference's noise on a tensor is the larger of
+``||want - exact||`` and the perturbed runs' spread (root mean square per element,
+pooled over the whole tensor). A tensor that misses rtol still passes if
+``||got - exact|| <= NOISE_FACTOR * noise``: the parallel value is about as accurate as
+float32 can be there at all. On a tensor float32 does know (noise ~1e-7 relative) that
+allows ~1e-6, under rtol; on a noise tensor a fault shows as the size of the tensor's
+terms, ~1e6 times the noise. Without a shadow every tensor is held to rtol.
+
+``rtol``: float32 5e-5 (the float32 reference itself differs from a float64 run by up to
+1.7e-5 on a norm weight's gradient, and the parallel program sums in another order),
+float64 1e-10. Real faults show as 1e-3 and more.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+RTOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 5e-5,
+                                  torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# On a tensor the float32 reference only knows to rounding noise: how many times that
+# noise the parallel value may be away from the float64 result. The parallel program
+# runs more ops (partial sums, then a reduction) and is typically 2-3 times noisier.
+NOISE_FACTOR = 16.0
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+NOISE_SAMPLES = 2  # noisy float64 runs per shadow
+
+
+class NumericsMismatch(AssertionError):
+    """The parallel module does not compute the reference's numbers (or its layouts are
+    not the promised ones). Carries every problem found, on every rank."""
+
+
+@dataclass
+class Check:
+    """One thing the judge looked at on one rank."""
+
+    kind: str  # "output", "grad", "param", "structure"
+    name: str  # "output[0]", "output.logits", "layers.0.mlp.w1.weight", ...
+    ok: bool
+    err: float = 0.0  # relative error of this rank's part (inf: not comparable)
+    bound: float = 0.0  # the relative error it was allowed
+    detail: str = ""  # why it failed
+    digest: str | None = None  # hash of the local values of a tensor replicated over tp
+    noisy: bool = False  # passed as rounding noise: near the float64 shadow, not the reference
+
+    def describe(self) -> str:
+        nums = f" (error {self.err:.3g} > allowed {self.bound:.3g})" \
+            if not self.detail and math.isfinite(self.err) else ""
+        return f"{self.kind} {self.name}: {self.detail or 'values differ'}{nums}"
+
+
+@dataclass
+class Report:
+    """What :func:`compare` found on one rank. Picklable (plain fields only)."""
+
+    rank: int
+    group: tuple[int, ...]  # global ranks of this rank's tp group
+    rtol: float
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def errors(self, kind: str) -> dict[str, float]:
+        """Relative error by name, for one kind of check ("grad", "output", ...)."""
+        return {c.name: c.err for c in self.checks if c.kind == kind}
+
+    @property
+    def worst(self) -> tuple[str, float, float]:
+        """(name, relative error, allowed) of the tensor closest to its bound."""
+        tensors = [c for c in self.checks if c.kind != "structure"]
+        if not tensors:
+            return ("-", 0.0, 0.0)
+        c = max(tensors, key=_used)
+        return (c.name, c.err, c.bound)
+
+
+def _used(c: Check) -> float:
+    """How much of its allowance a check used (> 1: failed)."""
+    if c.err == 0:
+        return 0.0
+    return c.err / c.bound if c.bound > 0 else math.inf
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def default_rtol(dtype: torch.dtype) -> float:
+    return RTOL.get(dtype, RTOL[torch.float32])
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor a (possibly sharded) DTensor stands for; plain tensors as they are."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """The whole tensor a sharded or replicated DTensor stands for; plain tensors as they
+    are. Refuses ``Partial``: ``full_tensor()`` would perform the pending reduction and
+    so make a missing one look done."""
+    if isinstance(t, DTensor):
+        if any(p.is_partial() for p in t.placements):
+            raise ValueError(f"full(): a DTensor with placements {t.placements} has a "
+                             "reduction pending; compare its local values instead")
+        return t.full_tensor()
+    return t
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-6) -> float:
-    """max |a - b| / max(max |b|, floor), in float64; ``a`` may be a DTensor."""
-    a, b = full(a).detach().double(), b.detach().double()
-    if a.shape != b.shape:
-        return float("inf")
-    if not b.numel():
+def tp_dim(t: DTensor) -> int:
+    """Which dim of ``t``'s mesh is tensor parallel: the only one, or the one named "tp"."""
+    mesh = t.device_mesh
+    if mesh.ndim == 1:
+        return 0
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        raise ValueError(f"cannot tell the tp dim of mesh {mesh} (names {names})")
+    return names.index("tp")
+
+
+def local_part(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The part of the full tensor ``whole`` that this rank holds under ``like``'s mesh
+    and placements (no communication)."""
+    return distribute_tensor(whole.detach().to(like.device), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
+
+
+def _digest(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().reshape(-1).cpu()
+    h = hashlib.sha1(f"{t.dtype}{list(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_tensor(name: str, got: Any, want: torch.Tensor, *, kind: str = "output",
+                 rtol: float | None = None, exact: torch.Tensor | None = None,
+                 noisy: Sequence[torch.Tensor] = (), placement: Placement | None = None,
+                 dtensor: bool = True) -> Check:
+    """One tensor of the parallel module (``got``, on this rank: plain or a DTensor)
+    against the reference's full tensor ``want``. ``exact`` / ``noisy``: the same tensor
+    from the reference's :class:`Shadow` (the float64 run, and the runs under simulated
+    float32 rounding), to tell true zeros and the reference's own noise. ``placement``:
+    the placement ``got`` must have on the tp mesh (a plain tensor counts as
+    ``Replicate``). ``dtensor=False``: ``got`` must be a plain ``torch.Tensor``."""
+    rtol = default_rtol(want.dtype) if rtol is None else rtol
+
+    def fail(why: str) -> Check:
+        return Check(kind, name, False, math.inf, rtol, why)
+
+    # rounding noise per element, pooled over the whole tensor (every element of one
+    # tensor is computed alike), so that a shard of one or two elements gets a stable scale
+    spread = _spread(exact, noisy) if exact is not None and len(noisy) else 0.0
+    if not isinstance(got, torch.Tensor):
+        return fail(f"expected a tensor, got {type(got).__name__}")
+    replicated = True
+    if isinstance(got, DTensor):
+        if not dtensor:
+            return fail(f"a DTensor {tuple(got.placements)}; a plain torch.Tensor is due")
+        pls = tuple(got.placements)
+        if any(p.is_partial() for p in pls):
+            return fail(f"placements {pls} hold a Partial: a reduction is still pending")
+        if tuple(got.shape) != tuple(want.shape):
+            return fail(f"global shape {list(got.shape)}, reference {list(want.shape)}")
+        on_tp = pls[tp_dim(got)]
+        if placement is not None and on_tp != placement:
+            return fail(f"placed {on_tp} on the tp mesh; the plan says {placement}")
+        replicated = isinstance(on_tp, Replicate)
+        want = local_part(want, got)
+        exact = None if exact is None else local_part(exact, got)
+        got = got.to_local()
+    elif kind == "output" and type(got) is not torch.Tensor:
+        return fail(f"a {type(got).__name__}; a plain torch.Tensor is due")
+    elif placement is not None and not isinstance(placement, Replicate):
+        return fail(f"a plain tensor; the plan says {placement} on the tp mesh")
+    if got.dtype != want.dtype:
+        return fail(f"dtype {got.dtype}, reference {want.dtype}")
+    if tuple(got.shape) != tuple(want.shape):
+        return fail(f"shape {list(got.shape)} on this rank, its part of the reference "
+                    f"{list(want.shape)}")
+    digest = _digest(got) if replicated else None
+    a, b = got.detach().double(), want.detach().double()
+    bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
+    if bad_a.any() or bad_b.any():
+        same = torch.equal(bad_a, bad_b) and torch.equal(a.isnan(), b.isnan()) and \
+            torch.equal(a[bad_a & ~a.isnan()], b[bad_b & ~b.isnan()])
+        if not same:
+            return Check(kind, name, False, math.inf, rtol, f"{int(bad_a.sum())} non-finite "
+                         f"entries, reference {int(bad_b.sum())}", digest)
+        a, b = a.masked_fill(bad_a, 0.0), b.masked_fill(bad_b, 0.0)
+        exact = None  # the shadow cannot say anything sensible here
+    norm = torch.linalg.vector_norm
+    s, e = norm(b).item(), norm(a - b).item()
+    err = e / s if s > 0 else (0.0 if e == 0 else math.inf)
+    noise, e_exact = 0.0, math.inf
+    zero = b == 0
+    if exact is not None:
+        c = exact.detach().double()
+        noise = max(norm(b - c).item(), spread * math.sqrt(b.numel()))
+        e_exact = norm(a - c).item()
+        # a true zero is zero in float64 too; a tensor that is rounding noise has none
+        zero = zero & (c == 0) if noise <= rtol * s else torch.zeros_like(zero)
+    stray = int((a[zero] != 0).sum())
+    if stray:
+        return Check(kind, name, False, math.inf, rtol,
+                     f"{stray} entries nonzero where the reference is exactly zero", digest)
+    if e <= rtol * s:
+        return Check(kind, name, True, err, rtol, "", digest)
+    if e_exact <= NOISE_FACTOR * noise:  # as accurate as float32 can know this tensor
+        return Check(kind, name, True, e_exact / s if s else math.inf,
+                     NOISE_FACTOR * noise / s if s else math.inf, "", digest, True)
+    why = "" if exact is None else (
+        f"; nor within {NOISE_FACTOR:g} times the reference's rounding noise of the float64 "
+        f"result ({e_exact:.3g} > {NOISE_FACTOR * noise:.3g})")
+    return Check(kind, name, False, err, rtol, f"values differ (error {err:.3g} > allowed "
+                 f"{rtol:.3g}{why})", digest)
+
+
+def _spread(exact: torch.Tensor, noisy: Sequence[torch.Tensor]) -> float:
+    """Root mean square, over the noisy runs and the elements, of ``noisy - exact``."""
+    c = exact.detach().double()
+    if not c.numel() or not torch.isfinite(c).all():
         return 0.0
-    return (a - b).abs().max().item() / max(b.abs().max().item(), floor)
+    sq = sum(torch.linalg.vector_norm(t.detach().double() - c).item() ** 2 for t in noisy)
+    return math.sqrt(sq / (len(noisy) * c.numel()))
+
+
+class RoundingNoise(TorchDispatchMode):
+    """Monte Carlo arithmetic: every floating result of an op (not views, not in-place
+    ops) multiplied by ``1 + u * r``, ``r`` uniform in [-1, 1], ``u`` a unit roundoff.
+    On a float64 model, the results spread as far as that much rounding per op moves
+    them: how precisely a lower precision can know each tensor at all."""
+
+    def __init__(self, seed: int, unit_roundoff: float = UNIT_ROUNDOFF[torch.float32]) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.u = unit_roundoff
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        if schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+            return out
+        return tree_map_only(torch.Tensor, self._perturb, out)
+
+    def _perturb(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or not t.numel() or type(t) is not torch.Tensor:
+            return t
+        r = torch.rand(t.shape, generator=self.gen, dtype=torch.float64)
+        return t * (1 + self.u * (2 * r - 1)).to(t.dtype).to(t.device)
+
+
+@dataclass
+class Shadow:
+    """The reference run in float64 (``exact``: module, with its gradients, and outputs)
+    and ``noisy`` runs in float64 under :class:`RoundingNoise`; see the module doc."""
+
+    exact: torch.nn.Module
+    outputs: Any
+    noisy: list[tuple[torch.nn.Module, Any]]
+
+    def map_outputs(self, fn: Callable[[Any], Any]) -> "Shadow":
+        """The same shadow with ``fn`` applied to every run's outputs (a dp rank's rows)."""
+        return Shadow(self.exact, fn(self.outputs), [(m, fn(o)) for m, o in self.noisy])
+
+
+def shadow(reference: torch.nn.Module, step: Callable[[torch.nn.Module], Any],
+           samples: int = NOISE_SAMPLES) -> Shadow | None:
+    """Run ``step(model)`` (forward and backward on float64 inputs; returns the outputs)
+    on float64 copies of ``reference``: once plainly, ``samples`` times under
+    :class:`RoundingNoise` of the reference's precision. ``None`` for a reference that
+    is not in a lower precision than float64. The global random stream is untouched."""
+    dtypes = {p.dtype for p in reference.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in UNIT_ROUNDOFF:
+        return None
+    u = UNIT_ROUNDOFF[next(iter(dtypes))]
+
+    def run(noise: int | None) -> tuple[torch.nn.Module, Any]:
+        model = copy.deepcopy(reference).double()
+        for p in model.parameters():
+            p.grad = None
+        with torch.random.fork_rng(devices=[]):
+            if noise is None:
+                return model, step(model)
+            with RoundingNoise(noise, u):
+                return model, step(model)
+
+    exact, outputs = run(None)
+    return Shadow(exact, outputs, [run(i) for i in range(samples)])
+
+
+# ----------------------------------------------------------------------------- modules
+
+def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Placement]:
+    """Parameter name -> the placement on the tp mesh that ``plan`` (default: the plan
+    ``model`` was parallelized with) gives it: ``Shard`` for the sharded parameters of
+    colwise / rowwise / vocab-parallel layers, ``Replicate`` for every other one."""
+    from .api import plan_of
+    from .plan import PLACEMENTS
+    styles = (plan or plan_of(model)).layer_styles()
+    out = {}
+    for name, _ in model.named_parameters():
+        owner, _, pname = name.rpartition(".")
+        out[name] = PLACEMENTS.get((styles.get(owner), pname), Replicate())
+    return out
+
+
+def _tp_group(module: torch.nn.Module) -> tuple[int, ...]:
+    """Global ranks of this rank's tp group, read off the module's DTensor parameters."""
+    for p in module.parameters():
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            if mesh.ndim > 1:
+                mesh = mesh[mesh.mesh_dim_names[tp_dim(p)]]  # type: ignore[index]
+            return tuple(int(r) for r in mesh.mesh.flatten().tolist())
+    return (dist.get_rank() if dist.is_initialized() else 0,)
+
+
+def _walk(path: str, got: Any, want: Any, shadows: list[Any] | None, out: list[Check],
+          **kw: Any) -> None:
+    """Compare two output structures whole; ``shadows``: the same structure from the
+    shadow's exact run, then from each noisy run (None: no shadow)."""
+    def bad(why: str) -> None:
+        out.append(Check("structure", path, False, math.inf, 0.0, why))
+
+    def sub(key: Any) -> list[Any] | None:
+        return None if shadows is None else [sh[key] for sh in shadows]
+
+    if isinstance(want, torch.Tensor):
+        out.append(check_tensor(path, got, want, kind="output",
+                                exact=None if shadows is None else shadows[0],
+                                noisy=() if shadows is None else shadows[1:], **kw))
+    elif want is None or got is None:
+        if got is not want:
+            bad(f"{type(got).__name__}, reference {type(want).__name__}")
+    elif type(got) is not type(want):
+        bad(f"a {type(got).__name__}, reference a {type(want).__name__}")
+    elif isinstance(want, Mapping):
+        if list(got.keys()) != list(want.keys()):
+            bad(f"keys {list(got.keys())}, reference {list(want.keys())}")
+            return
+        for k in want:
+            _walk(f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]", got[k], want[k],
+                  sub(k), out, **kw)
+    elif isinstance(want, (tuple, list)):
+        if len(got) != len(want):
+            bad(f"length {len(got)}, reference {len(want)}")
+            return
+        for i, (g, w) in enumerate(zip(got, want)):
+            _walk(f"{path}[{i}]", g, w, sub(i), out, **kw)
+    elif isinstance(want, float):
+        rtol = kw.get("rtol") or RTOL[torch.float32]
+        if not abs(got - want) <= rtol * abs(want):
+            bad(f"{got!r}, reference {want!r}")
+    elif got != want:
+        bad(f"{got!r}, reference {want!r}")
+
+
+def compare(reference: torch.nn.Module, parallel: torch.nn.Module, out_ref: Any, out_par: Any,
+            *, rtol: float | None = None, shadow: Shadow | None = None,
+            placements: Mapping[str, Placement] | str | None = "plan",
+            dtensor_outputs: bool = False, param_rtol: float = 0.0,
+            no_grad: Iterable[str] = (), group: tuple[int, ...] | None = None) -> Report:
+    """Judge this rank's part of ``parallel`` against ``reference``, after forward and
+    backward of both (``out_ref`` / ``out_par``: their outputs; pass the reference's
+    rows this rank's data-parallel share saw when the batch was split over dp).
+
+    ``shadow``: the reference's float64 runs on the same inputs (:func:`shadow`); it
+    tells true zeros and the tensors the float32 reference only knows to rounding noise.
+    ``placements``: parameter name -> expected placement on the tp mesh; ``"plan"``
+    (default) reads them off the tpcompile plan of ``parallel``; ``None``: only
+    "no Partial". ``dtensor_outputs``: outputs may be DTensors (sharded logits for a
+    vocab-parallel loss); each rank's shard is compared with its slice.
+    ``param_rtol``: how far parameter values may be off (0: bit for bit, as right after
+    ``auto_parallelize``). ``no_grad``: parameters the loss does not reach, on purpose;
+    any other parameter without a reference gradient fails the comparison.
+    """
+    ref_params = dict(reference.named_parameters())
+    par_params = dict(parallel.named_parameters())
+    dtype = next((p.dtype for p in ref_params.values() if p.is_floating_point()), torch.float32)
+    rtol = default_rtol(dtype) if rtol is None else rtol
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    report = Report(rank, group or _tp_group(parallel), rtol)
+    checks = report.checks
+    runs = [] if shadow is None else [(shadow.exact, shadow.outputs), *shadow.noisy]
+    _walk("output", out_par, out_ref, [o for _, o in runs] if runs else None, checks,
+          rtol=rtol, dtensor=dtensor_outputs)
+
+    if placements == "plan":
+        placements = planned_placements(parallel)
+    placements = placements or {}
+    if set(ref_params) != set(par_params):
+        checks.append(Check("structure", "parameters", False, math.inf, 0.0,
+                            f"names differ: only in the reference "
+                            f"{sorted(set(ref_params) - set(par_params))}, only in the "
+                            f"parallel module {sorted(set(par_params) - set(ref_params))}"))
+    shadow_grads = [{n: p.grad for n, p in m.named_parameters()} for m, _ in runs]
+    skip = set(no_grad)
+    for name, p in ref_params.items():
+        q = par_params.get(name)
+        if q is None:
+            continue
+        want_pl = placements.get(name)  # type: ignore[union-attr]
+        checks.append(check_tensor(name, q, p, kind="param", rtol=param_rtol,
+                                   placement=want_pl))
+        if name in skip or not p.requires_grad:
+            if p.grad is not None or q.grad is not None:
+                checks.append(Check("grad", name, False, math.inf, rtol,
+                                    "has a gradient, but was expected to have none"))
+            continue
+        if p.grad is None:
+            checks.append(Check("grad", name, False, math.inf, rtol,
+                                "the reference has no gradient (the loss does not reach "
+                                "it); pass no_grad= if that is meant"))
+            continue
+        if q.grad is None:
+            checks.append(Check("grad", name, False, math.inf, rtol,
+                                "no gradient in the parallel module"))
+            continue
+        if isinstance(q, DTensor) and isinstance(q.grad, DTensor) and \
+                tuple(q.grad.placements) != tuple(q.placements):
+            checks.append(Check("grad", name, False, math.inf, rtol,
+                                f"gradient placed {tuple(q.grad.placements)}, the parameter "
+                                f"{tuple(q.placements)}"))
+            continue
+        sh = [g.get(name) for g in shadow_grads]
+        if any(t is None for t in sh):
+            sh = []
+        checks.append(check_tensor(name, q.grad, p.grad, kind="grad", rtol=rtol,
+                                   exact=sh[0] if sh else None, noisy=sh[1:],
+                                   placement=want_pl))
+    return report
+
+
+# ----------------------------------------------------------------------------- all ranks
+
+def verdict(reports: Sequence[Report]) -> list[str]:
+    """Every problem in the reports of all ranks, and across the ranks of each tp group
+    (the same checks; replicated tensors bit-identical). Empty: the module matches."""
+    problems = [f"rank {r.rank}: {c.describe()}" for r in reports for c in r.failures]
+    if not reports:
+        return ["no reports to judge"]
+    groups: dict[tuple[int, ...], list[Report]] = {}
+    for r in reports:
+        groups.setdefault(r.group, []).append(r)
+    for g, members in groups.items():
+        ranks = sorted(r.rank for r in members)
+        if ranks != sorted(g):
+            problems.append(f"tp group {g}: reports from ranks {ranks}")
+        names = [[(c.kind, c.name) for c in r.checks] for r in members]
+        if any(n != names[0] for n in names):
+            problems.append(f"tp group {g}: ranks checked different things")
+            continue
+        for i, (kind, name) in enumerate(names[0]):
+            digests = {r.rank: r.checks[i].digest for r in members}
+            if len(set(digests.values())) > 1:
+                problems.append(f"tp group {g}: {kind} {name} is replicated but differs "
+                                f"across its ranks (identical copies are due)")
+    return problems
+
+
+def assert_match(reports: Sequence[Report], context: str = "") -> None:
+    """Raise :class:`NumericsMismatch` listing every problem :func:`verdict` finds."""
+    problems = verdict(reports)
+    if problems:
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        head = f"{context}: " if context else ""
+        raise NumericsMismatch(head + f"{len(problems)} problem(s)\n  " + "\n  ".join(shown))
+
+
+def gather(report: Report, group: Any = None) -> list[Report]:
+    """Every rank's report, on every rank (``all_gather_object``; under torchrun)."""
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, report, group=group)
+    return out
+
+
+def align_grads(module: torch.nn.Module) -> int:
+    """Give every DTensor gradient its parameter's placements, as a DTensor optimizer step
+    does before it updates (a ``Partial`` gradient reduced, a ``Replicate`` one sliced to
+    the parameter's shard); returns how many needed it. For third-party programs:
+    PyTorch's ``parallelize_module`` leaves sequence-parallel norms' gradients
+    ``Partial`` and a vocab-parallel embedding's ``Replicate``. tpcompile's own modules
+    must never need this: :func:`compare` fails a gradient placed otherwise than its
+    parameter."""
+    n = 0
+    for p in module.parameters():
+        g = p.grad
+        if isinstance(p, DTensor) and isinstance(g, DTensor) and \
+                tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+            n += 1
+    return n

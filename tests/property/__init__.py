@@ -11,19 +11,33 @@ class _Stats:
     compared: int = 0
     two_d: int = 0  # examples on the (dp, tp) mesh with FSDP2
     errors: dict[str, int] = field(default_factory=dict)
-    worst: float = 0.0
+    worst: float = 0.0  # worst relative error of a tensor held to rtol
     worst_where: str = "-"
+    noisy: int = 0  # tensors whose bound is the reference's own rounding error instead
+    used: float = 0.0  # the largest share of its bound any tensor used
+    used_where: str = "-"
 
-    def record(self, r: dict, two_d: bool = False) -> None:
+    def record(self, results: list[dict], two_d: bool = False) -> None:
+        """One example: the results of all ranks."""
         self.examples += 1
         self.two_d += two_d
-        if r.get("error"):
-            self.errors[r["error"]] = self.errors.get(r["error"], 0) + 1
+        if results[0].get("error"):
+            e = results[0]["error"]
+            self.errors[e] = self.errors.get(e, 0) + 1
             return
         self.compared += 1
-        err, where = max((r["output"], "<output>"), (r["worst"], r["worst_name"]))
-        if err > self.worst:
-            self.worst, self.worst_where = err, where
+        for r in results:
+            rep = r["report"]
+            for c in rep.checks:
+                if c.kind == "structure" or not c.ok:
+                    continue
+                where = f"{c.kind} {c.name}, rank {rep.rank}"
+                if c.noisy:
+                    self.noisy += 1
+                elif c.err > self.worst:
+                    self.worst, self.worst_where = c.err, where
+                if c.bound and c.err / c.bound > self.used:
+                    self.used, self.used_where = c.err / c.bound, where
 
 
 STATS = _Stats()

@@ -29,6 +29,9 @@ class AttnSpec(_Spec):
     bias: bool = False
     kind: Literal["sdpa", "explicit"] = "sdpa"
     kv_repeat: Literal["expand", "interleave"] = "expand"
+    # q, k, v split into heads by sizes (v: ``view(b, s, -1, head_dim)``), or all three
+    # by ``view(b, s, heads, -1)``
+    head_view: Literal["sizes", "infer_head_dim"] = "sizes"
 
 
 class MlpSpec(_Spec):
@@ -111,9 +114,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.s.head_view == "infer_head_dim":
+            q = self.wq(x).view(b, s, self.n_heads, -1).transpose(1, 2)
+            k = self.wk(x).view(b, s, self.n_kv_heads, -1).transpose(1, 2)
+            v = self.wv(x).view(b, s, self.n_kv_heads, -1).transpose(1, 2)
+        else:
+            q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k, v = self._repeat(k), self._repeat(v)
         if self.s.kind == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

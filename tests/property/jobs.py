@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pkgutil
 import warnings
 from contextlib import ExitStack
 from typing import Any
@@ -11,66 +12,150 @@ from unittest import mock
 import torch
 
 import tpcompile
-from tests.harness import compare, mesh, tp_mesh
+from tests.harness import judge, mesh, tp_mesh
 from tests.property.arch import Spec, build, make_inputs
 
-# Faults injected on purpose, to show the suite catches a broken rewrite.
-FAULTS = {
-    # replicated norm weights on sequence-sharded activations: skip the sum over tp
-    "no_norm_grad_sync": ("tpcompile.collectives.sync_grads", lambda group, *ps: ps),
-    # head-count constants in views left undivided
-    "undivided_heads": ("tpcompile.collectives.localize_shape",
-                        lambda sizes, pos, tp: tuple(sizes[0] if len(sizes) == 1 and
-                                                     isinstance(sizes[0], (tuple, list)) else sizes)),
-    # a rowwise bias added before the reduction, so tp times
-    "bias_before_reduce": ("tpcompile.rewrite._Builder._linear", None),
+# ----------------------------------------------------------------------------- faults
+# Bugs planted on purpose, to show the judge catches a broken rewrite. Each one replaces a
+# function of the core (``target``) for one job; the replacement counts the calls in
+# which it changed something (``FAULT_CALLS``), so a test can tell a fault that took
+# effect from one that never ran (a renamed target fails loudly: mock.patch raises).
+FAULT_CALLS = {"n": 0}
+
+
+def _took_effect() -> None:
+    FAULT_CALLS["n"] += 1
+
+
+def _no_norm_grad_sync(real: Any) -> Any:
+    """Replicated parameters on sequence-sharded activations (norm weights, rowwise
+    biases under SP): their partial gradients are not summed over tp."""
+    def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
+        if ps:
+            _took_effect()
+        return ps
+    return sync_grads
+
+
+def _undivided_heads(real: Any) -> Any:
+    """Head counts in views of a shard left undivided."""
+    def localize_shape(sizes: Any, pos: int, tp: int) -> list:
+        right = real(sizes, pos, tp)
+        wrong = list(sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+                     else sizes)
+        if wrong != right:
+            _took_effect()
+        return wrong
+    return localize_shape
+
+
+def _bias_before_reduce(real: Any) -> Any:
+    """A rowwise Linear whose bias joins the partial sums, so it is added tp times."""
+    def _linear(self: Any, n: Any, layer: Any) -> Any:
+        if self.styles.get(layer.name) != "rowwise" or layer.bias is None or \
+                layer.kind != "linear":
+            return real(self, n, layer)
+        _took_effect()
+        x = self.value(n.args[0], n)
+        w, b = self.env[layer.weight], self.env[layer.bias]
+        return self._reduce(n, layer.name, self.g.call_function(
+            torch.ops.aten.linear.default, (x, w, b)))
+    return _linear
+
+
+def _all_reduce_off_rank0(real: Any) -> Any:
+    """Every all-reduce result scaled by (1 + 1e-3) on tp ranks other than 0: rank 0
+    computes the right numbers, the other ranks do not."""
+    from tpcompile import collectives as C
+
+    def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+        out = real(x, group)
+        if C._rank(group) == 0:
+            return out
+        _took_effect()
+        return out * (1 + 1e-3)
+    return _all_reduce
+
+
+class _Twice(torch.autograd.Function):
+    """Identity forward; backward adds the gradient twice."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g + g
+
+
+def _grad_twice_on_one_rank(real: Any) -> Any:
+    """On the last tp rank, the first replicated parameter whose gradient is summed over
+    tp gets that sum twice; the other ranks are right."""
+    from tpcompile import collectives as C
+
+    def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
+        out = real(group, *ps)
+        if not ps or C._rank(group) != C._size(group) - 1:
+            return out
+        _took_effect()
+        return (_Twice.apply(out[0]), *out[1:])
+    return sync_grads
+
+
+# name -> (function replaced, what replaces it given the real one, sequence parallel on)
+FAULTS: dict[str, tuple[str, Any, bool]] = {
+    "no_norm_grad_sync": ("tpcompile.collectives.sync_grads", _no_norm_grad_sync, True),
+    "undivided_heads": ("tpcompile.collectives.localize_shape", _undivided_heads, True),
+    "bias_before_reduce": ("tpcompile.rewrite._Builder._linear", _bias_before_reduce, True),
+    "all_reduce_off_rank0": ("tpcompile.collectives._all_reduce", _all_reduce_off_rank0, False),
+    "grad_twice_on_one_rank": ("tpcompile.collectives.sync_grads", _grad_twice_on_one_rank,
+                               True),
 }
 
 
-def _linear_bias_before_reduce(self: Any, n: Any, mod: Any) -> Any:
-    """A wrong rowwise Linear: the bias joins the partial sums, so it is added tp times."""
-    x = self.value(n.args[0], n)
-    w, b = self.params[f"{n.target}.weight"], self.params.get(f"{n.target}.bias")
-    y = self.g.call_function(torch.nn.functional.linear, (x, w, b))
-    return self._reduce(n, y) if self.styles.get(n.target) == "rowwise" else y
-
-
-FAULTS["bias_before_reduce"] = ("tpcompile.rewrite._Builder._linear", _linear_bias_before_reduce)
+def _planted(fault: str) -> Any:
+    target, make, _ = FAULTS[fault]
+    real = pkgutil.resolve_name(target)  # AttributeError / ImportError: the target is gone
+    return mock.patch(target, make(real))
 
 
 def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch: int,
                   seq: int, on_indivisible: str, fault: str | None = None,
                   dtype: str = "float32", dp: bool = False) -> dict[str, Any]:
     """One example: ``dp`` runs it on the 2-D (dp=2, tp) mesh with FSDP2, each dp rank
-    on its own ``batch`` rows of a ``2 * batch`` batch the reference sees whole."""
+    on its own ``batch`` rows of a ``2 * batch`` batch the reference sees whole. Returns
+    this rank's report (``tpcompile.verify``), or the documented error it raised;
+    ``fault_calls``: how often the planted ``fault`` changed something on this rank."""
     spec = Spec.model_validate_json(spec_json)
     dt = getattr(torch, dtype)
     ref = build(spec, seed, dt)
+    FAULT_CALLS["n"] = 0
     with ExitStack() as stack:
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         if fault is not None:
-            target, fn = FAULTS[fault]  # type: ignore[misc]
-            stack.enter_context(mock.patch(target, fn))
+            stack.enter_context(_planted(fault))
         try:
             target = mesh((2, tp), ("dp", "tp")) if dp else tp_mesh(tp)
             par = tpcompile.auto_parallelize(copy.deepcopy(ref), target,
                                              sequence_parallel=sp, on_indivisible=on_indivisible)
         except tpcompile.TPCompileError as e:
-            return {"error": type(e).__name__, "message": str(e)}
+            return {"error": type(e).__name__, "message": str(e), "fault_calls": FAULT_CALLS["n"]}
         plan = tpcompile.plan_of(par)
         styles = plan.layer_styles()
         try:
             inputs = make_inputs(spec, batch * (2 if dp else 1), seq, seed, dt)
-            rep = compare(ref, par, inputs, dp=(target["dp"].get_local_rank(), 2) if dp else None)
+            rep = judge(ref, par, inputs, dp=(target["dp"].get_local_rank(), 2) if dp else None)
         except tpcompile.TPCompileError as e:
-            return {"error": type(e).__name__, "message": str(e), "styles": styles}
+            return {"error": type(e).__name__, "message": str(e), "styles": styles,
+                    "fault_calls": FAULT_CALLS["n"]}
         except RuntimeError as e:
             if fault is None:
                 raise
             # an injected fault that breaks the program outright (every rank fails at the
             # same op, so no collective is left half done): report it, keep the pool
-            return {"error": "FaultCrash", "message": str(e), "styles": styles}
-    name, worst = rep.worst
-    return {"error": None, "output": rep.output_err, "worst": worst, "worst_name": name,
-            "styles": styles, "notes": [n.reason for n in plan.notes()]}
+            return {"error": "FaultCrash", "message": str(e), "styles": styles,
+                    "fault_calls": FAULT_CALLS["n"]}
+    return {"error": None, "report": rep, "styles": styles,
+            "notes": [n.reason for n in plan.notes()], "fault_calls": FAULT_CALLS["n"]}
