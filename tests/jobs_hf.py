@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import tpcompile
 from tests.harness import mesh, tp_mesh
@@ -104,7 +105,8 @@ def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
         if q is None:
             continue
         total += p.numel()
-        if isinstance(q, DTensor) and any(pl.is_shard() for pl in q.placements[-1:]):
+        if isinstance(q, DTensor) and any(pl.is_shard() or isinstance(pl, _StridedShard)
+                                          for pl in q.placements[-1:]):
             sharded += p.numel()
         if p.grad is None:
             problems.append(f"{name}: the reference has no gradient (a useless comparison)")
@@ -308,3 +310,32 @@ def already_parallel(rank: int) -> dict:
                 "untouched": before == {n: type(p) for n, p in model.named_parameters()}
                 and "forward" not in model.__dict__}
     return {"error": None}
+
+
+def no_grad_region(rank: int) -> dict:
+    """A statistic computed under torch.no_grad() inside forward: no gradient reaches
+    what it was computed from, in the parallel model as in the original."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stat = torch.nn.Linear(16, 16)
+            self.w1, self.w2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                scale = self.stat(x).abs().mean()
+            return self.w2(torch.relu(self.w1(x))) * scale
+
+    torch.manual_seed(0)
+    ref, x = Scaled(), torch.randn(2, 8, 16)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_inputs=(x,))
+    o_ref, o_par = ref(x), par(x)
+    loss_of(o_ref).backward()
+    loss_of(o_par).backward()
+    ok = par.stat.weight.grad is None and ref.stat.weight.grad is None
+    for m in (ref, par):  # the judge wants a gradient for each parameter it compares
+        m.stat.weight.grad = torch.zeros_like(m.stat.weight)
+        m.stat.bias.grad = torch.zeros_like(m.stat.bias)
+    return {**judge(ref, par, o_ref, o_par), "no_grad_kept": ok,
+            "styles": tpcompile.plan_of(par).layer_styles()}

@@ -231,6 +231,10 @@ def keep_constant(value: Any) -> int:
     return len(CONSTANTS) - 1
 
 
+def kept(key: int) -> Any:
+    return CONSTANTS[key]
+
+
 def constant(key: int, device: torch.device) -> Any:
     value = CONSTANTS[key]
     return value.to(device) if isinstance(value, torch.Tensor) else value

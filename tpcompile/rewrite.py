@@ -208,6 +208,8 @@ class _Builder:
         g = self.g
         if n.op == "output":
             return self._output(n)
+        if n.op == "get_attr":  # a subgraph of a higher-order op (a no_grad region)
+            return g.call_function(C.kept, (C.keep_constant(getattr(self.gm, str(n.target))),))
         if n.target is aten._assert_tensor_metadata.default:
             return None  # a dtype/device assertion of the trace; shapes are local now
         layer = layer_of(n)
