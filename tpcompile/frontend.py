@@ -243,9 +243,12 @@ def fake_state(sk: nn.Module) -> Iterator[FakeTensorMode]:
             for k, t in list(store.items()):
                 if t is None:
                     continue
+                device = devices.get(id(t), t.device)
+                if device.type == "meta":
+                    continue  # export fakes a meta tensor as it is: nothing to swap
                 if id(t) not in fakes:
                     with mode:
-                        f = torch.empty(t.shape, dtype=t.dtype, device=devices.get(id(t), t.device))
+                        f = torch.empty(t.shape, dtype=t.dtype, device=device)
                     fakes[id(t)] = nn.Parameter(f, t.requires_grad) if isinstance(t, nn.Parameter) else f
                 saved.append((store, k, t))
                 store[k] = fakes[id(t)]
@@ -451,8 +454,9 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
             for rel, b in blocks.items():
                 b.forward = patched(rel)  # type: ignore[method-assign]
             try:
-                target = module if front == "export" else _fx_lowered(module, blocks)
-                ep, (leaves, spec) = _export(target, args, kwargs)
+                with _hollow(module, blocks):
+                    target = module if front == "export" else _fx_lowered(module, blocks)
+                    ep, (leaves, spec) = _export(target, args, kwargs)
             except _NeedBlock as need:
                 _unpatch(blocks)
                 known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
@@ -490,6 +494,29 @@ def _on_need(need: _NeedBlock, blocks: dict[str, nn.Module], on_block: Callable,
     a, k = pytree.tree_map(lambda x: fake_like(mode, x), (need.args, need.kwargs),
                            is_leaf=lambda x: isinstance(x, _Described))
     return on_block(need.member, blocks[need.member], a, k)
+
+
+@contextlib.contextmanager
+def _hollow(module: nn.Module, blocks: dict[str, nn.Module]) -> Iterator[None]:
+    """While the parent is exported its blocks are opaque calls: hide their parameters
+    and buffers (export would lift every one of them, 80 blocks' worth), except those
+    the parent's own modules hold too (a weight tied across the boundary)."""
+    inside = {id(m) for b in blocks.values() for m in b.modules()}
+    outside = {id(t) for m in module.modules() if id(m) not in inside
+               for t in [*m._parameters.values(), *m._buffers.values()] if t is not None}
+    saved = []
+    for b in blocks.values():
+        for m in b.modules():
+            for store in (m._parameters, m._buffers):
+                for k, t in list(store.items()):
+                    if t is not None and id(t) not in outside:
+                        saved.append((store, k, t))
+                        del store[k]
+    try:
+        yield
+    finally:
+        for store, k, t in saved:
+            store[k] = t
 
 
 def _unpatch(blocks: dict[str, nn.Module]) -> None:

@@ -106,9 +106,7 @@ def unary(node: fx.Node, ctx: Ctx) -> Layout:
     lay = ctx.of(node.args[0])
     if not lay.sharded:  # e.g. type_as(x, sharded): dtype only
         return R
-    if node.target is aten.view_as_real.default:  # [..., d] complex -> [..., d, 2]
-        return lay
-    return lay
+    return lay  # view_as_real too: [..., d] complex -> [..., d, 2] keeps the leading dims
 
 
 BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
