@@ -252,8 +252,9 @@ def check_tensor(name: str, got: Any, want: torch.Tensor, *, kind: str = "output
     if e <= rtol * s:
         return Check(kind, name, True, err, rtol, "", digest)
     if e_exact <= NOISE_FACTOR * noise:  # as accurate as float32 can know this tensor
-        return Check(kind, name, True, e_exact / s if s else math.inf,
-                     NOISE_FACTOR * noise / s if s else math.inf, "", digest, True)
+        scale = s or noise  # (noise > 0 here: else got == exact != want == 0)
+        return Check(kind, name, True, e_exact / scale, NOISE_FACTOR * noise / scale, "",
+                     digest, True)
     why = "" if exact is None else (
         f"; nor within {NOISE_FACTOR:g} times the reference's rounding noise of the float64 "
         f"result ({e_exact:.3g} > {NOISE_FACTOR * noise:.3g})")
@@ -509,7 +510,7 @@ def assert_match(reports: Sequence[Report], context: str = "") -> None:
     """Raise :class:`NumericsMismatch` listing every problem :func:`verdict` finds."""
     problems = verdict(reports)
     if problems:
-        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        shown = problems[:40] + [f"... and {len(problems) - 40} more"] * (len(problems) > 40)
         head = f"{context}: " if context else ""
         raise NumericsMismatch(head + f"{len(problems)} problem(s)\n  " + "\n  ".join(shown))
 
