@@ -4,6 +4,7 @@ match the unsharded model (outputs and every gradient) or be refused clearly."""
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -305,3 +306,24 @@ def dropout_streams(rank: int) -> dict:
     return {"routed": "on_rank_rng" in par.layers[0]._tpcompile_code,
             "untouched": untouched, "differ": not torch.equal(masks[0], masks[1]),
             "rate": mask.float().mean().item()}
+
+
+class Output(OrderedDict):
+    """What a Hugging Face ``ModelOutput`` is to the caller: an OrderedDict subclass."""
+
+
+class OutputStack(Stack):
+    """Returns its hidden state and a block's output in an ``Output``."""
+
+    def forward(self, x: torch.Tensor) -> Output:  # type: ignore[override]
+        first = self.layers[0](x)
+        for layer in self.layers[1:]:
+            x = layer(first)
+        return Output(last_hidden_state=self.norm(x), first=first)
+
+
+def output_container(rank: int, sp: bool) -> dict:
+    torch.manual_seed(0)
+    ref, x = OutputStack([Block(), Block()]), torch.randn(2, 8, D)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), sequence_parallel=sp)
+    return numerics_result(ref, par, (x,))

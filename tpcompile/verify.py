@@ -180,12 +180,13 @@ def _digest(t: torch.Tensor) -> str:
 
 def check_tensor(name: str, got: Any, want: torch.Tensor, *, kind: str = "output",
                  rtol: float | None = None, exact: torch.Tensor | None = None,
-                 noisy: Sequence[torch.Tensor] = (), placement: Placement | None = None,
-                 dtensor: bool = True) -> Check:
+                 noisy: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]] = (),
+                 placement: Placement | None = None, dtensor: bool = True) -> Check:
     """One tensor of the parallel module (``got``, on this rank: plain or a DTensor)
     against the reference's full tensor ``want``. ``exact`` / ``noisy``: the same tensor
     from the reference's :class:`Shadow` (the float64 run, and the runs under simulated
-    float32 rounding), to tell true zeros and the reference's own noise. ``placement``:
+    float32 rounding; a callable to make them only if needed), to tell true zeros and
+    the reference's own noise. ``placement``:
     the placement ``got`` must have on the tp mesh (a plain tensor counts as
     ``Replicate``). ``dtensor=False``: ``got`` must be a plain ``torch.Tensor``."""
     rtol = default_rtol(want.dtype) if rtol is None else rtol
@@ -193,9 +194,7 @@ def check_tensor(name: str, got: Any, want: torch.Tensor, *, kind: str = "output
     def fail(why: str) -> Check:
         return Check(kind, name, False, math.inf, rtol, why)
 
-    # rounding noise per element, pooled over the whole tensor (every element of one
-    # tensor is computed alike), so that a shard of one or two elements gets a stable scale
-    spread = _spread(exact, noisy) if exact is not None and len(noisy) else 0.0
+    full_exact = exact
     if not isinstance(got, torch.Tensor):
         return fail(f"expected a tensor, got {type(got).__name__}")
     replicated = True
@@ -241,10 +240,17 @@ def check_tensor(name: str, got: Any, want: torch.Tensor, *, kind: str = "output
     zero = b == 0
     if exact is not None:
         c = exact.detach().double()
-        noise = max(norm(b - c).item(), spread * math.sqrt(b.numel()))
-        e_exact = norm(a - c).item()
-        # a true zero is zero in float64 too; a tensor that is rounding noise has none
-        zero = zero & (c == 0) if noise <= rtol * s else torch.zeros_like(zero)
+        zero &= c == 0  # a true zero is zero in float64 too
+        if e > rtol * s or bool((a[zero] != 0).any()):  # is this tensor rounding noise?
+            # the noisy runs' spread per element, pooled over the whole tensor (all its
+            # elements are computed alike): a shard of one or two elements gets a stable
+            # scale too
+            runs = noisy() if callable(noisy) else noisy
+            spread = _spread(full_exact, runs) if len(runs) else 0.0  # type: ignore[arg-type]
+            noise = max(norm(b - c).item(), spread * math.sqrt(b.numel()))
+            e_exact = norm(a - c).item()
+            if noise > rtol * s:  # it is: it has no true zeros either
+                zero = torch.zeros_like(zero)
     stray = int((a[zero] != 0).sum())
     if stray:
         return Check(kind, name, False, math.inf, rtol,
@@ -252,8 +258,9 @@ def check_tensor(name: str, got: Any, want: torch.Tensor, *, kind: str = "output
     if e <= rtol * s:
         return Check(kind, name, True, err, rtol, "", digest)
     if e_exact <= NOISE_FACTOR * noise:  # as accurate as float32 can know this tensor
-        return Check(kind, name, True, e_exact / s if s else math.inf,
-                     NOISE_FACTOR * noise / s if s else math.inf, "", digest, True)
+        scale = s or noise  # (noise > 0 here: else got == exact != want == 0)
+        return Check(kind, name, True, e_exact / scale, NOISE_FACTOR * noise / scale, "",
+                     digest, True)
     why = "" if exact is None else (
         f"; nor within {NOISE_FACTOR:g} times the reference's rounding noise of the float64 "
         f"result ({e_exact:.3g} > {NOISE_FACTOR * noise:.3g})")
@@ -296,43 +303,71 @@ class RoundingNoise(TorchDispatchMode):
         return t * (1 + self.u * (2 * r - 1)).to(t.dtype).to(t.device)
 
 
+class _NoisyRuns:
+    """The noisy float64 runs of a shadow, made on first use from a float64 copy of the
+    reference taken when the shadow was made."""
+
+    def __init__(self, template: torch.nn.Module, step: Callable[[torch.nn.Module], Any],
+                 samples: int, unit_roundoff: float) -> None:
+        self.template, self.step, self.samples, self.u = template, step, samples, unit_roundoff
+        self.runs: list[tuple[torch.nn.Module, Any]] | None = None
+
+    def get(self) -> list[tuple[torch.nn.Module, Any]]:
+        if self.runs is None:
+            self.runs = [_run_copy(self.template, self.step, RoundingNoise(i, self.u))
+                         for i in range(self.samples)]
+        return self.runs
+
+
+def _run_copy(template: torch.nn.Module, step: Callable[[torch.nn.Module], Any],
+              mode: Any = None) -> tuple[torch.nn.Module, Any]:
+    model = copy.deepcopy(template)
+    for p in model.parameters():
+        p.grad = None
+    with torch.random.fork_rng(devices=[]):
+        if mode is None:
+            return model, step(model)
+        with mode:
+            return model, step(model)
+
+
 @dataclass
 class Shadow:
-    """The reference run in float64 (``exact``: module, with its gradients, and outputs)
-    and ``noisy`` runs in float64 under :class:`RoundingNoise`; see the module doc."""
+    """The reference run in float64 (``exact``: the module, with its gradients, and
+    ``outputs``), and, made only when a tensor needs them, float64 runs under
+    :class:`RoundingNoise` (:attr:`noisy`); see the module doc."""
 
     exact: torch.nn.Module
     outputs: Any
-    noisy: list[tuple[torch.nn.Module, Any]]
+    _noisy: _NoisyRuns
+    _fn: Callable[[Any], Any] = lambda o: o
+
+    @property
+    def noisy(self) -> list[tuple[torch.nn.Module, Any]]:
+        return [(m, self._fn(o)) for m, o in self._noisy.get()]
 
     def map_outputs(self, fn: Callable[[Any], Any]) -> "Shadow":
         """The same shadow with ``fn`` applied to every run's outputs (a dp rank's rows)."""
-        return Shadow(self.exact, fn(self.outputs), [(m, fn(o)) for m, o in self.noisy])
+        inner = self._fn
+        return Shadow(self.exact, fn(self.outputs), self._noisy, lambda o: fn(inner(o)))
 
 
 def shadow(reference: torch.nn.Module, step: Callable[[torch.nn.Module], Any],
            samples: int = NOISE_SAMPLES) -> Shadow | None:
     """Run ``step(model)`` (forward and backward on float64 inputs; returns the outputs)
-    on float64 copies of ``reference``: once plainly, ``samples`` times under
-    :class:`RoundingNoise` of the reference's precision. ``None`` for a reference that
-    is not in a lower precision than float64. The global random stream is untouched."""
+    on a float64 copy of ``reference``, and keep what it needs to run it ``samples``
+    times more under :class:`RoundingNoise` of the reference's precision, should a
+    tensor need them. ``None`` for a reference that is not in a lower precision than
+    float64. The global random stream is untouched."""
     dtypes = {p.dtype for p in reference.parameters() if p.is_floating_point()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in UNIT_ROUNDOFF:
         return None
-    u = UNIT_ROUNDOFF[next(iter(dtypes))]
-
-    def run(noise: int | None) -> tuple[torch.nn.Module, Any]:
-        model = copy.deepcopy(reference).double()
-        for p in model.parameters():
-            p.grad = None
-        with torch.random.fork_rng(devices=[]):
-            if noise is None:
-                return model, step(model)
-            with RoundingNoise(noise, u):
-                return model, step(model)
-
-    exact, outputs = run(None)
-    return Shadow(exact, outputs, [run(i) for i in range(samples)])
+    template = copy.deepcopy(reference).double()
+    for p in template.parameters():
+        p.grad = None
+    exact, outputs = _run_copy(template, step)
+    return Shadow(exact, outputs,
+                  _NoisyRuns(template, step, samples, UNIT_ROUNDOFF[next(iter(dtypes))]))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -362,20 +397,27 @@ def _tp_group(module: torch.nn.Module) -> tuple[int, ...]:
     return (dist.get_rank() if dist.is_initialized() else 0,)
 
 
-def _walk(path: str, got: Any, want: Any, shadows: list[Any] | None, out: list[Check],
-          **kw: Any) -> None:
-    """Compare two output structures whole; ``shadows``: the same structure from the
-    shadow's exact run, then from each noisy run (None: no shadow)."""
+def _walk(path: str, got: Any, want: Any, exact: Any, out: list[Check],
+          noisy: Callable[[], list[Any]] | None = None, keys: tuple = (), **kw: Any) -> None:
+    """Compare two output structures whole. ``exact``: the same structure from the
+    shadow's float64 run (None: no shadow); ``noisy()``: the whole structures of its noisy
+    runs (``keys``: where in them this part is)."""
     def bad(why: str) -> None:
         out.append(Check("structure", path, False, math.inf, 0.0, why))
 
-    def sub(key: Any) -> list[Any] | None:
-        return None if shadows is None else [sh[key] for sh in shadows]
+    def deeper(p: str, g: Any, w: Any, k: Any) -> None:
+        _walk(p, g, w, None if exact is None else exact[k], out, noisy, keys + (k,), **kw)
 
     if isinstance(want, torch.Tensor):
-        out.append(check_tensor(path, got, want, kind="output",
-                                exact=None if shadows is None else shadows[0],
-                                noisy=() if shadows is None else shadows[1:], **kw))
+        def at() -> list[torch.Tensor]:
+            found = []
+            for o in noisy():  # type: ignore[misc]
+                for k in keys:
+                    o = o[k]
+                found.append(o)
+            return found
+        out.append(check_tensor(path, got, want, kind="output", exact=exact,
+                                noisy=at if noisy is not None else (), **kw))
     elif want is None or got is None:
         if got is not want:
             bad(f"{type(got).__name__}, reference {type(want).__name__}")
@@ -386,14 +428,13 @@ def _walk(path: str, got: Any, want: Any, shadows: list[Any] | None, out: list[C
             bad(f"keys {list(got.keys())}, reference {list(want.keys())}")
             return
         for k in want:
-            _walk(f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]", got[k], want[k],
-                  sub(k), out, **kw)
+            deeper(f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]", got[k], want[k], k)
     elif isinstance(want, (tuple, list)):
         if len(got) != len(want):
             bad(f"length {len(got)}, reference {len(want)}")
             return
         for i, (g, w) in enumerate(zip(got, want)):
-            _walk(f"{path}[{i}]", g, w, sub(i), out, **kw)
+            deeper(f"{path}[{i}]", g, w, i)
     elif isinstance(want, float):
         rtol = kw.get("rtol") or RTOL[torch.float32]
         if not abs(got - want) <= rtol * abs(want):
@@ -428,9 +469,10 @@ def compare(reference: torch.nn.Module, parallel: torch.nn.Module, out_ref: Any,
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = Report(rank, group or _tp_group(parallel), rtol)
     checks = report.checks
-    runs = [] if shadow is None else [(shadow.exact, shadow.outputs), *shadow.noisy]
-    _walk("output", out_par, out_ref, [o for _, o in runs] if runs else None, checks,
-          rtol=rtol, dtensor=dtensor_outputs)
+    sh_out = None if shadow is None else shadow.outputs
+    noisy_out = None if shadow is None else (lambda: [o for _, o in shadow.noisy])
+    _walk("output", out_par, out_ref, sh_out, checks, noisy_out, rtol=rtol,
+          dtensor=dtensor_outputs)
 
     if placements == "plan":
         placements = planned_placements(parallel)
@@ -440,7 +482,13 @@ def compare(reference: torch.nn.Module, parallel: torch.nn.Module, out_ref: Any,
                             f"names differ: only in the reference "
                             f"{sorted(set(ref_params) - set(par_params))}, only in the "
                             f"parallel module {sorted(set(par_params) - set(ref_params))}"))
-    shadow_grads = [{n: p.grad for n, p in m.named_parameters()} for m, _ in runs]
+    exact_params = {} if shadow is None else dict(shadow.exact.named_parameters())
+
+    def noisy_grads(name: str) -> Callable[[], list[torch.Tensor]]:
+        def get() -> list[torch.Tensor]:
+            grads = [dict(m.named_parameters())[name].grad for m, _ in shadow.noisy]
+            return [g for g in grads if g is not None]
+        return get
     skip = set(no_grad)
     for name, p in ref_params.items():
         q = par_params.get(name)
@@ -469,11 +517,10 @@ def compare(reference: torch.nn.Module, parallel: torch.nn.Module, out_ref: Any,
                                 f"gradient placed {tuple(q.grad.placements)}, the parameter "
                                 f"{tuple(q.placements)}"))
             continue
-        sh = [g.get(name) for g in shadow_grads]
-        if any(t is None for t in sh):
-            sh = []
-        checks.append(check_tensor(name, q.grad, p.grad, kind="grad", rtol=rtol,
-                                   exact=sh[0] if sh else None, noisy=sh[1:],
+        e = exact_params.get(name)
+        exact = None if e is None else e.grad
+        checks.append(check_tensor(name, q.grad, p.grad, kind="grad", rtol=rtol, exact=exact,
+                                   noisy=noisy_grads(name) if exact is not None else (),
                                    placement=want_pl))
     return report
 
@@ -509,7 +556,7 @@ def assert_match(reports: Sequence[Report], context: str = "") -> None:
     """Raise :class:`NumericsMismatch` listing every problem :func:`verdict` finds."""
     problems = verdict(reports)
     if problems:
-        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        shown = problems[:40] + [f"... and {len(problems) - 40} more"] * (len(problems) > 40)
         head = f"{context}: " if context else ""
         raise NumericsMismatch(head + f"{len(problems)} problem(s)\n  " + "\n  ".join(shown))
 

@@ -95,11 +95,11 @@ def _grad_twice_on_one_rank(real: Any) -> Any:
     from tpcompile import collectives as C
 
     def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
-        out = real(group, *ps)
         if not ps or C._rank(group) != C._size(group) - 1:
-            return out
+            return real(group, *ps)
         _took_effect()
-        return (_Twice.apply(out[0]), *out[1:])
+        # before the sync in forward, so after its all-reduce in backward: this rank only
+        return real(group, _Twice.apply(ps[0]), *ps[1:])
     return sync_grads
 
 

@@ -22,6 +22,7 @@ def main(spec: Spec, *, seed: int, tp: int, sp: bool, batch: int, seq: int,
     print("styles:", res[0]["styles"])
     for r in res:
         name, err, bound = r["report"].worst
-        print(f"rank {r['report'].rank}: closest to its bound: {name} {err:.3g} (allowed {bound:.3g})")
+        print(f"rank {r['report'].rank}: closest to its bound: {name} {err:.3g} "
+              f"(allowed {bound:.3g})")
     problems = verdict([r["report"] for r in res])
     print("\n".join(problems) if problems else "matches the unsharded model on every rank")
