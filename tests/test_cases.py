@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from tests import jobs_cases
-from tests.harness import NumericsMismatch
 from tests.test_numerics import check as matches
 
 
@@ -70,9 +69,6 @@ def test_dropout_on_shards_draws_per_rank(pool):
         assert 0.45 < r["rate"] < 0.55
 
 
-@pytest.mark.xfail(strict=True, raises=NumericsMismatch,
-                   reason="core bug: the rewritten program returns a plain dict for an "
-                          "OrderedDict subclass (fx codegen writes a dict literal)")
 @pytest.mark.parametrize("sp", [False, True])
 def test_output_container_type_is_kept(pool, sp):
     """A Hugging Face style ModelOutput (an OrderedDict subclass) comes back as itself,

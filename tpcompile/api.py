@@ -212,7 +212,8 @@ def _programs(compiled: Compiled, sk: nn.Module, tp: int, group: str,
         out.append(Program(rw.forward, rw.code, sk.get_submodule(u.members[0]).training,
                            t.in_spec, dict(t.constants),
                            guards_for(t.inputs, t.positions, q_dims, tp), t.ranges,
-                           len(t.outputs), t.out_spec, [f for _, f in t.mutations], t.positions))
+                           len(t.outputs), t.out_spec, [f for _, f in t.mutations], t.positions,
+                           t.out_type))
     return out
 
 

@@ -314,6 +314,7 @@ class Traced:
     blocks: dict[fx.Node, BlockCall] = field(default_factory=dict)
     ranges: dict[Any, tuple[int, float]] = field(default_factory=dict)
     positions: list[int] = field(default_factory=list)  # flat position of each input
+    out_type: Any = None  # the type of the module's output object
     input_grads: list[bool] = field(default_factory=list)  # per flat input: needs a gradient
     param_grads: dict[fx.Node, bool] = field(default_factory=dict)
 
@@ -332,7 +333,11 @@ class _Flat(nn.Module):
         it = iter(tensors)
         a, k = pytree.tree_unflatten([next(it) if x is TENSOR else x for x in self._leaves],
                                      self._spec)
-        return self.inner(*a, **k)
+        out = self.inner(*a, **k)
+        self.out_type = type(out)
+        if isinstance(out, dict) and type(out) not in pytree.SUPPORTED_NODES:
+            out = dict(out)  # a dict subclass pytree does not know: rebuilt by the runtime
+        return out
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict) -> tuple[ExportedProgram, Any]:
@@ -349,8 +354,10 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> tuple[ExportedProgr
     level = log.level
     log.setLevel(logging.ERROR)  # "0/1 specialized" notes for size-1 dims are expected
     try:
-        ep = torch.export.export(_Flat(module, spec, leaves), tensors, strict=False,
+        flat_module = _Flat(module, spec, leaves)
+        ep = torch.export.export(flat_module, tensors, strict=False,
                                  dynamic_shapes={"tensors": dims})
+        ep.__dict__["_tpcompile_out_type"] = getattr(flat_module, "out_type", None)
     finally:
         log.setLevel(level)
     return ep, (leaves, spec)
@@ -474,6 +481,7 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
                 break
             _unpatch(blocks)
             t = _read(ep, front, calls, leaves, spec)
+            t.out_type = ep.__dict__.get("_tpcompile_out_type")
             flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
             t.input_grads = [bool(x.requires_grad) for x in flat]
             t.param_grads = {ph: module.get_parameter(fqn).requires_grad for ph, fqn in t.params.items()}

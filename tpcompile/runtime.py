@@ -46,6 +46,7 @@ class Program:
     out_spec: pytree.TreeSpec
     mutations: list[str]
     positions: list[int]  # flat positions of the tensor inputs the program takes
+    out_type: Any = None  # the output's own class, where pytree rebuilds a plain dict
 
     def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
         """None if this program serves the call, else why not."""
@@ -122,7 +123,11 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             for fqn, v in zip(prog.mutations, outs[n:]):
                 self.get_buffer(fqn).copy_(v)
-    return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
+    out = pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
+    cls = prog.out_type
+    if cls is not None and type(out) is not cls and isinstance(out, dict) and issubclass(cls, dict):
+        out = cls(out)  # an OrderedDict subclass pytree flattened as a dict
+    return out
 
 
 def install(module: nn.Module, program: Program, replan: Callable | None = None,
