@@ -114,10 +114,11 @@ FAULTS: dict[str, tuple[str, Any, bool]] = {
 }
 
 
-def _planted(fault: str) -> Any:
+def planted(fault: str) -> Any:
+    """The patch that plants ``fault``. Raises AttributeError / ImportError if the core no
+    longer has the function it replaces (renamed, moved): that is never a catch."""
     target, make, _ = FAULTS[fault]
-    real = pkgutil.resolve_name(target)  # AttributeError / ImportError: the target is gone
-    return mock.patch(target, make(real))
+    return mock.patch(target, make(pkgutil.resolve_name(target)))
 
 
 def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch: int,
@@ -135,7 +136,11 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         if fault is not None:
-            stack.enter_context(_planted(fault))
+            try:
+                stack.enter_context(planted(fault))
+            except (AttributeError, ImportError) as e:
+                return {"error": "FaultTargetMissing", "message": f"{FAULTS[fault][0]}: {e}",
+                        "fault_calls": 0}
         try:
             target = mesh((2, tp), ("dp", "tp")) if dp else tp_mesh(tp)
             par = tpcompile.auto_parallelize(copy.deepcopy(ref), target,

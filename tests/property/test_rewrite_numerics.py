@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tests.harness import NumericsMismatch, assert_numerics
 from tests.property import STATS
 from tests.property.arch import AttnSpec, BlockSpec, MlpSpec, Spec, repro
-from tests.property.jobs import FAULTS, check_example
+from tests.property.jobs import FAULTS, check_example, planted
 from tests.test_numerics import TOL
 
 FAULT_EXAMPLES = 10  # examples per planted fault (those in which it took effect)
@@ -169,6 +169,7 @@ def test_suite_catches_an_injected_fault(pool, fault):
         results = pool.run(check_example, case["spec"].model_dump_json(), case["seed"],
                            case["tp"], case["sp"], case["batch"], case["seq"],
                            case["on_indivisible"], fault, dp=case["dp"])
+        assert results[0]["error"] != "FaultTargetMissing", results[0]["message"]
         calls = [r["fault_calls"] for r in results]
         assume(any(calls))  # the fault changed nothing here: nothing to catch
         assume(all(r["error"] != "FaultCrash" for r in results))  # not silent: no numbers
@@ -183,3 +184,17 @@ def test_suite_catches_an_injected_fault(pool, fault):
 
     search()
     assert len(caught) >= MIN_CAUGHT, f"the fault took effect in {len(caught)} examples only"
+
+
+def test_every_fault_target_exists():
+    """A fault is planted by replacing a core function by name: once the core renames
+    one, planting it must fail (it used to raise inside the worker and count as caught)."""
+    for fault in FAULTS:
+        with planted(fault):
+            pass
+    FAULTS["renamed"] = ("tpcompile.collectives.no_such_function", lambda real: real, True)
+    try:
+        with pytest.raises(AttributeError):
+            planted("renamed")
+    finally:
+        del FAULTS["renamed"]
