@@ -121,8 +121,8 @@ def layer_of(node: fx.Node) -> Layer | None:
     return node.meta.get("tpc_layer")
 
 
-def is_block(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is BLOCK_OP
+def is_block(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is BLOCK_OP
 
 
 @dataclass

@@ -343,7 +343,8 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         styles, segments, notes = A.detect_segments(gm, contracts)
         _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
-        for emb, head in A.tied_pairs(gm):
+        pairs = A.tied_pairs(gm)
+        for emb, head in pairs:
             # one weight, Shard(0) for both uses: vocab-parallel lookup, colwise head
             if styles.get(emb.name) == "vocab_parallel" and styles.get(head.name) == "colwise":
                 continue
@@ -356,7 +357,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         local = {l.name for n in gm.graph.nodes if (l := A.layer_of(n)) is not None}
         for layer in sorted(set(styles) & local):
             if f"{prefix}{layer}" in tied_elsewhere and not any(
-                    layer in (e.name, h.name) for e, h in A.tied_pairs(gm)):
+                    layer in (e.name, h.name) for e, h in pairs):
                 notes.append(A.replicate_layer(styles, segments, layer,
                                                "its weight is tied to a layer in another module"))
         heads = A.head_layers(gm, styles, segments, 1, contracts)

@@ -140,8 +140,7 @@ def install(module: nn.Module, program: Program, replan: Callable | None = None,
         module.__dict__["_tpcompile_runtime"] = rt
         module.forward = types.MethodType(_dispatch, module)  # type: ignore[method-assign]
     rt.programs.append(program)
-    module.__dict__["_tpcompile_code"] = program.code if len(rt.programs) == 1 else \
-        module.__dict__.get("_tpcompile_code", program.code)
+    module.__dict__.setdefault("_tpcompile_code", program.code)  # the first program
 
 
 def guards_for(inputs: list[Any], positions: list[int], q_dims: dict[Any, int],

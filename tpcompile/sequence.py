@@ -91,10 +91,9 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, s
             if lay.get(n) == R and _q_eligible(n, styles, params, is_root)}
     # a block output is sequence-sharded only where the block's contract says so
     for n in list(elig):
-        if n.op == "call_function" and is_block(n.args[0]) if n.args else False:
-            c = contracts.get(n.args[0])
-            if c is None or c.outputs[n.args[1]].kind != "Q":
-                elig.discard(n)
+        if n.target is operator.getitem and is_block(n.args[0]) and \
+                not _block_wants_q(n, contracts):
+            elig.discard(n)
     g = nx.Graph()
     g.add_nodes_from(elig)
     for n in elig:
