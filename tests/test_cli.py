@@ -38,6 +38,28 @@ def test_explain_7b_subprocess():
         assert text in p.stdout, text
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    (["--tp", "0"], "argument --tp: 0 is not a positive integer"),
+    (["--dp", "-3"], "argument --dp: -3 is not a positive integer"),
+    (["--seq", "x"], "argument --seq: 'x' is not an integer"),
+    (["--tp", "2", "--seq", "7"], "seq = 7 is not divisible by tp = 2"),
+])
+def test_explain_arguments_are_checked(capsys, argv, fragment):
+    try:
+        code = main(["explain", "models/llama2.py", "--config", "debug", *argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err
+
+
+def test_explain_without_sp_takes_any_sequence_length(capsys):
+    code, out, _ = run(capsys, "explain", "models/llama2.py", "--config", "debug", "--tp", "2",
+                       "--seq", "7", "--no-sp", "--dtype", "fp32")
+    assert code == 0 and "all_reduce" in out and "reduce_scatter" not in out
+
+
 def test_json_format(capsys):
     code, out, _ = run(capsys, "explain", "models/llama2.py", "--config", "debug", "--tp", "2",
                        "--seq", "16", "--dtype", "fp32", "--format", "json")

@@ -108,3 +108,32 @@ def test_both_front_ends_failing_say_what_each_said():
         tpcompile.plan(DataDependent(), tp=2, example_inputs=(torch.randn(2, 4),))
     msg = str(e.value)
     assert "torch.export said" in msg and "torch.fx said" in msg and "(2, 4)" in msg
+
+
+def test_tp_must_be_positive():
+    for tp in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="tp must be a positive integer"):
+            tpcompile.plan(GatedMLPStack(), tp=tp)
+
+
+class SharedWeight(nn.Module):
+    """Two Linears that share one weight (``c.weight = a.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.c, self.d = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.c.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.a(x).relu())
+        return self.d(self.c(x).relu())
+
+
+def test_two_linears_sharing_one_weight_are_reported():
+    with pytest.warns(UserWarning, match="shares its weight") as w:
+        p = tpcompile.plan(SharedWeight(), tp=2, example_inputs=(torch.randn(2, 4, 8),))
+    assert not {"a", "b", "c"} & set(p.layer_styles())
+    reasons = " ".join(n.reason for n in p.notes())
+    assert "shares its weight" in reasons and "give each layer its own weight" in reasons
+    assert not any("has no rule" in str(x.message) for x in w)

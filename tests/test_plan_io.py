@@ -153,6 +153,28 @@ def test_malformed_plan(model, text, fragments):
         assert f in str(err.value), f"{f!r} not in: {err.value}"
 
 
+@pytest.mark.parametrize("fmt,text", [
+    ("yaml", "layers.*.attention.wq: colwise\nlayers.*.attention.wo: rowwise\n"
+             "layers.*.attention.wq: replicate\n"),
+    ("json", '{"layers.*.attention.wq": "colwise", "layers.*.attention.wq": "replicate"}'),
+])
+def test_a_layer_listed_twice_is_refused(fmt, text):
+    with pytest.raises(PlanError, match="'layers.*.attention.wq' is given twice"):
+        loads(text, fmt)
+
+
+def test_full_plan_for_another_tp_or_model_is_refused(detected):
+    written = tpcompile.plan(llama(), tp=4)
+    with pytest.raises(PlanError, match="written for tp = 4, but the mesh has tp = 2"):
+        compile_model(llama(), tp=2, given=written)
+    with pytest.raises(PlanError, match="written for a Transformer, not a ToyModel"):
+        compile_model(ToyModel(), tp=4, given=written)
+    flat = loads("layers.*.attention.wq: colwise\nlayers.*.attention.wk: colwise\n"
+                 "layers.*.attention.wv: colwise\nlayers.*.attention.wo: rowwise\n")
+    for tp in (2, 4):  # a flat plan carries no tp: the mesh decides
+        assert compile_model(llama(), tp=tp, given=flat).plan.tp == tp
+
+
 def test_unsupported_hf_style():
     with pytest.raises(PlanError, match="'gather' has no tpcompile equivalent"):
         Plan.from_hf_tp_plan({"lm_head": "gather"})

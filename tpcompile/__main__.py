@@ -34,6 +34,17 @@ class ModelFileError(TPCompileError):
     """A model file that does not say how to build its model."""
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def load_module(path: str) -> Any:
     file = Path(path)
     if not file.is_file():
@@ -161,14 +172,14 @@ def parser() -> argparse.ArgumentParser:
                        help="front end: torch.export, then fx if it fails (default auto)")
         p.add_argument("--model", help="callable in the file that builds the model")
         p.add_argument("--config", help="passed to the builder as config_name=")
-        p.add_argument("--tp", type=int, default=8, help="tensor-parallel degree (default 8)")
+        p.add_argument("--tp", type=positive, default=8, help="tensor-parallel degree (default 8)")
         p.add_argument("--no-sp", action="store_true", help="without sequence parallel")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
         p.add_argument("-o", "--output", help="write here instead of stdout")
         if name == "explain":
-            p.add_argument("--dp", type=int, default=1, help="data-parallel (FSDP) degree")
-            p.add_argument("--batch", type=int, default=1, help="batch per dp rank (default 1)")
-            p.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
+            p.add_argument("--dp", type=positive, default=1, help="data-parallel (FSDP) degree")
+            p.add_argument("--batch", type=positive, default=1, help="batch per dp rank (default 1)")
+            p.add_argument("--seq", type=positive, default=2048, help="sequence length (default 2048)")
             p.add_argument("--format", choices=("text", "json", "dot", "html"), default="text")
             p.add_argument("--block", help="dot/html: the block to draw (default: the first)")
             p.add_argument("--plan", help="explain this plan file instead of the detected plan")

@@ -53,6 +53,7 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
     uses: dict[fx.Node, int] = defaultdict(int)
     for n in t.gm.graph.nodes:
         n.meta.pop("tpc_layer", None)
+        n.meta.pop("tpc_shared", None)
         if n.op != "call_function":
             continue
         if n.target is aten.linear.default:
@@ -88,9 +89,13 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
         found[n] = Layer(kind, layer, w, b, tuple(info(w).shape), opts)  # type: ignore[arg-type, union-attr]
     out: dict[str, Layer] = {}
     for n, layer in found.items():
-        kinds = sorted(l.kind for l in found.values() if l.weight is layer.weight)
+        twins = [l for l in found.values() if l.weight is layer.weight]
+        kinds = sorted(l.kind for l in twins)
         if len(kinds) > 1 and kinds != ["embedding", "linear"] and layer.kind != "norm":
-            continue  # one weight, two layers of the same kind: replicated
+            # one weight, two layers of the same kind: replicated, and said so
+            n.meta["tpc_shared"] = (layer.name, t.params[layer.weight],
+                                    sorted({l.name for l in twins} - {layer.name}))
+            continue
         n.meta["tpc_layer"] = layer
         out.setdefault(layer.name, layer)
     return out
@@ -247,6 +252,11 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
             continue
         if is_block(node):
             raise Unsafe(f"a sharded tensor enters block {node.args[0]}")
+        if "tpc_shared" in node.meta:
+            name, weight, others = node.meta["tpc_shared"]
+            raise Unsafe(f"{name} shares its weight {weight} with {', '.join(others)}: one "
+                         "weight cannot be sharded for two layers, so they stay replicated "
+                         "(give each layer its own weight to shard them)")
         rule = ops.rule_for(node)
         if rule is None:
             line = source_line(node)

@@ -256,6 +256,9 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
     from .api import load_plan
     from .plan import compile_model
     from .plan import synthesize_inputs
+    for what, value in (("dp", dp), ("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
     if example_inputs is None and example_kwargs is None:
         example_inputs = synthesize_inputs(model, batch=batch, seq=seq)
     given = load_plan(plan)  # type: ignore[arg-type]
@@ -264,6 +267,12 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
     c = compile_model(model, sequence_parallel=sequence_parallel, **kw)  # type: ignore[arg-type]
     other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
     sp_c, no_c = (c, other) if sequence_parallel else (other, c)
+    if sequence_parallel and seq % tp and any(u.q_nodes for u in c.units):
+        from .errors import RuntimeShapeError
+        raise RuntimeShapeError(
+            f"seq = {seq} is not divisible by tp = {tp}: under sequence parallelism each rank "
+            f"holds seq / tp positions, so the run would be refused. Pick a multiple of {tp}, "
+            "or explain without sequence parallelism (--no-sp)")
     colls = collectives(c)
     fwd = sum(x.wire_bytes_per_rank for x in colls if x.phase == "forward")
     bwd = sum(x.wire_bytes_per_rank for x in colls if x.phase == "backward")

@@ -190,13 +190,16 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     model). Works on a meta-device skeleton of ``model``; ``model`` is never changed."""
     if on_indivisible not in ("error", "replicate"):
         raise ValueError("on_indivisible must be 'error' or 'replicate'")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if tracer not in ("auto", "export", "fx"):
         from .errors import UnsupportedError
         raise UnsupportedError(f"tracer {tracer!r} does not exist; use tracer='auto' (export, "
                                "then fx), 'export' or 'fx'")
     t0 = time.perf_counter()
     if given is not None and not bound:
-        from .plan_bind import bind
+        from .plan_bind import bind, check_written_for
+        check_written_for(given, model, tp)
         given = bind(given, model)
     sk = skeleton if skeleton is not None else FE.skeleton(model)
     for (_, mine), (_, theirs) in zip(sk.named_modules(), model.named_modules()):

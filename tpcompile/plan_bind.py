@@ -29,6 +29,24 @@ from .frontend import block_signature, find_blocks
 SHARDING = ("colwise", "rowwise", "vocab_parallel")
 
 
+def check_written_for(plan: Plan, model: nn.Module, tp: int) -> None:
+    """A full-schema plan was detected for one model type at one tp: refuse it elsewhere.
+    (A flat ``{layer: style}`` plan carries neither; the mesh and the names decide.)"""
+    from .plan_io import is_flat
+    if is_flat(plan):
+        return
+    root = plan.module_for("")
+    if root is not None and root.module_type != type(model).__name__:
+        raise PlanError(f"the plan was written for a {root.module_type}, not a "
+                        f"{type(model).__name__}: write one for this model with `python -m "
+                        "tpcompile plan`")
+    if plan.tp != tp:
+        raise PlanError(f"the plan was written for tp = {plan.tp}, but the mesh has tp = {tp}: "
+                        f"its block contracts and sizes are for tp = {plan.tp}. Write one for "
+                        f"tp = {tp} (`python -m tpcompile plan MODEL --tp {tp}`), or use the "
+                        "flat {layer: style} form, which carries no tp")
+
+
 def glob_regex(pattern: str) -> re.Pattern:
     """``*`` matches one dotted name component, ``**`` any number of them (one or more)."""
     parts = []

@@ -63,11 +63,41 @@ def load(path: str | Path, fmt: str | None = None) -> Plan:
     return loads(path.read_text(), _format(path, fmt), source=str(path))
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise _Duplicate(f"{key!r} is given twice (lines {seen[key]} and "
+                                 f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(f"{k!r} is given twice; keep one")
+        out[k] = v
+    return out
+
+
 def loads(text: str, fmt: str = "yaml", source: str = "<plan>") -> Plan:
     try:
-        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        data = (json.loads(text, object_pairs_hook=_unique_pairs) if fmt == "json"
+                else yaml.load(text, Loader=_StrictLoader))  # noqa: S506 (a SafeLoader)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise PlanError(f"{source}: not valid {fmt.upper()}: {e}") from None
+    except _Duplicate as e:
+        raise PlanError(f"{source}: {e}") from None
     return from_data(data, source)
 
 
