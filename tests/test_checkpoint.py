@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
 from tests import jobs_checkpoint as J
 from tpcompile import checkpoint as ckpt
 
@@ -21,9 +27,46 @@ def test_resume_gives_the_same_losses(pool, tmp_path):
         assert r["resumed"] == r["straight"], r  # exact: same data, same state, same order
 
 
+def _plain(tmp_path: Path) -> Path:
+    src = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}, src)
+    return src
+
+
 def test_latest_skips_incomplete(tmp_path):
-    (tmp_path / "step-000004").mkdir()  # cut short: no .metadata
-    (tmp_path / "step-000002").mkdir()
-    (tmp_path / "step-000002" / ".metadata").write_bytes(b"")
-    assert ckpt.latest(tmp_path).name == "step-000002"
+    good = ckpt.from_torch_save(_plain(tmp_path), tmp_path / "step-000002")
+    (tmp_path / "step-000006").mkdir()  # cut short before the metadata: no .metadata
+    cut = tmp_path / "step-000004"  # metadata written halfway
+    shutil.copytree(good, cut)
+    data = (cut / ".metadata").read_bytes()
+    (cut / ".metadata").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="skipping .*step-000006") as w:
+        assert ckpt.latest(tmp_path) == good
+    assert any("step-000004" in str(x.message) for x in w)
     assert ckpt.latest(tmp_path / "nothing") is None
+    with pytest.raises(ckpt.CheckpointError, match="not a complete DCP checkpoint"):
+        ckpt.load(cut, torch.nn.Linear(3, 2), None)
+
+
+def test_cli_failures_are_one_line_and_nonzero(tmp_path, capsys):
+    src = _plain(tmp_path)
+    step = tmp_path / "step-000001"
+    assert ckpt._main(["from-torch", str(src), str(step)]) == 0
+    files = sorted(p.name for p in step.iterdir())
+    capsys.readouterr()
+    cases = [
+        (["from-torch", str(src), str(step)], "holds a checkpoint"),  # never written over
+        (["from-torch", str(tmp_path / "no.pt"), str(tmp_path / "new")], "does not exist"),
+        (["from-torch", str(step / ".metadata"), str(tmp_path / "new")], "not a torch.save file"),
+        (["to-torch", str(tmp_path / "nothing"), str(tmp_path / "x.pt")], "not a complete DCP"),
+        (["to-torch", str(step), str(tmp_path / "no" / "x.pt")], "does not exist"),
+    ]
+    for argv, fragment in cases:
+        assert ckpt._main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err, (argv, err)
+    assert sorted(p.name for p in step.iterdir()) == files and ckpt.complete(step)
+    assert not (tmp_path / "new").exists()
+    assert ckpt._main(["to-torch", str(step), str(tmp_path / "back.pt")]) == 0
+    back = torch.load(tmp_path / "back.pt")
+    assert torch.equal(back["w"], torch.arange(6.0).view(2, 3))

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,36 +52,65 @@ def save(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     return path
 
 
+class CheckpointError(TPCompileError):
+    """A checkpoint folder or file that cannot be read or written as asked."""
+
+
+def complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a checkpoint whose metadata reads back (DCP writes the
+    metadata last, so a save cut short, or a truncated file, does not count)."""
+    if not (Path(path) / ".metadata").is_file():
+        return False
+    try:
+        dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception:  # noqa: BLE001 - any unreadable metadata means incomplete
+        return False
+    return True
+
+
 def latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (one whose metadata was written: DCP
-    writes it last, so a save cut short is skipped), or None."""
+    """The newest complete checkpoint under ``root``, or None. Newer steps that are not
+    complete (no metadata, or metadata that does not read back) are skipped with a
+    warning."""
     root = Path(root)
     if not root.is_dir():
         return None
-    done = [(int(m.group(1)), p) for p in root.iterdir()
-            if (m := _STEP.match(p.name)) and (p / ".metadata").is_file()]
-    return max(done)[1] if done else None
+    steps = sorted(((int(m.group(1)), p) for p in root.iterdir()
+                    if (m := _STEP.match(p.name)) and p.is_dir()), reverse=True)
+    for _, p in steps:
+        if complete(p):
+            return p
+        warnings.warn(f"tpcompile.checkpoint: skipping {p}: not a complete checkpoint (its "
+                      ".metadata is missing or does not read back; the save was cut short?)",
+                      stacklevel=2)
+    return None
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     """Load a checkpoint into ``model`` (+ ``optimizer``) in place, whatever their
     sharding; returns the step it was saved at (collective)."""
     path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise TPCompileError(f"{path} is not a complete DCP checkpoint (no .metadata file). "
-                             f"Point at a step-NNNNNN folder written by tpcompile.checkpoint.save.")
+    _check_complete(path)
     model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer else [])
     state: dict = {"model": model_sd, "meta": {"step": -1}}
     keys = _saved_keys(path)
     if optimizer is not None:
         if "optim" not in keys:
-            raise TPCompileError(f"{path} holds no optimizer state (a model-only checkpoint, "
-                                 f"e.g. made by from-torch). Load it with optimizer=None.")
+            raise CheckpointError(f"{path} holds no optimizer state (a model-only checkpoint, "
+                                  f"e.g. made by from-torch). Load it with optimizer=None.")
         state["optim"] = optim_sd
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, [optimizer] if optimizer else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     return int(state["meta"]["step"])
+
+
+def _check_complete(path: Path) -> None:
+    if not complete(path):
+        raise CheckpointError(f"{path} is not a complete DCP checkpoint (no .metadata file, or "
+                              "one that does not read back). Point at a step-NNNNNN folder "
+                              "written by tpcompile.checkpoint.save (checkpoint.latest(root) "
+                              "finds the newest complete one).")
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -92,13 +123,16 @@ def to_torch_save(ckpt: str | Path, out: str | Path, part: str | None = "model")
     """A DCP checkpoint -> one ``torch.save`` file of full (unsharded) tensors. With
     ``part="model"`` (default) the file is a plain model ``state_dict``:
     ``model.load_state_dict(torch.load(out))`` works on the unsharded model."""
+    _check_complete(Path(ckpt))
+    if not Path(out).parent.is_dir():
+        raise CheckpointError(f"cannot write {out}: its folder {Path(out).parent} does not exist")
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "whole.pt"
         dcp_to_torch_save(ckpt, whole)
         state = torch.load(whole, weights_only=False)
     if part is not None:
         if part not in state:
-            raise TPCompileError(f"{ckpt} has no '{part}' entry; it has {sorted(state)}")
+            raise CheckpointError(f"{ckpt} has no '{part}' entry; it has {sorted(state)}")
         state = state[part]
     torch.save(state, out)
     return Path(out)
@@ -106,10 +140,26 @@ def to_torch_save(ckpt: str | Path, out: str | Path, part: str | None = "model")
 
 def from_torch_save(src: str | Path, ckpt: str | Path, step: int = 0) -> Path:
     """A plain model ``state_dict`` file -> a model-only DCP checkpoint that ``load``
-    reads into a parallel model (with ``optimizer=None``)."""
-    sd = torch.load(src, weights_only=True)
+    reads into a parallel model (with ``optimizer=None``). ``ckpt`` must not exist yet
+    or be an empty folder: writing over a checkpoint would mix its files with the new
+    ones (its optimizer state gone from the metadata, its shards left behind)."""
+    ckpt = Path(ckpt)
+    if ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):
+        what = "holds a checkpoint" if complete(ckpt) else "is not an empty folder"
+        raise CheckpointError(f"{ckpt} {what}; from-torch writes a new checkpoint. Give a new "
+                              f"folder (e.g. {ckpt.parent / (ckpt.name + '-from-torch')}), or "
+                              "remove this one first")
+    if not Path(src).is_file():
+        raise CheckpointError(f"{src} does not exist (from-torch reads a torch.save file of a "
+                              "model state_dict)")
+    try:
+        sd = torch.load(src, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors of many kinds
+        raise CheckpointError(f"{src} is not a torch.save file of tensors ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TPCompileError(f"{src} is not a plain state_dict (name -> tensor)")
+        raise CheckpointError(f"{src} is not a plain state_dict (name -> tensor); save one with "
+                              "torch.save(model.state_dict(), path)")
     with tempfile.TemporaryDirectory() as tmp:
         wrapped = Path(tmp) / "wrapped.pt"
         torch.save({"model": sd, "meta": {"step": step}}, wrapped)
@@ -117,7 +167,7 @@ def from_torch_save(src: str | Path, ckpt: str | Path, step: int = 0) -> Path:
     return Path(ckpt)
 
 
-def _main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tpcompile.checkpoint",
                                  description="Convert between DCP checkpoints and torch.save files.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,13 +179,19 @@ def _main(argv: list[str] | None = None) -> None:
     b.add_argument("src")
     b.add_argument("ckpt")
     args = ap.parse_args(argv)
-    if args.cmd == "to-torch":
-        print(to_torch_save(args.ckpt, args.out, None if args.all else "model"))
-    else:
-        print(from_torch_save(args.src, args.ckpt))
+    try:
+        if args.cmd == "to-torch":
+            print(to_torch_save(args.ckpt, args.out, None if args.all else "model"))
+        else:
+            print(from_torch_save(args.src, args.ckpt))
+    except TPCompileError as e:
+        print(f"tpcompile.checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(_main())
 
-__all__ = ["save", "load", "latest", "step_dir", "to_torch_save", "from_torch_save"]
+__all__ = ["save", "load", "latest", "complete", "step_dir", "to_torch_save",
+           "from_torch_save", "CheckpointError"]
