@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
 
+from .agreement import InputCheck, agree_on_planning
 from .errors import PlanError, TPCompileError, UnsupportedError
 from .frontend import skeleton
 from .analyze import layer_of
@@ -107,43 +108,48 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
 
     >>> model = tpcompile.auto_parallelize(model, mesh, example_kwargs={"input_ids": ids})
     """
-    _refuse_parallelized(model)
-    tp_mesh, dp_mesh = split_mesh(mesh)
-    from .distribute import check_fsdp_options, choose_init, materialize_sharded, on_meta
-    check_fsdp_options(fsdp_kwargs)
-    init = choose_init(model, init_fn, seed) if materialize and on_meta(model) else None
-    if init_fn is not None and init is None and materialize:
-        raise TPCompileError("init_fn is for models built on the meta device; this model "
-                             "already has values. Drop init_fn or build it under "
-                             "torch.device('meta').")
-    if dp_mesh is None and fsdp_kwargs:
-        raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh; "
-                             f"got a 1-D mesh {mesh}")
-    tp = tp_mesh.size()
-    policy = fsdp_kwargs.get("mp_policy")
-    param_dtype = getattr(policy, "param_dtype", None) if dp_mesh is not None else None
-    sk = skeleton(model, param_dtype)
-    input_dtype = param_dtype if getattr(policy, "cast_forward_inputs", True) else None
-    if input_dtype is not None:
-        example_inputs, example_kwargs = _cast_floats((example_inputs, example_kwargs), input_dtype)
-    options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
-                   tracer=tracer, input_dtype=input_dtype, packing=dp_mesh is None)
-    compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                             given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
-    _refuse_unsupported_layers(model, compiled)
-    group = tp_mesh.get_group().group_name
-    if loss_parallel and not any(
-            "" in u.members and u.prop.gathered_outputs for u in compiled.units):
-        raise UnsupportedError(
-            "loss_parallel=True keeps a colwise head's logits sharded, but no output of "
-            f"{type(model).__name__} comes from a colwise layer (the plan has "
-            f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
-            "loss_parallel, or end the model with a Linear head.")
-    programs = _programs(compiled, sk, tp, group, loss_parallel)
-    placements: dict[str, list[Placement]] = {}
-    for unit in compiled.units:
-        for member in unit.members:
-            placements.update(placements_for(unit, member, model.get_submodule(member)))
+    try:  # planning: nothing below changes the model, and a failure stops every rank
+        _refuse_parallelized(model)
+        tp_mesh, dp_mesh = split_mesh(mesh)
+        from .distribute import check_fsdp_options, choose_init, materialize_sharded, on_meta
+        check_fsdp_options(fsdp_kwargs)
+        init = choose_init(model, init_fn, seed) if materialize and on_meta(model) else None
+        if init_fn is not None and init is None and materialize:
+            raise TPCompileError("init_fn is for models built on the meta device; this model "
+                                 "already has values. Drop init_fn or build it under "
+                                 "torch.device('meta').")
+        if dp_mesh is None and fsdp_kwargs:
+            raise TPCompileError(f"FSDP options {sorted(fsdp_kwargs)} need a 2-D ('dp', 'tp') mesh; "
+                                 f"got a 1-D mesh {mesh}")
+        tp = tp_mesh.size()
+        policy = fsdp_kwargs.get("mp_policy")
+        param_dtype = getattr(policy, "param_dtype", None) if dp_mesh is not None else None
+        sk = skeleton(model, param_dtype)
+        input_dtype = param_dtype if getattr(policy, "cast_forward_inputs", True) else None
+        if input_dtype is not None:
+            example_inputs, example_kwargs = _cast_floats((example_inputs, example_kwargs), input_dtype)
+        options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
+                       tracer=tracer, input_dtype=input_dtype, packing=dp_mesh is None)
+        compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                                 given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
+        _refuse_unsupported_layers(model, compiled)
+        group = tp_mesh.get_group().group_name
+        if loss_parallel and not any(
+                "" in u.members and u.prop.gathered_outputs for u in compiled.units):
+            raise UnsupportedError(
+                "loss_parallel=True keeps a colwise head's logits sharded, but no output of "
+                f"{type(model).__name__} comes from a colwise layer (the plan has "
+                f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
+                "loss_parallel, or end the model with a Linear head.")
+        programs = _programs(compiled, sk, tp, group, loss_parallel)
+        placements: dict[str, list[Placement]] = {}
+        for unit in compiled.units:
+            for member in unit.members:
+                placements.update(placements_for(unit, member, model.get_submodule(member)))
+    except Exception as e:  # noqa: BLE001 - re-raised, on every rank
+        agree_on_planning(mesh, e)
+        raise
+    agree_on_planning(mesh, None)
 
     def replan(root: nn.Module, args: tuple, kwargs: dict) -> None:
         """A call no program fits (another input structure, mode, or shapes outside the
@@ -158,13 +164,15 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             for member in unit.members:
                 install(model.get_submodule(member), prog)
 
+    check = InputCheck(group, mesh.device_type)
     snapshot = _Snapshot(model)
     try:
         distribute_parameters(model, placements, tp_mesh)
         for unit, prog in zip(compiled.units, programs):
             for member in unit.members:
-                install(model.get_submodule(member), prog, replan if member == "" else None,
-                        member or type(model).__name__)
+                root = member == ""
+                install(model.get_submodule(member), prog, replan if root else None,
+                        member or type(model).__name__, check if root else None)
         model.__dict__["_tpcompile_plan"] = compiled.plan
         if dp_mesh is not None:
             from .distribute import apply_fsdp

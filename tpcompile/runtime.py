@@ -91,6 +91,7 @@ class Runtime:
     programs: list[Program] = field(default_factory=list)
     replan: Callable[[nn.Module, tuple, dict], None] | None = None
     name: str = ""
+    check: Callable[[list[Any], pytree.TreeSpec, bool], None] | None = None  # rank agreement
 
     def find(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> tuple[Program | None, str]:
         why = "no program yet"
@@ -106,6 +107,8 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
     args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs)
     flat, spec = pytree.tree_flatten((args, kwargs))
+    if rt.check is not None:
+        rt.check(flat, spec, self.training)
     prog, why = rt.find(self.training, spec, flat)
     if prog is None:
         if rt.replan is None:
@@ -131,12 +134,13 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def install(module: nn.Module, program: Program, replan: Callable | None = None,
-            name: str = "") -> None:
+            name: str = "", check: Callable | None = None) -> None:
     """Make ``module`` run its programs (an instance attribute shadows the class
-    ``forward``; parameters are still looked up on the module at every call)."""
+    ``forward``; parameters are still looked up on the module at every call). ``check``
+    (the root only): called with each call's flat inputs before anything runs."""
     rt = module.__dict__.get("_tpcompile_runtime")
     if rt is None:
-        rt = Runtime(replan=replan, name=name)
+        rt = Runtime(replan=replan, name=name, check=check)
         module.__dict__["_tpcompile_runtime"] = rt
         module.forward = types.MethodType(_dispatch, module)  # type: ignore[method-assign]
     rt.programs.append(program)
