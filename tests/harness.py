@@ -201,13 +201,15 @@ def default_loss(out: Any) -> torch.Tensor:
 
 
 def shadow_of(ref: torch.nn.Module, inputs: tuple,
-              loss_fn: Callable[[Any], torch.Tensor] = default_loss) -> Shadow | None:
+              loss_fn: Callable[[Any], torch.Tensor] = default_loss,
+              kwargs: dict | None = None) -> Shadow | None:
     """The reference's float64 runs on ``inputs`` (forward and ``loss_fn`` backward), for
     the judge to tell true zeros and rounding noise (``tpcompile.verify.shadow``)."""
-    as64 = map_tensors(lambda t: t.double() if t.is_floating_point() else t, inputs)
+    as64, kw64 = map_tensors(lambda t: t.double() if t.is_floating_point() else t,
+                             (inputs, kwargs or {}))
 
     def step(model: torch.nn.Module) -> Any:
-        out = model(*as64)
+        out = model(*as64, **kw64)
         loss_fn(out).backward()
         return out
     return shadow(ref, step)
@@ -217,18 +219,20 @@ def judge(ref: torch.nn.Module, par: torch.nn.Module, inputs: tuple,
           loss_fn: Callable[[Any], torch.Tensor] = default_loss,
           dp: tuple[int, int] | None = None, with_shadow: bool = True,
           after_backward: Callable[[torch.nn.Module], Any] | None = None,
-          **options: Any) -> Report:
+          kwargs: dict | None = None, **options: Any) -> Report:
     """The reference's float64 shadow, then forward and backward of the reference and of
     the parallel module on ``inputs``, then ``tpcompile.verify.compare`` on this rank
     (``options`` go to it; ``after_backward(par)`` runs before it).
     ``dp=(dp_rank, dp_size)``: the parallel module gets this dp rank's rows of the batch
     (FSDP averages gradients over dp), the reference the whole batch, and the outputs
-    are compared on this rank's rows."""
+    are compared on this rank's rows. ``kwargs``: keyword inputs of the call (split over
+    dp like ``inputs``)."""
     def rows(x: Any) -> Any:
         return map_tensors(lambda t: t.chunk(dp[1], 0)[dp[0]], x) if dp else x
 
-    sh = shadow_of(ref, inputs, loss_fn) if with_shadow else None  # from the state before
-    out_ref, out_par = ref(*inputs), par(*rows(inputs))
+    kwargs = kwargs or {}
+    sh = shadow_of(ref, inputs, loss_fn, kwargs) if with_shadow else None  # the state before
+    out_ref, out_par = ref(*inputs, **kwargs), par(*rows(inputs), **rows(kwargs))
     loss_fn(out_ref).backward()
     loss_fn(out_par).backward()
     if after_backward is not None:

@@ -327,3 +327,37 @@ def output_container(rank: int, sp: bool) -> dict:
     ref, x = OutputStack([Block(), Block()]), torch.randn(2, 8, D)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), sequence_parallel=sp)
     return numerics_result(ref, par, (x,))
+
+
+class CountingBlock(nn.Module):
+    """Buffers changed in forward: a call counter and a running mean of the activations
+    (updated under no_grad, BatchNorm style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("running", torch.zeros(D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.block(x)
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(h.mean((0, 1)), alpha=0.1)
+        return h
+
+
+def buffers_advance(rank: int, sp: bool) -> dict:
+    """Three steps of the reference and the parallel model: the buffers the forward
+    changes must advance alike (and the numbers match at the last step)."""
+    torch.manual_seed(0)
+    ref = CountingBlock()
+    x = torch.randn(2, 8, D)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), sequence_parallel=sp)
+    for _ in range(2):
+        ref(x).sum().backward()
+        par(x).sum().backward()
+    out = numerics_result(ref, par, (x,))
+    out["calls"] = (int(ref.calls), int(par.calls))
+    out["running"] = float((ref.running - par.running).abs().max())
+    return out

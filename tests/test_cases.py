@@ -74,3 +74,12 @@ def test_output_container_type_is_kept(pool, sp):
     """A Hugging Face style ModelOutput (an OrderedDict subclass) comes back as itself,
     with the same keys and values."""
     matches(pool.run(jobs_cases.output_container, sp))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_buffers_changed_in_forward_advance(pool, sp):
+    res = pool.run(jobs_cases.buffers_advance, sp)
+    matches(res)
+    for r in res:
+        assert r["calls"] == (3, 3), r["calls"]
+        assert r["running"] < 1e-6, r["running"]

@@ -137,3 +137,36 @@ def test_two_linears_sharing_one_weight_are_reported():
     reasons = " ".join(n.reason for n in p.notes())
     assert "shares its weight" in reasons and "give each layer its own weight" in reasons
     assert not any("has no rule" in str(x.message) for x in w)
+
+
+class AssignsAttributes(nn.Module):
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.what, self.last, self.calls = what, None, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).relu()
+        if self.what == "tensor":
+            self.last = h
+        else:
+            self.calls += 1
+        return self.b(h)
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_tensor_attribute_assigned_in_forward_is_refused(tracer):
+    m = AssignsAttributes("tensor")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(tpcompile.UnsupportedError, match=r"assigns a tensor to self.last .*"
+                       r"register_buffer\('last'"):
+        tpcompile.plan(m, tp=2, example_inputs=(torch.randn(2, 4, 8),), tracer=tracer)
+    assert m.last is None and m.calls == 0  # nothing written into the user's model
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_plain_attribute_assigned_in_forward_is_a_warning():
+    m = AssignsAttributes("int")
+    with pytest.warns(UserWarning, match=r"assigns self.calls .* will not change at run time"):
+        tpcompile.plan(m, tp=2, example_inputs=(torch.randn(2, 4, 8),))
+    assert m.calls == 0

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.utils._pytree as pytree
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import _disable_current_modes
@@ -133,8 +132,10 @@ class InputCheck:
                   if self.device_type == "cuda" else torch.device(self.device_type))
         with _disable_current_modes():
             mine = torch.tensor([float(digest), s1, s2], dtype=torch.float64, device=device)
-            everyone = funcol.all_gather_tensor(mine, 0, group)
-            rows = funcol.wait_tensor(everyone).view(-1, 3).tolist()
+            c10d = torch.ops._c10d_functional
+            everyone = c10d.wait_tensor(c10d.all_gather_into_tensor(
+                mine, dist.get_world_size(group), self.group_name))
+            rows = everyone.view(-1, 3).tolist()
         if all(r == rows[0] for r in rows):
             return
         ranks = dist.get_process_group_ranks(group)

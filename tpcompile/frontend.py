@@ -22,6 +22,7 @@ import contextlib
 import copy
 from collections import OrderedDict
 import inspect
+import warnings
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
@@ -333,7 +334,11 @@ class _Flat(nn.Module):
         it = iter(tensors)
         a, k = pytree.tree_unflatten([next(it) if x is TENSOR else x for x in self._leaves],
                                      self._spec)
-        out = self.inner(*a, **k)
+        before = _attributes(self.inner)
+        try:
+            out = self.inner(*a, **k)
+        finally:
+            self.assigned = _restore_attributes(self.inner, before)
         self.out_type = type(out)
         if isinstance(out, dict) and type(out) not in pytree.SUPPORTED_NODES:
             out = dict(out)  # a dict subclass pytree does not know: rebuilt by the runtime
@@ -355,12 +360,57 @@ def _export(module: nn.Module, args: tuple, kwargs: dict) -> tuple[ExportedProgr
     log.setLevel(logging.ERROR)  # "0/1 specialized" notes for size-1 dims are expected
     try:
         flat_module = _Flat(module, spec, leaves)
-        ep = torch.export.export(flat_module, tensors, strict=False,
-                                 dynamic_shapes={"tensors": dims})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The tensor attribute .* was assigned during export")
+            ep = torch.export.export(flat_module, tensors, strict=False,
+                                     dynamic_shapes={"tensors": dims})
         ep.__dict__["_tpcompile_out_type"] = getattr(flat_module, "out_type", None)
     finally:
         log.setLevel(level)
+    _refuse_assignments(module, getattr(flat_module, "assigned", {}))
     return ep, (leaves, spec)
+
+
+_NOT_STATE = frozenset({"forward", "training"})
+
+
+def _attributes(module: nn.Module) -> dict[tuple[str, str], Any]:
+    """Every plain attribute of every submodule (parameters, buffers and submodules live
+    in their own dicts and are not here)."""
+    return {(path, k): v for path, m in module.named_modules(remove_duplicate=False)
+            for k, v in vars(m).items() if not k.startswith("_") and k not in _NOT_STATE}
+
+
+def _restore_attributes(module: nn.Module, before: dict[tuple[str, str], Any]
+                        ) -> dict[tuple[str, str], Any]:
+    """Put back what the traced forward assigned; return {(module, attribute): value}."""
+    after = _attributes(module)
+    changed = {k: v for k, v in after.items() if k not in before or before[k] is not v}
+    for (path, k), v in changed.items():
+        m = module.get_submodule(path)
+        if (path, k) in before:
+            m.__dict__[k] = before[(path, k)]
+        else:
+            m.__dict__.pop(k, None)
+    return changed
+
+
+def _refuse_assignments(module: nn.Module, changed: dict[tuple[str, str], Any]) -> None:
+    """The parallel program runs no Python, so an attribute the forward assigns (``self.last
+    = x``, ``self.calls += 1``) would never change at run time: a tensor is refused, any
+    other value is a warning."""
+    for (path, k), v in sorted(changed.items(), key=lambda kv: kv[0]):
+        owner = module.get_submodule(path)
+        name = f"{path}.{k}" if path else k
+        if any(isinstance(x, (torch.Tensor, fx.Proxy)) for x in pytree.tree_leaves(v)):
+            raise UnsupportedError(
+                f"{type(owner).__name__}.forward assigns a tensor to self.{k} ({name}), which "
+                "the parallel program would never update (it runs no Python). Register it as "
+                f"a buffer (self.register_buffer({k!r}, ..., persistent=False)) and update it "
+                "in place, or return the tensor from forward.")
+        warnings.warn(f"tpcompile: {type(owner).__name__}.forward assigns self.{k} ({name}); "
+                      "the parallel program runs no Python, so it will not change at run "
+                      "time", stacklevel=2)
 
 
 def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
@@ -369,7 +419,12 @@ def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return any(m is b for b in blocks.values()) or _is_torch_leaf(m)
 
-    graph = _Tracer().trace(module)
+    before = _attributes(module)
+    try:
+        graph = _Tracer().trace(module)
+    finally:
+        assigned = _restore_attributes(module, before)
+    _refuse_assignments(module, assigned)
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
