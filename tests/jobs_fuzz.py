@@ -200,3 +200,22 @@ def run_case(rank: int, name: str) -> dict:
                 "changed": []}
     return {**numerics_result(ref, par, args, kwargs=kwargs,
                                   no_grad=NO_GRAD.get(name, ())), "expect": expect}
+
+
+def wrapped(rank: int, kind: str) -> dict:
+    """A model already wrapped for data parallelism: DDP, or FSDP2's ``fully_shard``."""
+    import torch.distributed as dist
+    torch.manual_seed(0)
+    inner = MLP()
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        model: nn.Module = DistributedDataParallel(inner)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        from tests.harness import mesh
+        model = fully_shard(inner, mesh=mesh((dist.get_world_size(),), ("dp",)))
+    try:
+        tpcompile.auto_parallelize(model, tp_mesh(2))
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None}

@@ -20,3 +20,10 @@ def test_correct_numbers_or_a_clear_error(pool, name):
         assert r["error"] == expect, (r["error"], r.get("message"))
         assert not r["changed"], f"the failed call changed {r['changed']}"
         assert r["message"] and "\n" not in r["message"].strip()[:80]
+
+
+@pytest.mark.parametrize("kind,fragment", [("ddp", "pass the module inside it (model.module)"),
+                                           ("fsdp2", "already has DTensor parameters")])
+def test_a_model_wrapped_for_data_parallelism_is_refused(pool, kind, fragment):
+    for r in pool.run(J.wrapped, kind):
+        assert r["error"] == "UnsupportedError" and fragment in r["message"], r
