@@ -13,7 +13,7 @@ WORLD = 4  # tp=2 runs on two independent slices of it, tp=4 on all of it
 # a quick look, `deep`/`nightly` to search far. Pick with --hypothesis-profile=NAME.
 # ci: each example traces its model with torch.export (about a second per rank on two
 # cores), so CI runs 40; `deep` searches as far as before
-settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True)
+settings.register_profile("ci", max_examples=80, derandomize=True, print_blob=True)
 settings.register_profile("dev", max_examples=25)
 settings.register_profile("deep", max_examples=3000, print_blob=True)
 settings.register_profile("nightly", parent=settings.get_profile("deep"))
@@ -67,13 +67,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("the session fails: a crash that passes on retry is "
                                     "still a crash (mark a test pool_restart if it is meant)")
     from tests.property import STATS
+    if STATS.faults:
+        terminalreporter.write_sep("-", "planted faults")
+        for fault, (tried, caught) in STATS.faults.items():
+            terminalreporter.write_line(f"{fault}: caught by a numerics mismatch in {caught} "
+                                        f"of {tried} examples drawn (the rest: not applicable "
+                                        "or the fault changed nothing there)")
     if not STATS.examples:
         return
     errors = ", ".join(f"{k} {v}" for k, v in sorted(STATS.errors.items())) or "none"
     terminalreporter.write_sep("-", "property tests")
     terminalreporter.write_line(
-        f"examples run: {STATS.examples} ({STATS.two_d} on a 2-D (dp, tp) mesh; "
+        f"parallel comparisons run: {STATS.examples} ({STATS.two_d} on a 2-D (dp, tp) mesh; "
         f"{STATS.compared} compared with the unsharded model; documented errors: {errors})")
+    for k, counts in STATS.by.items():
+        split = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda x: -x[1]))
+        terminalreporter.write_line(f"  compared, by {k}: {split}")
     terminalreporter.write_line(
         f"worst relative error: {STATS.worst:.2e} ({STATS.worst_where}); every rank's "
         f"outputs and local gradients judged")

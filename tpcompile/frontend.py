@@ -163,9 +163,11 @@ class BlockCall:
 
 def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A call in one canonical form: arguments that can be named are passed by name, in
-    the signature's order (extra keywords sorted), and those passed as None are left out (the same, for a forward that defaults
-    them to None; export cannot take a None inside its inputs). Traces and the programs'
-    lookups both use this form, so one structure means one program."""
+    the signature's order (extra keywords sorted), and optional ones passed as None are
+    left out (the same, for a forward that defaults them to None). A None given for a
+    parameter without that default (the reference Llama's ``mask`` for one token) is
+    kept. Traces and the programs' lookups both use this form, so one structure means
+    one program."""
     try:
         sig = _signature(forward)
         bound = sig.bind(*args, **kwargs)
@@ -180,12 +182,12 @@ def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple,
         elif kind is inspect.Parameter.VAR_POSITIONAL:
             pos.extend(value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(sorted(value.items()))
-        else:
+            named.update((k, v) for k, v in sorted(value.items()) if v is not None)
+        elif value is not None or sig.parameters[name].default is not None:
             named[name] = value
     if any(p is None for p in pos):
         return tuple(args), {k: v for k, v in sorted(kwargs.items()) if v is not None}
-    return tuple(pos), {k: v for k, v in named.items() if v is not None}
+    return tuple(pos), named
 
 
 _SIGNATURES: dict[Any, inspect.Signature] = {}

@@ -80,6 +80,9 @@ class ModulePlan(_Model):
     inputs: list[Literal["R", "Q"]] = []
     output: Literal["R", "Q"] = "R"
     notes: list[NotePlan] = []
+    # fused colwise projections (nanoGPT's c_attn: q, k, v) -> number of parts; each rank
+    # holds its slice of every part. Found by the analysis, not read from a plan file.
+    packed: dict[str, int] = {}
 
 
 class Plan(_Model):
@@ -386,6 +389,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         inputs=[l.kind if l.kind == "Q" else "R" for l in contract.inputs] if contract else [],  # type: ignore[misc]
         output=contract.outputs[0].kind if contract and contract.outputs and contract.outputs[0].kind == "Q" else "R",  # type: ignore[arg-type]
         notes=[NotePlan(layer=n.layer, reason=n.reason) for n in notes],
+        packed={k: v for k, v in prop.packed.items() if styles.get(k) == "colwise"},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
 

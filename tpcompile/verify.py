@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
@@ -375,14 +375,31 @@ def shadow(reference: torch.nn.Module, step: Callable[[torch.nn.Module], Any],
 def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Placement]:
     """Parameter name -> the placement on the tp mesh that ``plan`` (default: the plan
     ``model`` was parallelized with) gives it: ``Shard`` for the sharded parameters of
-    colwise / rowwise / vocab-parallel layers, ``Replicate`` for every other one."""
+    colwise / rowwise / vocab-parallel layers, ``Replicate`` for every other one. A
+    layer stored transposed (GPT-2's ``Conv1D``, weight (in, out)) is sharded on the other
+    weight dim; a fused projection the plan packs into parts holds each rank's slice of
+    every part (``_StridedShard`` with the part count)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
     from .api import plan_of
-    from .plan import PLACEMENTS
-    styles = (plan or plan_of(model)).layer_styles()
-    out = {}
+    plan = plan or plan_of(model)
+    styles = plan.layer_styles()
+    packed = {(f"{member}.{rel}" if member else rel): parts for m in plan.modules
+              for member in m.members for rel, parts in m.packed.items()}
+    dims = {("colwise", "weight"): 0, ("colwise", "bias"): 0, ("rowwise", "weight"): 1,
+            ("vocab_parallel", "weight"): 0}
+    out: dict[str, Placement] = {}
     for name, _ in model.named_parameters():
         owner, _, pname = name.rpartition(".")
-        out[name] = PLACEMENTS.get((styles.get(owner), pname), Replicate())
+        style = styles.get(owner)
+        dim = dims.get((style, pname))  # type: ignore[arg-type]
+        if dim is None:
+            out[name] = Replicate()
+            continue
+        if pname == "weight" and type(model.get_submodule(owner)).__name__ == "Conv1D":
+            dim = 1 - dim
+        parts = packed.get(owner)
+        out[name] = _StridedShard(dim, split_factor=parts) if parts else Shard(dim)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -16,9 +17,13 @@ class _Stats:
     noisy: int = 0  # tensors whose bound is the reference's own rounding error instead
     used: float = 0.0  # the largest share of its bound any tensor used
     used_where: str = "-"
+    # parallel comparisons (every one has tp > 1) by code style, tracer, SP and mesh
+    by: dict[str, dict[str, int]] = field(default_factory=dict)
+    faults: dict[str, tuple[int, int]] = field(default_factory=dict)  # examples drawn, caught
 
-    def record(self, results: list[dict], two_d: bool = False) -> None:
-        """One example: the results of all ranks."""
+    def record(self, results: list[dict], two_d: bool = False, **labels: Any) -> None:
+        """One parallel comparison: the results of all ranks; ``labels`` (style,
+        tracer, sp, mesh) split the count of comparisons in the summary."""
         self.examples += 1
         self.two_d += two_d
         if results[0].get("error"):
@@ -26,6 +31,9 @@ class _Stats:
             self.errors[e] = self.errors.get(e, 0) + 1
             return
         self.compared += 1
+        for k, v in labels.items():
+            key = f"sp={v}" if k == "sp" else str(v)
+            self.by.setdefault(k, {})[key] = self.by.setdefault(k, {}).get(key, 0) + 1
         for r in results:
             rep = r["report"]
             for c in rep.checks:

@@ -46,6 +46,9 @@ class BlockSpec(_Spec):
     norm: Norm = "layer"
     attn: AttnSpec | None = None
     mlp: MlpSpec | None = None
+    # pre-norm (Llama), post-norm (the 2017 Transformer, BERT), or parallel: attention
+    # and MLP both read one norm of the block's input (GPT-J, Falcon)
+    layout: Literal["pre", "post", "parallel"] = "pre"
 
 
 class Spec(_Spec):
@@ -153,8 +156,20 @@ class Block(nn.Module):
         self.attn = Attention(dim, s.attn) if s.attn else None
         self.mlp_norm = make_norm(s.norm, dim) if s.mlp else None
         self.mlp = Mlp(dim, s.mlp) if s.mlp else None
+        self.layout = s.layout if s.attn and s.mlp else ("post" if s.layout == "post" else "pre")
+        if self.layout == "parallel":
+            self.mlp_norm = None  # one norm feeds both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "parallel":
+            h = self.attn_norm(x)
+            return x + self.attn(h) + self.mlp(h)
+        if self.layout == "post":
+            if self.attn is not None:
+                x = self.attn_norm(x + self.attn(x))
+            if self.mlp is not None:
+                x = self.mlp_norm(x + self.mlp(x))
+            return x
         if self.attn is not None:
             x = x + self.attn(self.attn_norm(x))
         if self.mlp is not None:

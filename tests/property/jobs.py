@@ -103,6 +103,46 @@ def _grad_twice_on_one_rank(real: Any) -> Any:
     return sync_grads
 
 
+def _swap_kv_groups(real: Any) -> Any:
+    """Each tp rank gets the next rank's kv-head group of ``wk`` and ``wv`` (q keeps its
+    own): every rank attends with the wrong keys and values."""
+    def distribute_parameters(model: Any, placements: Any, tp_mesh: Any) -> None:
+        real(model, placements, tp_mesh)
+        tp, r = tp_mesh.size(), tp_mesh.get_local_rank()
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.wk.weight", "attn.wv.weight")) and \
+                    p.placements[0].is_shard() and tp > 1:
+                full = p.full_tensor()
+                with torch.no_grad():
+                    p.to_local().copy_(full.chunk(tp, 0)[(r + 1) % tp])
+                _took_effect()
+    return distribute_parameters
+
+
+def _norm_grad_scrambled(real: Any) -> Any:
+    """The summed gradient of the replicated norm weights comes back with its halves
+    swapped (as if gathered along the wrong dim after a reduce-scatter)."""
+    from tpcompile import collectives as C
+
+    class _Scrambled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            h = g.shape[0] // 2
+            return torch.cat([g[h:], g[:h]]) if h and g.ndim == 1 else g
+
+    def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
+        out = real(group, *ps)
+        if not out or C._size(group) == 1:
+            return out
+        _took_effect()
+        return (_Scrambled.apply(out[0]), *out[1:])
+    return sync_grads
+
+
 # name -> (function replaced, what replaces it given the real one, sequence parallel on)
 FAULTS: dict[str, tuple[str, Any, bool]] = {
     "no_norm_grad_sync": ("tpcompile.collectives.sync_grads", _no_norm_grad_sync, True),
@@ -111,6 +151,8 @@ FAULTS: dict[str, tuple[str, Any, bool]] = {
     "all_reduce_off_rank0": ("tpcompile.collectives._all_reduce", _all_reduce_off_rank0, False),
     "grad_twice_on_one_rank": ("tpcompile.collectives.sync_grads", _grad_twice_on_one_rank,
                                True),
+    "swap_kv_groups": ("tpcompile.api.distribute_parameters", _swap_kv_groups, False),
+    "norm_grad_scrambled": ("tpcompile.collectives.sync_grads", _norm_grad_scrambled, True),
 }
 
 
@@ -164,3 +206,59 @@ def check_example(rank: int, spec_json: str, seed: int, tp: int, sp: bool, batch
                     "fault_calls": FAULT_CALLS["n"]}
     return {"error": None, "report": rep, "styles": styles,
             "notes": [n.reason for n in plan.notes()], "fault_calls": FAULT_CALLS["n"]}
+
+
+def check_variants(rank: int, kind: str, spec_json: str, seed: int,
+                   variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One model, several parallel comparisons: each variant is a mesh (tp, and dp for
+    the 2-D (dp=2, tp) mesh with FSDP2), sequence parallel on or off, a tracer, and the
+    batch and length it runs at. ``kind``: "arch" (``arch.Spec``, the project's template)
+    or "style" (``styles.StyleSpec``, other people's code). One result per variant, as
+    ``check_example`` gives it (the trace is cached across variants)."""
+    import time
+
+    from tests.property.styles import StyleSpec, build_style, style_inputs
+    out = []
+    for v in variants:
+        t0 = time.perf_counter()
+        rows = v["batch"] * (2 if v["dp"] else 1)
+        # traced on one call (batch 2 x 8 positions, the same for every variant, so the
+        # trace is made once), run on the variant's own batch and length
+        if kind == "arch":
+            spec = Spec.model_validate_json(spec_json)
+            ref = build(spec, seed)
+            example: tuple[tuple, dict] = (make_inputs(spec, 2, 8, seed), {})
+            args, kwargs = make_inputs(spec, rows, v["seq"], seed), {}
+        else:
+            s = StyleSpec.model_validate_json(spec_json)
+            ref = build_style(s, seed)
+            example = style_inputs(s, 2, 8, seed, loss=not v["dp"])
+            args, kwargs = style_inputs(s, rows, v["seq"], seed, loss=not v["dp"])
+        res = _one_variant(ref, example, args, kwargs, v)
+        res["seconds"] = time.perf_counter() - t0
+        out.append(res)
+    return out
+
+
+def _one_variant(ref: torch.nn.Module, example: tuple[tuple, dict], args: tuple, kwargs: dict,
+                 v: dict[str, Any]) -> dict[str, Any]:
+    tp, dp = v["tp"], v["dp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = mesh((2, tp), ("dp", "tp")) if dp else tp_mesh(tp)
+        try:
+            par = tpcompile.auto_parallelize(
+                copy.deepcopy(ref), target, sequence_parallel=v["sp"],
+                on_indivisible=v.get("on_indivisible", "error"), tracer=v["tracer"],
+                example_inputs=example[0], example_kwargs=example[1])
+        except tpcompile.TPCompileError as e:
+            return {"error": type(e).__name__, "message": str(e)}
+        plan = tpcompile.plan_of(par)
+        styles = plan.layer_styles()
+        try:
+            rep = judge(ref, par, args, kwargs=kwargs,
+                        dp=(target["dp"].get_local_rank(), 2) if dp else None)
+        except tpcompile.TPCompileError as e:
+            return {"error": type(e).__name__, "message": str(e), "styles": styles}
+    return {"error": None, "report": rep, "styles": styles, "tracer": plan.tracer,
+            "notes": [n.reason for n in plan.notes()]}

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from tests.harness import NumericsMismatch, assert_numerics
 from tests.property import STATS
 from tests.property.arch import AttnSpec, BlockSpec, MlpSpec, Spec, repro
-from tests.property.jobs import FAULTS, check_example, planted
+from tests.property.jobs import FAULTS, check_example, check_variants, planted
+from tests.property.styles import HF_FAMILIES, StyleSpec, reference_hidden
 from tests.test_numerics import TOL
 
 FAULT_EXAMPLES = 10  # examples per planted fault (those in which it took effect)
@@ -46,7 +47,13 @@ def _with_rowwise_bias(case: dict) -> dict | None:
 
 # What a fault's search does to each generated case first (None: the fault cannot take
 # effect in it, skip it unrun). Only saves time: whether it took effect is counted.
-FAULT_CASES = {"undivided_heads": _heads_by_inference, "bias_before_reduce": _with_rowwise_bias}
+def _with_kv_heads(case: dict) -> dict | None:
+    a = case["spec"].block.attn
+    return case if a and a.n_kv_heads >= case["tp"] > 1 else None
+
+
+FAULT_CASES = {"undivided_heads": _heads_by_inference, "bias_before_reduce": _with_rowwise_bias,
+               "swap_kv_groups": _with_kv_heads}
 
 
 ACTS = ["relu", "gelu", "gelu_tanh", "silu", "tanh"]
@@ -94,39 +101,6 @@ def cases(draw: st.DrawFn) -> dict:
                 dp=tp == 2 and draw(st.booleans()))  # 2-D: (dp=2, tp=2), FSDP2 on dp
 
 
-def run_case(pool, case: dict) -> list[dict]:
-    """One example on every rank; the verdict on all ranks' results."""
-    spec: Spec = case["spec"]
-    note(repro(**case))
-    results = pool.run(check_example, spec.model_dump_json(), case["seed"], case["tp"],
-                       case["sp"], case["batch"], case["seq"], case["on_indivisible"],
-                       dp=case["dp"])
-    STATS.record(results, case["dp"])
-    errors = {r["error"] for r in results}
-    assert len(errors) == 1, f"ranks disagree: {[r['error'] for r in results]}"
-    r = results[0]
-    divisible = spec.divisible(case["tp"])
-    if r["error"] == "RuntimeShapeError":
-        assert case["sp"] and case["seq"] % case["tp"], r["message"]
-        return results
-    if r["error"] == "IndivisibleError":
-        assert case["on_indivisible"] == "error" and not divisible, r["message"]
-        return results
-    if not divisible and case["on_indivisible"] == "error":
-        # no error only where the analysis could not prove the structure at all (one
-        # head has no heads dim to split); it must then have said so in the plan
-        assert r.get("notes"), f"indivisible widths {spec.widths()} at tp={case['tp']} " \
-                               "passed silently"
-    assert r["error"] is None, r["message"]
-    assert all(x["styles"] == r["styles"] for x in results), "ranks planned differently"
-    sp_used = any(v == "sequence_parallel" for v in r["styles"].values())
-    assert not (sp_used and case["seq"] % case["tp"]), "an unsplittable sequence passed"
-    assert_numerics(results, TOL)
-    if divisible:  # detection is complete: every block's segments are found
-        expect_sharded(spec, r["styles"])
-    return results
-
-
 def expect_sharded(spec: Spec, styles: dict[str, str]) -> None:
     for i in range(spec.n_layers):
         want = {}
@@ -143,10 +117,99 @@ def expect_sharded(spec: Spec, styles: dict[str, str]) -> None:
         assert got == want, f"segments not detected: {got} != {want}"
 
 
+@st.composite
+def style_specs(draw: st.DrawFn) -> StyleSpec:
+    """A small model in one of the other code styles (tests/property/styles.py)."""
+    style = draw(st.sampled_from(["reference", "nanogpt", "hf", "torch_layer"]))
+    family = draw(st.sampled_from(HF_FAMILIES)) if style == "hf" else None
+    n_heads = draw(st.sampled_from([2, 4, 8]))
+    head_dim = draw(st.sampled_from([4, 8]))
+    dim = n_heads * head_dim
+    gqa = style in ("reference", "hf") and family != "gpt2"
+    n_kv = draw(st.sampled_from([d for d in (1, 2, 4, 8) if n_heads % d == 0])) if gqa else n_heads
+    if style == "reference":
+        hidden = reference_hidden(dim)
+    elif style == "nanogpt":
+        hidden = 4 * dim
+    else:
+        hidden = draw(st.sampled_from([16, 32, 48, 64]))
+    return StyleSpec(style=style, family=family, dim=dim, n_layers=draw(st.integers(1, 2)),
+                     n_heads=n_heads, n_kv_heads=n_kv, hidden=hidden,
+                     vocab=draw(st.sampled_from([32, 48, 64])), bias=draw(st.booleans()),
+                     tied=draw(st.booleans()), explicit_softmax=draw(st.booleans()),
+                     norm_first=draw(st.booleans()))
+
+
+@st.composite
+def examples(draw: st.DrawFn) -> dict:
+    """One model (the project's template, in any block layout, or another code style) and
+    the parallel comparisons made of it: tp 2 and 4, each with and without sequence
+    parallelism, and the 2-D (dp 2, tp 2) mesh with FSDP2; each run at its own batch and
+    length (mostly lengths tp divides, now and then one it does not)."""
+    if draw(st.booleans()):
+        kind = "arch"
+        spec: Spec | StyleSpec = draw(specs())
+        layout = draw(st.sampled_from(["pre", "post", "parallel"]))
+        spec = spec.model_copy(update={"block": spec.block.model_copy(update={"layout": layout})})
+        tracer = draw(st.sampled_from(["auto", "fx"]))
+    else:
+        kind = "style"
+        spec = draw(style_specs())
+        tracer = draw(st.sampled_from(["auto", "fx"])) if spec.style == "torch_layer" else "auto"
+    on_indivisible = draw(st.sampled_from(["error", "replicate"]))
+    variants = []
+    for tp, sp, dp in [(2, True, False), (2, False, False), (4, True, False),
+                       (4, False, False), (2, draw(st.booleans()), True)]:
+        seq = draw(st.integers(1, 3)) * tp if draw(st.integers(0, 9)) else draw(st.integers(1, 9))
+        variants.append(dict(tp=tp, sp=sp, dp=dp, tracer=tracer, batch=draw(st.integers(1, 3)),
+                             seq=seq, on_indivisible=on_indivisible))
+    return dict(kind=kind, spec=spec, seed=draw(st.integers(0, 2**16)), variants=variants)
+
+
+def run_example(pool, ex: dict) -> None:
+    """Every variant of one example on every rank; each variant's verdict as in
+    ``run_case``: the numbers match on every rank, or the documented error came."""
+    spec = ex["spec"]
+    note("# re-run: python -c 'from tests.property.repro import main_variants; "
+         f"main_variants({ex['kind']!r}, {spec.model_dump_json()!r}, {ex['seed']}, "
+         f"{ex['variants']!r})'")
+    per_rank = pool.run(check_variants, ex["kind"], spec.model_dump_json(), ex["seed"],
+                        ex["variants"])
+    label = spec.label() if ex["kind"] == "style" else f"own:{spec.block.layout}"
+    for i, v in enumerate(ex["variants"]):
+        results = [r[i] for r in per_rank]
+        mesh = f"dp2xtp{v['tp']}" if v["dp"] else f"tp{v['tp']}"
+        STATS.record(results, v["dp"], label=label, tracer=results[0].get("tracer", v["tracer"]),
+                     sp=v["sp"], mesh=mesh)
+        where = f"{label}, {mesh}, sp={v['sp']}, tracer={v['tracer']}, " \
+                f"batch {v['batch']} x seq {v['seq']}"
+        errors = {r["error"] for r in results}
+        assert len(errors) == 1, f"{where}: ranks disagree: {[r['error'] for r in results]}"
+        r = results[0]
+        divisible = spec.divisible(v["tp"])
+        if r["error"] == "RuntimeShapeError":
+            assert v["sp"] and v["seq"] % v["tp"], f"{where}: {r['message']}"
+            continue
+        if r["error"] == "IndivisibleError":
+            assert v["on_indivisible"] == "error" and not divisible, f"{where}: {r['message']}"
+            continue
+        if not divisible and v["on_indivisible"] == "error":
+            assert r.get("notes"), f"{where}: indivisible widths {spec.widths()} passed silently"
+        assert r["error"] is None, f"{where}: {r['error']}: {r['message']}"
+        assert all(x["styles"] == r["styles"] for x in results), f"{where}: ranks planned differently"
+        sp_used = any(s == "sequence_parallel" for s in r["styles"].values())
+        assert not (sp_used and v["seq"] % v["tp"]), f"{where}: an unsplittable sequence passed"
+        assert_numerics(results, TOL, context=where)
+        if divisible and ex["kind"] == "arch":
+            expect_sharded(spec, r["styles"])
+        elif divisible:
+            assert any(s == "colwise" for s in r["styles"].values()), f"{where}: nothing sharded"
+
+
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases())
-def test_rewrite_matches_original(pool, case):
-    run_case(pool, case)
+@given(ex=examples())
+def test_rewrite_matches_original(pool, ex):
+    run_example(pool, ex)
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -182,7 +245,15 @@ def test_suite_catches_an_injected_fault(pool, fault):
             raise AssertionError(f"fault {fault} took effect (calls per rank: {calls}), "
                                  "yet the judge passed")
 
+    tried = [0]
+    inner = search.hypothesis.inner_test
+
+    def counting(case):
+        tried[0] += 1
+        inner(case)
+    search.hypothesis.inner_test = counting
     search()
+    STATS.faults[fault] = (tried[0], len(caught))
     assert len(caught) >= MIN_CAUGHT, f"the fault took effect in {len(caught)} examples only"
 
 
