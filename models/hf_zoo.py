@@ -44,7 +44,9 @@ FAMILIES: list[str] = list(_CLASSES)
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 128, 128, 64
 
 # families whose attention has separate key/value head counts (GQA)
-_GQA = {"llama", "qwen2", "mistral", "gemma", "phi3", "qwen3", "gemma2", "olmo2", "granite",
+# (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
+# num_key_value_heads= for the GQA layout of Phi-3-medium)
+_GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
         "starcoder2"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
 _HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}

@@ -139,7 +139,9 @@ def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None =
         loss_of(o_par).backward()
         loss_of(ref64(*args, **kw)).backward()
         exact = {n: p.grad for n, p in ref64.named_parameters() if p.grad is not None}
-        out.append(dict(judge(ref, par, o_ref, o_par, exact=exact), shape=(batch, seq)))
+        notes = [f"{n.layer}: {n.reason}" for n in tpcompile.plan_of(par).notes()]
+        out.append(dict(judge(ref, par, o_ref, o_par, exact=exact), shape=(batch, seq),
+                        notes=notes))
     return out
 
 

@@ -170,3 +170,16 @@ def test_plain_attribute_assigned_in_forward_is_a_warning():
     with pytest.warns(UserWarning, match=r"assigns self.calls .* will not change at run time"):
         tpcompile.plan(m, tp=2, example_inputs=(torch.randn(2, 4, 8),))
     assert m.calls == 0
+
+
+def test_indivisible_heads_under_fx_replicate_and_end():
+    """Under fx the indivisible op is named after itself, not a layer; the fallback used
+    to find nothing to replicate and loop forever. It must replicate the segment."""
+    from tests.property.arch import AttnSpec, BlockSpec, Spec, build, make_inputs
+    spec = Spec(dim=32, block=BlockSpec(norm="rms", attn=AttnSpec(
+        n_heads=4, n_kv_heads=2, head_dim=2, kv_repeat="interleave")), vocab=24)
+    with pytest.warns(UserWarning, match="not divisible by tp = 4"):
+        p = tpcompile.plan(build(spec, 1), tp=4, example_inputs=make_inputs(spec, 2, 8, 1),
+                           on_indivisible="replicate", tracer="fx")
+    assert not any(".attn." in k for k in p.layer_styles())
+    assert any("not divisible by tp = 4" in n.reason for n in p.notes())

@@ -465,8 +465,31 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
             what, size = u.indivisible
             if on_indivisible != "replicate":
                 raise IndivisibleError(prefix + layer, what, size, tp) from None
-            notes.append(replicate_layer(styles, segments, layer,
-                                         f"{what} = {size} not divisible by tp = {tp}"))
+            reason = f"{what} = {size} not divisible by tp = {tp}"
+            before = dict(styles)
+            notes.append(replicate_layer(styles, segments, layer, reason))
+            if styles == before:  # named after an op, not a layer (an fx-traced forward)
+                seg = _segment_reaching(gm, segments, layer)
+                if seg is None:
+                    raise IndivisibleError(prefix + layer, what, size, tp) from None
+                notes[-1] = replicate_layer(styles, segments, seg.colwise[0],
+                                            f"{reason} (at {layer})")
+
+
+def _segment_reaching(gm: fx.GraphModule, segments: list[Segment], name: str) -> Segment | None:
+    """The first segment one of whose colwise layers feeds the node called ``name``."""
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None:
+        return None
+    above, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for p in n.all_input_nodes:
+            if p not in above:
+                above.add(p)
+                todo.append(p)
+    feeding = {layer.name for n in above if (layer := layer_of(n)) is not None}
+    return next((s for s in segments if feeding & set(s.colwise)), None)
 
 
 def replicate_layer(styles: dict[str, str], segments: list[Segment], layer: str,

@@ -257,8 +257,57 @@ def slice_(node: fx.Node, ctx: Ctx) -> Layout:
         if (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= full)) \
                 and step in (None, 1):
             return lay
-        raise Unsafe(f"{node.name}: slices the sharded dim {d}")
+        parts = _sliced_parts(src, d, full)
+        layer = ctx.colwise.get(src)
+        if layer is None or parts is None:
+            raise Unsafe(f"{node.name}: slices the sharded dim {d}" + (
+                f" of {layer} into unequal parts (q larger than k and v under GQA): no "
+                "DTensor placement holds a slice of each of unequal parts" if layer else ""))
+        return _packed(node, ctx, layer, parts, full)
     return lay
+
+
+def slice_bounds(node: fx.Node, full: int) -> tuple[int, int] | None:
+    """(start, end) of a step-1 slice with constant bounds, clamped to ``full``."""
+    start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+    start = 0 if start is None else start
+    end = full if end is None else end
+    if not (isinstance(start, int) and isinstance(end, int)) or step not in (None, 1):
+        return None
+    start, end = (x + full if x < 0 else x for x in (start, end))
+    return max(0, min(start, full)), max(0, min(end, full))
+
+
+def _sliced_parts(src: fx.Node, d: int, full: int) -> int | None:
+    """A fused projection cut by slices (Phi-3's ``qkv[..., :q]``, ``[..., q:q+k]``, ...):
+    the number of parts if every use of ``src`` is a constant slice on ``d`` and the
+    slices cut ``[0, full)`` into equal parts; else None."""
+    cuts = {0, full}
+    for user in src.users:
+        if user.target is not aten.slice.Tensor or \
+                norm_dim(arg(user, 1, "dim", 0), info(src).rank) != d:  # type: ignore[union-attr]
+            return None
+        bounds = slice_bounds(user, full)
+        if bounds is None:
+            return None
+        cuts.update(bounds)
+    edges = sorted(cuts)
+    gaps = {b - a for a, b in zip(edges, edges[1:])}
+    return len(edges) - 1 if len(gaps) == 1 and len(edges) > 2 else None
+
+
+def _packed(node: fx.Node, ctx: Ctx, layer: str, parts: int, full: int) -> Layout:
+    """``layer``'s colwise output cut into ``parts`` equal parts: each rank holds its
+    slice of every part (a ``_StridedShard`` weight), so the cut stays local."""
+    if not PACKING["enabled"]:
+        raise Unsafe(f"{node.name}: a fused projection (split into {parts} parts) is "
+                     "sharded per part only without FSDP2 (a 1-D mesh) for now")
+    if (full // parts) % ctx.tp:
+        raise Unsafe(f"{node.name}: a part of the fused projection has {full // parts} "
+                     f"features, not divisible by tp = {ctx.tp}",
+                     indivisible=("part size", full // parts))
+    ctx.packed[layer] = parts  # q|k|v or gate|up: each rank holds its slice of each part
+    return ctx.of(node.args[0])
 
 
 @register(aten.select.int)
@@ -407,12 +456,7 @@ def split(node: fx.Node, ctx: Ctx) -> Layout:
         if layer is None or parts is None or len(src.users) != 1:
             raise Unsafe(f"{node.name}: splits the sharded dim into unequal parts or after "
                          "other ops (a fused projection tpcompile cannot shard per part)")
-        if (info(src).shape[d] // parts) % ctx.tp:  # type: ignore[union-attr]
-            raise Unsafe(f"{node.name}: a part of the fused projection has "
-                         f"{info(src).shape[d] // parts} features, not divisible by tp = "  # type: ignore[union-attr]
-                         f"{ctx.tp}", indivisible=("part size", info(src).shape[d] // parts))  # type: ignore[union-attr]
-        ctx.packed[layer] = parts  # q|k|v or gate|up: each rank holds its slice of each part
-        return lay
+        return _packed(node, ctx, layer, parts, info(src).shape[d])  # type: ignore[union-attr]
     return Layout(lay.kind, lay.dim - 1 if unbind and d < lay.dim else lay.dim)
 
 

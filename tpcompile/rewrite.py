@@ -237,8 +237,22 @@ class _Builder:
             a, k = self.args(n)
             sizes = a[1] // self.tp if isinstance(a[1], int) else [x // self.tp for x in a[1]]
             return g.create_node(n.op, n.target, (a[0], sizes, *a[2:]), k, n.name)
+        if lay.kind == "S" and n.target is aten.slice.Tensor and \
+                ops.norm_dim(ops.arg(n, 1, "dim", 0), info(n.args[0]).rank) == lay.dim:  # type: ignore[union-attr]
+            return self._slice(n, lay)
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
+
+    def _slice(self, n: fx.Node, lay: Any) -> fx.Node:
+        """A slice of one part of a fused projection: its bounds on the local shard."""
+        a, k = self.args(n)
+        full = info(n.args[0]).shape[lay.dim]  # type: ignore[union-attr]
+        bounds = ops.slice_bounds(n, full)
+        if bounds is None or bounds == (0, full):
+            return self.g.create_node(n.op, n.target, a, k, n.name)
+        start, end = (b // self.tp for b in bounds)
+        return self.g.create_node("call_function", aten.slice.Tensor, (a[0], lay.dim, start, end),
+                                  {}, n.name)
 
     def _output(self, n: fx.Node) -> fx.Node:
         values = list(self.t.outputs) + [v for v, _ in self.t.mutations]
@@ -341,6 +355,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
+def _impure(n: fx.Node) -> bool:
+    """Kept without users: side effects (in-place ops), and grad-mode regions (export's
+    ``wrap_with_set_grad_enabled``), whose body may update a buffer under no_grad."""
+    return n.is_impure() or (n.op == "call_function" and
+                             isinstance(n.target, torch._ops.HigherOrderOperator))
+
+
 def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[fx.Node],
             tp: int, group: str, contracts: dict[fx.Node, Contract],
             loss_parallel: bool = False) -> Rewritten:
@@ -348,7 +369,7 @@ def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[f
     features (a colwise head's logits) are returned as DTensors ``Shard(-1)`` on the tp
     mesh instead of being gathered, for a vocab-parallel loss."""
     graph = _Builder(t, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     code = graph.python_code(root_module="self")
     scope: dict[str, Any] = dict(code.globals)

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 Style = Literal["reference", "nanogpt", "hf", "torch_layer"]
 # HF families drawn (tiny random configs); the held-in families of tests/test_hf.py plus
 # two more, each with its own attention/MLP code
-HF_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gpt2", "qwen3", "granite", "starcoder2")
+HF_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "qwen3", "granite",
+               "starcoder2")
 
 
 REFERENCE_MULTIPLE = 8
