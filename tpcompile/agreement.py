@@ -7,7 +7,7 @@
   wait in their first collective until the process group's timeout.
 * **Inputs**: tensor parallelism needs the same inputs on every tp rank. Before the root
   program runs, the tp ranks all-gather a digest of the call (its structure, each
-  tensor's shape and dtype, the train/eval mode): one 8-byte collective per call. With
+  tensor's shape and dtype, the train/eval mode): one 24-byte all-gather per call. With
   ``TPCOMPILE_CHECK_INPUTS=1`` the digest also holds value checksums of every tensor
   (a debug switch: it reads every input once). ``TPCOMPILE_CHECK_INPUTS=0`` turns the
   check off. A mismatch raises :class:`InputMismatchError` on every tp rank, naming
@@ -112,10 +112,13 @@ class InputCheck:
     def __init__(self, group_name: str, device_type: str) -> None:
         self.group_name = group_name
         self.device_type = device_type
+        self._pg: dist.ProcessGroup | None = None
 
     def _group(self) -> dist.ProcessGroup:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        return _resolve_process_group(self.group_name)
+        if self._pg is None:  # resolved once, on the first call
+            from torch.distributed.distributed_c10d import _resolve_process_group
+            self._pg = _resolve_process_group(self.group_name)
+        return self._pg
 
     def __call__(self, flat: list[Any], spec: pytree.TreeSpec, training: bool) -> None:
         mode = _mode()

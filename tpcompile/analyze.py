@@ -466,14 +466,14 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
             if on_indivisible != "replicate":
                 raise IndivisibleError(prefix + layer, what, size, tp) from None
             reason = f"{what} = {size} not divisible by tp = {tp}"
-            before = dict(styles)
-            notes.append(replicate_layer(styles, segments, layer, reason))
-            if styles == before:  # named after an op, not a layer (an fx-traced forward)
+            if layer not in styles and not any(_owns(s, layer) for s in segments):
+                # named after an op, not a layer (an fx-traced forward): the segment that
+                # feeds the op goes, so every round removes something
                 seg = _segment_reaching(gm, segments, layer)
                 if seg is None:
                     raise IndivisibleError(prefix + layer, what, size, tp) from None
-                notes[-1] = replicate_layer(styles, segments, seg.colwise[0],
-                                            f"{reason} (at {layer})")
+                layer, reason = seg.colwise[0], f"{reason} (at {layer})"
+            notes.append(replicate_layer(styles, segments, layer, reason))
 
 
 def _segment_reaching(gm: fx.GraphModule, segments: list[Segment], name: str) -> Segment | None:

@@ -388,20 +388,19 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
     from torch.distributed.tensor.placement_types import _StridedShard
 
     from .api import plan_of
+    from .plan import PLACEMENTS
     plan = plan or plan_of(model)
     styles = plan.layer_styles()
     packed = {(f"{member}.{rel}" if member else rel): parts for m in plan.modules
               for member in m.members for rel, parts in m.packed.items()}
-    dims = {("colwise", "weight"): 0, ("colwise", "bias"): 0, ("rowwise", "weight"): 1,
-            ("vocab_parallel", "weight"): 0}
     out: dict[str, Placement] = {}
     for name, _ in model.named_parameters():
         owner, _, pname = name.rpartition(".")
-        style = styles.get(owner)
-        dim = dims.get((style, pname))  # type: ignore[arg-type]
-        if dim is None:
+        base = PLACEMENTS.get((styles.get(owner), pname))
+        if base is None:
             out[name] = Replicate()
             continue
+        dim = base.dim
         if pname == "weight" and type(model.get_submodule(owner)).__name__ == "Conv1D":
             dim = 1 - dim
         parts = packed.get(owner)
