@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: 
 import tpcompile  # noqa: E402
 from models.llama2 import CONFIGS, Transformer, config  # noqa: E402
 from tpcompile import checkpoint as ckpt  # noqa: E402
-from tpcompile.distribute import local_param_bytes  # noqa: E402
+from tpcompile.runtime.distribute import local_param_bytes  # noqa: E402
 
 logger = logging.getLogger("compiled_llama")
 ALPHABET = 512  # distinct token ids the synthetic text uses

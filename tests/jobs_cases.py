@@ -240,7 +240,7 @@ def plan_roundtrip_inline_norm(rank: int, path: str) -> dict:
     torch.manual_seed(0)
     ref, x = Stack([InlineNormBlock(), InlineNormBlock()]), torch.randn(2, 8, D)
     if rank == 0:
-        tpcompile.plan(ref, tp=2).save(path)
+        tpcompile.save_plan(tpcompile.plan(ref, tp=2), path)
     torch.distributed.barrier()
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), plan=path)
     return numerics_result(ref, par, (x,))
@@ -293,7 +293,7 @@ def dropout_streams(rank: int) -> dict:
     which replicated regions share, is left where it was."""
     import torch.distributed as dist
 
-    from tpcompile import collectives as C
+    from tpcompile.rewrite import collectives as C
     torch.manual_seed(0)
     par = tpcompile.auto_parallelize(Stack([DropoutMLP()]), tp_mesh(2))
     mesh = tp_mesh(2)

@@ -15,7 +15,7 @@ import tpcompile
 from models.llama2 import Transformer, config
 from tests.harness import compare, full, mesh
 from tpcompile.verify import RTOL, Report, check_tensor, shadow
-from tpcompile.distribute import local_param_bytes
+from tpcompile.runtime.distribute import local_param_bytes
 
 BATCH, SEQ = 4, 8  # the full batch; each of the 2 dp ranks gets BATCH // 2 rows
 

@@ -22,13 +22,13 @@ def _divide_heads(model: torch.nn.Module, tp: int) -> None:
 
 
 def parallelize_module_matches(rank: int, name: str, tp: int, sp: bool) -> dict:
-    """Apply Plan.to_parallelize_plan() with parallelize_module; compare it with tpcompile's
+    """Apply tpcompile.to_parallelize_plan(plan) with parallelize_module; compare it with tpcompile's
     rewrite (outputs) and with the unsharded model (outputs and every gradient)."""
     ref, inputs = build(name)
     plan = tpcompile.plan(ref, tp=tp, sequence_parallel=sp)
     pt = copy.deepcopy(ref)
     _divide_heads(pt, tp)
-    parallelize_module(pt, tp_mesh(tp), plan.to_parallelize_plan())
+    parallelize_module(pt, tp_mesh(tp), tpcompile.to_parallelize_plan(plan))
     ours = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), sequence_parallel=sp)
     with torch.no_grad():
         vs_ours = check_tensor("output vs tpcompile's", pt(*inputs), ours(*inputs))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tpcompile.__main__ import main
-from tpcompile.explain import Explanation
+from tpcompile.cli.main import main
+from tpcompile.cli.explain import Explanation
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

@@ -8,7 +8,7 @@ import torch
 
 from models.llama2 import Transformer, config
 from tests import jobs_plans
-from tpcompile.explain import Explanation, explain
+from tpcompile.cli.explain import Explanation, explain
 
 TP, B, S = 2, 2, 8
 A = config("debug")  # dim 64, 2 layers, 8 heads, 4 kv heads, vocab 512, ffn hidden 192

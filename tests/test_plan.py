@@ -155,7 +155,7 @@ def test_fused_qkv_is_sharded_per_part():
                 q.unflatten(-1, (4, 4)).transpose(1, 2), k.unflatten(-1, (4, 4)).transpose(1, 2),
                 v.unflatten(-1, (4, 4)).transpose(1, 2)).transpose(1, 2).flatten(-2))
 
-    from tpcompile.plan import compile_model
+    from tpcompile.planning import compile_model
     c = compile_model(Fused(), tp=2, example_inputs=(torch.randn(2, 4, 16),))
     assert c.plan.layer_styles()["qkv"] == "colwise"
     # a plain Shard(0) would mix q, k, v: each rank holds its slice of each of the three

@@ -17,9 +17,10 @@ from models.toy import GatedMLPStack, ToyModel
 from tests import jobs_plans
 from tests.test_numerics import check
 from tpcompile import Plan, PlanError
-from tpcompile.plan import compile_model
-from tpcompile.plan_bind import glob_regex
-from tpcompile.plan_io import load, loads, save
+from tpcompile.planning import compile_model
+from tpcompile.planning.bind import glob_regex
+from tpcompile.planning import (from_hf_tp_plan, from_yaml, load, loads, save, to_hf_tp_plan,
+                                to_parallelize_plan, to_yaml)
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_LLAMA = {
@@ -43,7 +44,7 @@ def detected() -> Plan:
 
 
 def test_yaml_and_json_round_trip(detected, tmp_path):
-    assert Plan.from_yaml(detected.to_yaml()) == detected
+    assert from_yaml(to_yaml(detected)) == detected
     for name in ("p.yaml", "p.json"):
         assert load(save(detected, tmp_path / name)) == detected
 
@@ -86,19 +87,19 @@ def test_glob(pattern, name, hit):
 
 
 def test_hf_round_trip():
-    assert Plan.from_hf_tp_plan(HF_LLAMA).to_hf_tp_plan() == HF_LLAMA
+    assert to_hf_tp_plan(from_hf_tp_plan(HF_LLAMA)) == HF_LLAMA
 
 
 def test_detected_plan_through_hf(detected):
-    hf = detected.to_hf_tp_plan()
+    hf = to_hf_tp_plan(detected)
     assert hf["output"] == "colwise_rep" and hf["tok_embeddings"] == "embedding_rowwise"
     assert hf["layers.*.attention.wo"] == "rowwise"
-    back = compile_model(llama(), tp=2, given=Plan.from_hf_tp_plan(hf)).plan
+    back = compile_model(llama(), tp=2, given=from_hf_tp_plan(hf)).plan
     assert back.layer_styles() == detected.layer_styles()
 
 
 def test_parallelize_plan_styles(detected):
-    d = detected.to_parallelize_plan()
+    d = to_parallelize_plan(detected)
     assert list(d) == sorted(d)
     assert isinstance(d["layers.*.attention.wq"], ColwiseParallel)
     assert d["layers.*.attention.wq"].input_layouts == (Shard(1),)
@@ -107,13 +108,13 @@ def test_parallelize_plan_styles(detected):
     assert isinstance(d["layers.*.ffn_norm"], SequenceParallel)
     assert d["output"].output_layouts == (Replicate(),)
     assert isinstance(d["tok_embeddings"], RowwiseParallel)
-    no_sp = tpcompile.plan(llama(), tp=2, sequence_parallel=False).to_parallelize_plan()
+    no_sp = tpcompile.to_parallelize_plan(tpcompile.plan(llama(), tp=2, sequence_parallel=False))
     assert no_sp["layers.*.attention.wo"].output_layouts == (Replicate(),)
 
 
 def test_parallelize_plan_refuses_sp_from_model_inputs():
     with pytest.raises(PlanError, match="sequence_parallel=False"):
-        tpcompile.plan(GatedMLPStack(), tp=2).to_parallelize_plan()
+        tpcompile.to_parallelize_plan(tpcompile.plan(GatedMLPStack(), tp=2))
 
 
 # (model, plan text, fragments the error must contain)
@@ -177,7 +178,7 @@ def test_full_plan_for_another_tp_or_model_is_refused(detected):
 
 def test_unsupported_hf_style():
     with pytest.raises(PlanError, match="'gather' has no tpcompile equivalent"):
-        Plan.from_hf_tp_plan({"lm_head": "gather"})
+        from_hf_tp_plan({"lm_head": "gather"})
 
 
 def test_missing_file_and_suffix(tmp_path):

@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
-from torch.nn.utils import parametrize
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+from torch.nn.utils import parametrize
 
-from .agreement import InputCheck, agree_on_planning
+from .analysis import layer_of
+from .debug import dump
 from .errors import PlanError, TPCompileError, UnsupportedError
-from .frontend import skeleton
-from .analyze import layer_of
-from .plan import Compiled, Plan, Unit, _cast_floats, compile_model, dump, placement
+from .frontend import cast_floats, skeleton
+from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
+from .runtime.agreement import InputCheck, agree_on_planning
+
 
 def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
     """(tp mesh, dp mesh or None) from a 1-D mesh or a 2-D ("dp", "tp") mesh."""
@@ -38,7 +40,7 @@ def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
 def load_plan(plan: Plan | str | Path | None) -> Plan | None:
     if plan is None or isinstance(plan, Plan):
         return plan
-    from .plan_io import load
+    from .planning.files import load
     return load(plan)
 
 
@@ -111,7 +113,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     try:  # planning: nothing below changes the model, and a failure stops every rank
         _refuse_parallelized(model)
         tp_mesh, dp_mesh = split_mesh(mesh)
-        from .distribute import check_fsdp_options, choose_init, materialize_sharded, on_meta
+        from .runtime.distribute import (check_fsdp_options, choose_init, materialize_sharded,
+                                         on_meta)
         check_fsdp_options(fsdp_kwargs)
         init = choose_init(model, init_fn, seed) if materialize and on_meta(model) else None
         if init_fn is not None and init is None and materialize:
@@ -127,7 +130,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         sk = skeleton(model, param_dtype)
         input_dtype = param_dtype if getattr(policy, "cast_forward_inputs", True) else None
         if input_dtype is not None:
-            example_inputs, example_kwargs = _cast_floats((example_inputs, example_kwargs), input_dtype)
+            example_inputs, example_kwargs = cast_floats((example_inputs, example_kwargs), input_dtype)
         options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
                        tracer=tracer, input_dtype=input_dtype, packing=dp_mesh is None)
         compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
@@ -175,7 +178,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                         member or type(model).__name__, check if root else None)
         model.__dict__["_tpcompile_plan"] = compiled.plan
         if dp_mesh is not None:
-            from .distribute import apply_fsdp
+            from .runtime.distribute import apply_fsdp
             apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
         if init is not None:
             materialize_sharded(model, mesh.device_type, init)

@@ -22,7 +22,6 @@ import argparse
 import re
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .errors import TPCompileError
+from .errors import TPCompileError, warn
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -80,9 +79,8 @@ def latest(root: str | Path) -> Path | None:
     for _, p in steps:
         if complete(p):
             return p
-        warnings.warn(f"tpcompile.checkpoint: skipping {p}: not a complete checkpoint (its "
-                      ".metadata is missing or does not read back; the save was cut short?)",
-                      stacklevel=2)
+        warn(f"tpcompile.checkpoint: skipping {p}: not a complete checkpoint (its "
+             ".metadata is missing or does not read back; the save was cut short?)")
     return None
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 
 class TPCompileError(Exception):
     """Base class of every error tpcompile raises on purpose."""
@@ -34,3 +37,13 @@ class UnsupportedError(TPCompileError):
 
 class RuntimeShapeError(TPCompileError):
     """An input at run time cannot be split the way the compiled program needs."""
+
+
+def warn(message: str) -> None:
+    """``warnings.warn`` pointing at the user's line: the first frame outside tpcompile
+    (planning reaches the same check from ``plan``, ``auto_parallelize`` and a re-plan
+    on first call, at different depths)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("tpcompile"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -388,7 +388,7 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
     from torch.distributed.tensor.placement_types import _StridedShard
 
     from .api import plan_of
-    from .plan import PLACEMENTS
+    from .planning.value import PLACEMENTS
     plan = plan or plan_of(model)
     styles = plan.layer_styles()
     packed = {(f"{member}.{rel}" if member else rel): parts for m in plan.modules

@@ -66,7 +66,7 @@ def _bias_before_reduce(real: Any) -> Any:
 def _all_reduce_off_rank0(real: Any) -> Any:
     """Every all-reduce result scaled by (1 + 1e-3) on tp ranks other than 0: rank 0
     computes the right numbers, the other ranks do not."""
-    from tpcompile import collectives as C
+    from tpcompile.rewrite import collectives as C
 
     def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
         out = real(x, group)
@@ -92,7 +92,7 @@ class _Twice(torch.autograd.Function):
 def _grad_twice_on_one_rank(real: Any) -> Any:
     """On the last tp rank, the first replicated parameter whose gradient is summed over
     tp gets that sum twice; the other ranks are right."""
-    from tpcompile import collectives as C
+    from tpcompile.rewrite import collectives as C
 
     def sync_grads(group: str, *ps: torch.Tensor) -> tuple:
         if not ps or C._rank(group) != C._size(group) - 1:
@@ -122,7 +122,7 @@ def _swap_kv_groups(real: Any) -> Any:
 def _norm_grad_scrambled(real: Any) -> Any:
     """The summed gradient of the replicated norm weights comes back with its halves
     swapped (as if gathered along the wrong dim after a reduce-scatter)."""
-    from tpcompile import collectives as C
+    from tpcompile.rewrite import collectives as C
 
     class _Scrambled(torch.autograd.Function):
         @staticmethod
@@ -145,14 +145,14 @@ def _norm_grad_scrambled(real: Any) -> Any:
 
 # name -> (function replaced, what replaces it given the real one, sequence parallel on)
 FAULTS: dict[str, tuple[str, Any, bool]] = {
-    "no_norm_grad_sync": ("tpcompile.collectives.sync_grads", _no_norm_grad_sync, True),
-    "undivided_heads": ("tpcompile.collectives.localize_shape", _undivided_heads, True),
-    "bias_before_reduce": ("tpcompile.rewrite._Builder._linear", _bias_before_reduce, True),
-    "all_reduce_off_rank0": ("tpcompile.collectives._all_reduce", _all_reduce_off_rank0, False),
-    "grad_twice_on_one_rank": ("tpcompile.collectives.sync_grads", _grad_twice_on_one_rank,
+    "no_norm_grad_sync": ("tpcompile.rewrite.collectives.sync_grads", _no_norm_grad_sync, True),
+    "undivided_heads": ("tpcompile.rewrite.collectives.localize_shape", _undivided_heads, True),
+    "bias_before_reduce": ("tpcompile.rewrite.codegen._Builder._linear", _bias_before_reduce, True),
+    "all_reduce_off_rank0": ("tpcompile.rewrite.collectives._all_reduce", _all_reduce_off_rank0, False),
+    "grad_twice_on_one_rank": ("tpcompile.rewrite.collectives.sync_grads", _grad_twice_on_one_rank,
                                True),
     "swap_kv_groups": ("tpcompile.api.distribute_parameters", _swap_kv_groups, False),
-    "norm_grad_scrambled": ("tpcompile.collectives.sync_grads", _norm_grad_scrambled, True),
+    "norm_grad_scrambled": ("tpcompile.rewrite.collectives.sync_grads", _norm_grad_scrambled, True),
 }
 
 

@@ -264,7 +264,7 @@ def test_every_fault_target_exists():
     for fault in FAULTS:
         with planted(fault):
             pass
-    FAULTS["renamed"] = ("tpcompile.collectives.no_such_function", lambda real: real, True)
+    FAULTS["renamed"] = ("tpcompile.rewrite.collectives.no_such_function", lambda real: real, True)
     try:
         with pytest.raises(AttributeError):
             planted("renamed")

@@ -8,10 +8,10 @@ import html
 
 import networkx as nx
 
+from ..analysis.layers import is_block, layer_of
+from ..analysis.layout import R, info
+from ..planning.build import Compiled, Unit
 from .explain import Explanation, unit_collectives
-from .analyze import is_block, layer_of
-from .ops import R, info
-from .plan import Compiled, Unit
 
 COLORS = {"R": "#e0e0e0", "E": "#fff2a8", "S": "#a8d0ff", "Q": "#b5f0b5", "C": "#ff9f8f"}
 LEGEND = ("R replicated", "E replicated, gradient summed over tp", "S sharded (tensor parallel)",
@@ -76,7 +76,7 @@ def block_graph(c: Compiled, path: str | None = None) -> tuple[Unit, nx.DiGraph]
     units = [u for u in c.units if path in (u.plan.path, *u.members)] if path else \
         [u for u in c.units if u.plan.path] or c.units
     if not units:
-        from .errors import TPCompileError
+        from ..errors import TPCompileError
         raise TPCompileError(f"no traced block is named {path!r}; blocks: "
                              f"{', '.join(u.plan.path or '<root>' for u in c.units)}")
     u = units[0]

@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
-from . import collectives as C
-from . import ops
-from .analyze import is_block, layer_of
-from .ops import R, info
-from .plan import PLACEMENTS, Compiled, Unit, placement
-from .rewrite import Site, rewrite
+from ..analysis import ops
+from ..analysis.layers import is_block, layer_of
+from ..analysis.layout import R, info
+from ..planning.build import Compiled, Unit
+from ..planning.value import PLACEMENTS, placement
+from ..rewrite import collectives as C
+from ..rewrite.codegen import Site, rewrite
 
 Kind = Literal["all_reduce", "all_gather", "reduce_scatter"]
 
@@ -253,9 +254,8 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
             tracer: str = "auto") -> tuple[Explanation, Compiled]:
     """Plan ``model`` (meta device is fine) at ``tp`` and say what the rewrite would do for
     inputs of ``batch`` x ``seq`` (or ``example_inputs``)."""
-    from .api import load_plan
-    from .plan import compile_model
-    from .plan import synthesize_inputs
+    from ..api import load_plan
+    from ..planning.build import compile_model, synthesize_inputs
     for what, value in (("dp", dp), ("batch", batch), ("seq", seq)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{what} must be a positive integer, got {value!r}")
@@ -268,7 +268,7 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
     other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
     sp_c, no_c = (c, other) if sequence_parallel else (other, c)
     if sequence_parallel and seq % tp and any(u.q_nodes for u in c.units):
-        from .errors import RuntimeShapeError
+        from ..errors import RuntimeShapeError
         raise RuntimeShapeError(
             f"seq = {seq} is not divisible by tp = {tp}: under sequence parallelism each rank "
             f"holds seq / tp positions, so the run would be refused. Pick a multiple of {tp}, "

@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .analyze import NORM_OPS, Contract, Propagation, is_block, layer_of
-from .ops import E, Q, R, info, tensor_inputs
+from .layers import NORM_OPS, Contract, Propagation, is_block, layer_of
+from .layout import E, Q, R, info, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -164,7 +164,7 @@ def block_contract(t_inputs: list[fx.Node], outputs: list, prop: Propagation,
 def norm_layers(gm: fx.GraphModule, chosen: set[fx.Node], modules: set[str]) -> list[str]:
     """Names of the norm layers that run sequence-parallel: ATen norms by their weight,
     hand-written norms (mean over the features) by the module they were written in."""
-    from .analyze import where
+    from .layers import where
     out: list[str] = []
     for n in gm.graph.nodes:
         if n not in chosen or not _norm_like(n):

@@ -1,144 +1,30 @@
-"""Stage 3: the Plan, a pydantic value that says everything the rewrite will do.
-
-``compile_model`` runs trace -> analyze for the root module and, recursively, once per
-distinct block signature; it returns the Plan plus the traced graphs the rewrite needs.
-Nothing here touches the user's model or needs a process group.
-"""
+"""Planning: trace -> analyze for the root module and, once per distinct block
+signature, each block; the result is the Plan plus the traced graphs the rewrite needs.
+Nothing here touches the user's model or needs a process group."""
 
 from __future__ import annotations
 
 import inspect
 import time
 from collections import Counter
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
-from torch.distributed.tensor import Shard
 
-from . import analyze as A
-from . import frontend as FE
-from . import ops
-from . import sequence as SQ
-from .analyze import Contract, Propagation
-from .errors import IndivisibleError
-from .frontend import BlockShapes, Traced, TracerName
-
-Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
-
-# (layer style, parameter name) -> the parameter's placement on the tp mesh; others Replicate
-PLACEMENTS: dict[tuple[str | None, str], Shard] = {
-    ("colwise", "weight"): Shard(0), ("colwise", "bias"): Shard(0),
-    ("rowwise", "weight"): Shard(1), ("vocab_parallel", "weight"): Shard(0),
-}
-
-
-def placement(kind: str, style: str | None, pname: str, parts: int | None = None) -> Any:
-    """A layer parameter's placement on the tp mesh (None: replicated). ``kind``
-    "conv1d" (GPT-2's Conv1D) stores its weight as (in, out), the transpose of a Linear's;
-    ``parts``: a fused projection, each rank holding its slice of every part."""
-    pl = PLACEMENTS.get((style, pname))
-    if pl is None:
-        return None
-    dim = pl.dim
-    if kind == "conv1d" and pname == "weight":
-        dim = 1 - dim
-    if parts and style == "colwise":
-        from torch.distributed.tensor.placement_types import _StridedShard
-        return _StridedShard(dim, split_factor=parts)
-    return Shard(dim)
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SegmentPlan(_Model):
-    kind: Literal["mlp", "gated_mlp", "attention", "head", "generic"]
-    colwise: list[str]
-    rowwise: list[str] = []
-
-
-class NotePlan(_Model):
-    layer: str
-    reason: str
-
-
-class ModulePlan(_Model):
-    """The plan of one traced module: the root (``path=""``) or a group of identical
-    blocks (``path="layers.*"``). Layer names in ``styles`` are relative to the module."""
-
-    path: str
-    members: list[str]
-    module_type: str
-    styles: dict[str, Style] = {}
-    segments: list[SegmentPlan] = []
-    inputs: list[Literal["R", "Q"]] = []
-    output: Literal["R", "Q"] = "R"
-    notes: list[NotePlan] = []
-    # fused colwise projections (nanoGPT's c_attn: q, k, v) -> number of parts; each rank
-    # holds its slice of every part. Found by the analysis, not read from a plan file.
-    packed: dict[str, int] = {}
-
-
-class Plan(_Model):
-    version: Literal[1] = 1
-    tracer: TracerName = "export"  # the front end that traced the model
-    tp: int = Field(ge=1)
-    sequence_parallel: bool = True
-    mesh_dim_names: tuple[str, ...] = ("tp",)
-    modules: list[ModulePlan]
-
-    def layer_styles(self) -> dict[str, Style]:
-        """Absolute layer name -> style, every block expanded."""
-        out: dict[str, Style] = {}
-        for m in self.modules:
-            for member in m.members:
-                for rel, style in m.styles.items():
-                    out[f"{member}.{rel}" if member else rel] = style
-        return dict(sorted(out.items()))
-
-    def module_for(self, path: str) -> ModulePlan | None:
-        return next((m for m in self.modules if path in m.members), None)
-
-    def notes(self) -> list[NotePlan]:
-        return [n for m in self.modules for n in m.notes]
-
-    # -- files and interop (tpcompile/plan_io.py, tpcompile/interop.py)
-    def to_yaml(self) -> str:
-        from .plan_io import to_yaml
-        return to_yaml(self)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> "Plan":
-        from .plan_io import from_yaml
-        return from_yaml(text)
-
-    def save(self, path: Any) -> Any:
-        from .plan_io import save
-        return save(self, path)
-
-    @classmethod
-    def load(cls, path: Any) -> "Plan":
-        from .plan_io import load
-        return load(path)
-
-    def to_parallelize_plan(self) -> dict[str, Any]:
-        from .interop import to_parallelize_plan
-        return to_parallelize_plan(self)
-
-    def to_hf_tp_plan(self) -> dict[str, str]:
-        from .interop import to_hf_tp_plan
-        return to_hf_tp_plan(self)
-
-    @classmethod
-    def from_hf_tp_plan(cls, tp_plan: dict[str, str]) -> "Plan":
-        from .interop import from_hf_tp_plan
-        return from_hf_tp_plan(tp_plan)
+from .. import analysis as A
+from .. import frontend as FE
+from ..analysis import Contract, Propagation, ops
+from ..analysis import sequence as SQ
+from ..analysis.layout import Unsafe
+from ..debug import dump
+from ..errors import IndivisibleError, PlanError, TraceError, UnsupportedError, warn
+from ..frontend import BlockShapes, Traced, TracerName
+from ..frontend.fake import cast_floats
+from .bind import bind, check_graph, check_written_for
+from .value import ModulePlan, NotePlan, Plan, SegmentPlan, Style
 
 
 @dataclass
@@ -196,12 +82,10 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if tracer not in ("auto", "export", "fx"):
-        from .errors import UnsupportedError
         raise UnsupportedError(f"tracer {tracer!r} does not exist; use tracer='auto' (export, "
                                "then fx), 'export' or 'fx'")
     t0 = time.perf_counter()
     if given is not None and not bound:
-        from .plan_bind import bind, check_written_for
         check_written_for(given, model, tp)
         given = bind(given, model)
     sk = skeleton if skeleton is not None else FE.skeleton(model)
@@ -233,7 +117,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
             sig = FE.block_signature(block)
             sigs[rel] = sig
             if input_dtype is not None:  # FSDP2 casts each block's floating inputs
-                ba, bk = _cast_floats((ba, bk), input_dtype)
+                ba, bk = cast_floats((ba, bk), input_dtype)
             if sig not in units:
                 unit = process(block, _join(path, rel), ba, bk, False)
                 assert unit.shapes is not None
@@ -286,20 +170,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                     time.perf_counter() - t0, [k for k in keys if units[k].members])
 
 
-def dump(name: str, text: str) -> None:
-    """``TPCOMPILE_DUMP=DIR``: write each stage's graph there (readable text)."""
-    import os
-    folder = os.environ.get("TPCOMPILE_DUMP")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, name.replace("/", "_")), "w") as f:
-            f.write(text)
 
 
-def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
-    import torch.utils._pytree as pytree
-    return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and
-                           x.is_floating_point() else x, tree)
 
 
 def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
@@ -312,7 +184,6 @@ def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
     first = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.Linear,
                                                                nn.LayerNorm, nn.RMSNorm))), None)
     if len(required) != 1 or first is None:
-        from .errors import TraceError
         raise TraceError(f"cannot guess example inputs for {type(model).__name__}.forward"
                          f"{inspect.signature(model.forward)}; pass example_inputs=(...) "
                          "(and/or example_kwargs={...}) to tpcompile")
@@ -334,13 +205,12 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         mp = given.module_for(path)
         styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
         segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
-        from .plan_bind import check_graph
         check_graph(gm, styles, path)
         heads = A.head_layers(gm, styles, segments, 1, contracts)
         try:
             prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads)
-        except A.Unsafe as u:
-            raise A.PlanError(
+        except Unsafe as u:
+            raise PlanError(
                 f"the given plan does not fit {path or 'the root'}: {u.reason}. It would compute "
                 "wrong numbers: make every Linear that feeds the segment colwise and every "
                 "Linear it feeds rowwise, or replicate them (`python -m tpcompile plan` writes "
@@ -370,7 +240,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
                                                       prefix, contracts, heads)
         for n in more:
-            warnings.warn(f"tpcompile: {prefix}{n.layer} {n.reason}", stacklevel=4)
+            warn(f"tpcompile: {prefix}{n.layer} {n.reason}")
         notes += more
         prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
     SQ.apply_block_needs(gm, prop, contracts)
@@ -404,7 +274,7 @@ def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible:
         if n.indivisible is not None and on_indivisible == "error":
             what, size = n.indivisible
             raise IndivisibleError(prefix + n.layer, what, size, tp)
-        warnings.warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}", stacklevel=5)
+        warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
 
 
 def plan(model: nn.Module, *, tp: int, sequence_parallel: bool = True,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import PlanError
-from .plan import ModulePlan, Plan, SegmentPlan
+from ..errors import PlanError
+from .files import flat_plan
+from .value import ModulePlan, Plan, SegmentPlan
 
 # HF tp_plan string -> tpcompile style; the first HF name listed per style is the one written
 _FROM_HF = {
@@ -55,7 +56,6 @@ def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
 def from_hf_tp_plan(tp_plan: dict[str, str]) -> Plan:
     """A flat plan from a Hugging Face ``tp_plan``; names and globs are kept as given and
     checked against the model when the plan is applied."""
-    from .plan_io import flat_plan
     bad = {k: v for k, v in tp_plan.items() if v not in _FROM_HF}
     if bad:
         k, v = next(iter(bad.items()))
@@ -74,8 +74,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     sequence-sharded inputs (``Shard(1)``, gathered inside the style) and rowwise layers and
     the embedding give sequence-sharded outputs (reduce-scattered)."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   SequenceParallel)
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
     _check_sp_entry(plan)
     out: dict[str, Any] = {}
     for mp in plan.modules:

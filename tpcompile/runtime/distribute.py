@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .errors import TPCompileError
+from ..errors import TPCompileError
 
 InitFn = Callable[[nn.Module], None]
 

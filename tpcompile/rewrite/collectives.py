@@ -21,10 +21,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from .errors import RuntimeShapeError
+from ..errors import RuntimeShapeError
 
 
 @lru_cache(maxsize=None)
@@ -248,7 +247,8 @@ def call_block(module: torch.nn.Module, key: int, tensors: list[torch.Tensor]) -
     """Call a block as its parent's code did (same args and kwargs, rebuilt from the
     traced call's structure), and return its tensor outputs in flat order."""
     import torch.utils._pytree as pytree
-    from .frontend import TENSOR
+
+    from ..frontend.blocks import TENSOR
     call = CONSTANTS[key]
     it = iter(tensors)
     leaves = [next(it) if leaf is TENSOR else leaf for leaf in call.in_leaves]

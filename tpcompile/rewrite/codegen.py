@@ -2,9 +2,9 @@
 
 The new graph computes on plain local tensors. It reads each parameter through the
 live module (``self.self_attn.q_proj.weight``), takes its local shard (``p.to_local()``),
-and calls the conversions of :mod:`tpcompile.collectives` where a producer's layout
+and calls the conversions of :mod:`tpcompile.rewrite.collectives` where a producer's layout
 differs from what its consumer needs. The program is a function of the traced module's
-flattened inputs; :mod:`tpcompile.runtime` binds it as the ``forward`` of the original
+flattened inputs; :mod:`tpcompile.runtime.program` binds it as the ``forward`` of the original
 module objects, so parameter names, ``state_dict`` keys and module hooks (FSDP2's
 included) stay exactly the user's.
 """
@@ -19,13 +19,14 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from ..analysis import ops
+from ..analysis.layers import Contract, Propagation, is_block, layer_of, where
+from ..analysis.layout import Layout, R, info
+from ..errors import PlanError
+from ..frontend.blocks import TensorInfo
+from ..frontend.export import Traced
+from ..planning.value import placement
 from . import collectives as C
-from . import ops
-from .analyze import Contract, Propagation, is_block, layer_of, where
-from .errors import PlanError
-from .frontend import Traced, TensorInfo
-from .ops import Layout, R, info
-from .plan import placement
 
 aten = torch.ops.aten
 

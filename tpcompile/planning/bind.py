@@ -10,7 +10,7 @@ names relative to it. ``bind`` does that translation and refuses, with the reaso
 * two identical blocks given different styles (they share one compiled program).
 
 Whether the styles give correct numbers is checked afterwards on the graph
-(:func:`check_graph` here, and the layout propagation of :mod:`tpcompile.analyze`).
+(:func:`check_graph` here, and the layout propagation of :mod:`tpcompile.analysis`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
-from .analyze import layer_of
-from .errors import PlanError
-from .plan import ModulePlan, Plan, SegmentPlan
-from .frontend import block_signature, find_blocks
+from ..analysis.layers import layer_of
+from ..errors import PlanError
+from ..frontend.blocks import block_signature, find_blocks
+from .files import is_flat
+from .value import ModulePlan, Plan, SegmentPlan
 
 SHARDING = ("colwise", "rowwise", "vocab_parallel")
 
@@ -32,7 +33,6 @@ SHARDING = ("colwise", "rowwise", "vocab_parallel")
 def check_written_for(plan: Plan, model: nn.Module, tp: int) -> None:
     """A full-schema plan was detected for one model type at one tp: refuse it elsewhere.
     (A flat ``{layer: style}`` plan carries neither; the mesh and the names decide.)"""
-    from .plan_io import is_flat
     if is_flat(plan):
         return
     root = plan.module_for("")

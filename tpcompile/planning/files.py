@@ -12,7 +12,7 @@ A plan file is either
       output: colwise
 
 A flat mapping carries no tp: the mesh decides. Both forms are checked against the model
-(:func:`tpcompile.plan_bind.bind`) when applied, and against the graph by the analysis.
+(:func:`tpcompile.planning.bind.bind`) when applied, and against the graph by the analysis.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, get_args
 import yaml
 from pydantic import ValidationError
 
-from .errors import PlanError
-from .plan import ModulePlan, Plan, Style
+from ..errors import PlanError
+from .value import ModulePlan, Plan, Style
 
 STYLES: tuple[str, ...] = get_args(Style)
 FLAT_TYPE = "(flat)"  # module_type of the single entry a flat mapping loads into

@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .errors import TPCompileError
+from ..errors import TPCompileError
 
 
 class InputMismatchError(TPCompileError):

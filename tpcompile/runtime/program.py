@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .errors import RuntimeShapeError
-from .frontend import canonical_call
+from ..errors import RuntimeShapeError
+from ..frontend.blocks import canonical_call
 
 
 @dataclass

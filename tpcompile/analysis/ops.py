@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
-from .layout import E, Q, R, S, Layout, Unsafe, arg, info, norm_dim, tensor_inputs  # noqa: F401
+from .layout import E, Layout, Q, R, S, Unsafe, arg, info, norm_dim, tensor_inputs
 
 aten = torch.ops.aten
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .frontend import TensorInfo
+from ..frontend.blocks import TensorInfo
 
 
 @dataclass(frozen=True)

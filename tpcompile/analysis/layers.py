@@ -1,0 +1,199 @@
+"""Layers in a traced graph: which nodes compute which Linear, Embedding or norm, and
+the small values the analysis passes around (contracts, segments, notes)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..frontend import BLOCK_OP, Traced
+from .ops import Layout, info
+
+aten = torch.ops.aten
+Style = Literal["colwise", "rowwise", "vocab_parallel", "sequence_parallel", "replicate"]
+NORM_OPS = (aten.layer_norm.default, aten.rms_norm.default)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer the rewrite can shard: an ATen linear / embedding / norm whose weight is a
+    parameter of the traced module. ``name`` is the module path (weight FQN less
+    ``.weight``), relative to the traced module."""
+
+    kind: Literal["linear", "conv1d", "embedding", "norm"]
+    name: str
+    weight: fx.Node
+    bias: fx.Node | None
+    shape: tuple[int, ...]
+    options: tuple = ()  # embedding: (padding_idx, scale_grad_by_freq, sparse)
+
+
+def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
+    """Find the layers of a traced graph (``node.meta['tpc_layer']``). A weight tied
+    between an embedding and a Linear head (export keeps one placeholder, named after
+    the first) gives two layers, each named after the module that calls it; a weight
+    used by two Linears makes neither a layer: they stay replicated."""
+    found: dict[fx.Node, Layer] = {}
+    uses: dict[fx.Node, int] = defaultdict(int)
+    for n in t.gm.graph.nodes:
+        n.meta.pop("tpc_layer", None)
+        n.meta.pop("tpc_shared", None)
+        if n.op != "call_function":
+            continue
+        if n.target is aten.linear.default:
+            w, b = n.args[1], (n.args[2] if len(n.args) > 2 else None)
+            kind = "linear"
+        elif n.target is aten.addmm.default and len(n.args) == 3 and not n.kwargs:
+            w, b, kind = n.args[2], n.args[0], "conv1d"  # GPT-2's Conv1D: bias + x @ W
+        elif n.target is aten.embedding.default:
+            w, b, kind = n.args[0], None, "embedding"
+        elif n.target in NORM_OPS:
+            w = n.args[2] if len(n.args) > 2 else None
+            b = n.args[3] if n.target is aten.layer_norm.default and len(n.args) > 3 else None
+            kind = "norm"
+        else:
+            continue
+        fqn = t.params.get(w)  # type: ignore[arg-type]
+        if fqn is None or not fqn.endswith("weight"):
+            continue
+        layer = fqn[:-len(".weight")] if fqn.endswith(".weight") else ""
+        caller = _caller(n) if module is not None else layer
+        if caller and caller != layer:
+            if not _holds(module, caller, "weight", module.get_parameter(fqn)):  # type: ignore[union-attr]
+                continue  # another module's weight read directly (F.linear(h, emb.weight))
+            layer = caller  # the tied twin: named after the module that calls it
+        if not layer or b is not None and not (t.params.get(b) == f"{layer}.bias" or _holds(
+                module, layer, "bias", module.get_parameter(t.params.get(b, "")))):  # type: ignore[union-attr, arg-type]
+            continue
+        uses[w] += 1
+        opts = ()
+        if kind == "embedding":
+            opts = (n.args[2] if len(n.args) > 2 else -1, n.args[3] if len(n.args) > 3 else False,
+                    n.args[4] if len(n.args) > 4 else False)
+        found[n] = Layer(kind, layer, w, b, tuple(info(w).shape), opts)  # type: ignore[arg-type, union-attr]
+    out: dict[str, Layer] = {}
+    for n, layer in found.items():
+        twins = [l for l in found.values() if l.weight is layer.weight]
+        kinds = sorted(l.kind for l in twins)
+        if len(kinds) > 1 and kinds != ["embedding", "linear"] and layer.kind != "norm":
+            # one weight, two layers of the same kind: replicated, and said so
+            n.meta["tpc_shared"] = (layer.name, t.params[layer.weight],
+                                    sorted({l.name for l in twins} - {layer.name}))
+            continue
+        n.meta["tpc_layer"] = layer
+        out.setdefault(layer.name, layer)
+    return out
+
+
+def _caller(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return _clean_path(list(stack.values())[-1][0]) if stack else ""
+
+
+def _holds(module: nn.Module | None, path: str, name: str, p: Any) -> bool:
+    if module is None:
+        return False
+    try:
+        return module.get_submodule(path)._parameters.get(name) is p
+    except AttributeError:
+        return False
+
+
+def tied_pairs(gm: fx.GraphModule) -> list[tuple[Layer, Layer]]:
+    """(embedding, linear) layers that share one weight."""
+    layers = [l for n in gm.graph.nodes if (l := layer_of(n)) is not None]
+    return [(e, h) for e in layers if e.kind == "embedding"
+            for h in layers if h.kind in ("linear", "conv1d") and h.weight is e.weight]
+
+
+def layer_of(node: fx.Node) -> Layer | None:
+    return node.meta.get("tpc_layer")
+
+
+def is_block(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is BLOCK_OP
+
+
+@dataclass
+class Contract:
+    """Layouts at a traced block's boundary: one per tensor input (in the order of the
+    flattened ``(args, kwargs)``) and one per tensor output."""
+
+    inputs: list[Layout]
+    outputs: list[Layout]
+
+
+@dataclass
+class Propagation:
+    layouts: dict[fx.Node, Layout]
+    need: dict[fx.Node, dict[fx.Node, Layout]]  # consumer -> producer -> layout it needs
+    found_rowwise: set[str] = field(default_factory=set)
+    gathered_outputs: list[fx.Node] = field(default_factory=list)
+    heads: set[str] = field(default_factory=set)  # colwise heads gathered right at the layer
+    packed: dict[str, int] = field(default_factory=dict)  # fused colwise layer -> parts
+
+
+@dataclass
+class Segment:
+    kind: str
+    colwise: list[str]
+    rowwise: list[str]
+    nodes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Note:
+    layer: str
+    reason: str
+    indivisible: tuple[str, int] | None = None  # the structure is fine, a size is not
+    no_rule: str | None = None  # the op without a rule that stopped the segment
+
+
+def where(node: fx.Node) -> str:
+    """The module path a node came from, for messages."""
+    layer = layer_of(node)
+    if layer is not None:
+        return layer.name
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(path) or node.name
+    return node.name
+
+
+def _clean_path(path: str) -> str:
+    """nn_module_stack paths of non-strict export look like ``L['self'].layers[0].mlp``
+    or ``layers.0.mlp``: make them dotted."""
+    import re
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = path.strip(".")
+    return "" if path == "inner" else path.removeprefix("inner.")  # frontend._Flat
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line of a node, for messages (``file:line``), or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+    lines = [ln for ln in lines if "/torch/" not in ln and "/tpcompile/" not in ln]
+    if not lines:
+        return ""
+    import re
+    m = re.match(r'File "([^"]+)", line (\d+)', lines[-1])
+    return f"{m.group(1)}:{m.group(2)}" if m else ""
+
+
+def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n)
+        for p in n.all_input_nodes:
+            g.add_edge(p, n)
+    return g

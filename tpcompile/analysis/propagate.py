@@ -1,0 +1,118 @@
+"""Shard propagation: given the styles of the Linears, the layout of every value in the
+graph, op by op through the op table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from . import ops
+from .layers import Contract, Layer, Propagation, is_block, layer_of, source_line, where
+from .ops import E, Layout, R, S, Unsafe, info, tensor_inputs
+
+# ------------------------------------------------------------------- tensor parallel
+
+def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
+              auto_rowwise: bool = False, contracts: dict[fx.Node, Contract] | None = None,
+              heads: set[str] = frozenset()  # type: ignore[assignment]
+              ) -> Propagation:
+    """Layouts of every node for the given layer styles; raises ``Unsafe``. ``heads``:
+    colwise layers whose output is gathered at once (a head whose logits also feed a loss
+    computed inside the model)."""
+    contracts = contracts or {}
+    res = Propagation({}, defaultdict(dict), heads=set(heads))
+    lay = res.layouts
+    ctx = ops.Ctx(tp, lay, packed=res.packed)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            lay[node] = R
+            continue
+        ins = tensor_inputs(node)
+        if node.op == "output":
+            for p in ins:
+                if lay[p].sharded:
+                    res.need[node][p] = R
+                    res.gathered_outputs.append(p)
+            continue
+        layer = layer_of(node)
+        if layer is not None and layer.kind in ("linear", "conv1d"):
+            lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
+            if styles.get(layer.name) == "colwise":
+                ctx.colwise[node] = layer.name
+            if layer.name in res.heads:
+                lay[node] = R  # gathered inside the rewritten layer
+                res.gathered_outputs.append(node)
+            continue
+        if layer is not None and layer.kind == "embedding" and \
+                styles.get(layer.name) == "vocab_parallel":
+            _divisible(layer.name, "num_embeddings", layer.shape[0], tp)
+            lay[node] = R  # partial sums, reduced inside the rewritten embedding
+            continue
+        if not any(lay[p].sharded for p in ins) or ops.is_meta_op(node):
+            lay[node] = R
+            continue
+        if is_block(node):
+            raise Unsafe(f"a sharded tensor enters block {node.args[0]}")
+        if "tpc_shared" in node.meta:
+            name, weight, others = node.meta["tpc_shared"]
+            raise Unsafe(f"{name} shares its weight {weight} with {', '.join(others)}: one "
+                         "weight cannot be sharded for two layers, so they stay replicated "
+                         "(give each layer its own weight to shard them)")
+        rule = ops.rule_for(node)
+        if rule is None:
+            line = source_line(node)
+            raise Unsafe(f"{where(node)}: `{_describe(node)}` has no rule in the op table, so "
+                         "a sharded tensor cannot pass through it" + (f" (at {line})" if line else ""),
+                         no_rule=_describe(node))
+        try:
+            lay[node] = rule(node, ctx)
+        except Unsafe as u:
+            at = where(node)  # the module it came from; a rule's reason may name the op already
+            if not u.reason.startswith(f"{at}: "):
+                u.reason = f"{at}: {u.reason}"
+            raise
+        # A replicated operand of a sharded op gets a partial gradient on each rank (each
+        # computes only its slice of the output): it enters as E, summed over tp in backward.
+        for p in ins:
+            res.need[node][p] = lay[p] if lay[p].sharded else E
+    return res
+
+
+def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propagation,
+            auto_rowwise: bool) -> Layout:
+    x = node.args[1] if layer.kind == "conv1d" else node.args[0]
+    lx, tx = res.layouts[x], info(x)
+    last = tx.rank - 1  # type: ignore[union-attr]
+    out_features, in_features = layer.shape[::-1] if layer.kind == "conv1d" else layer.shape
+    if style == "colwise":
+        if lx.sharded:
+            raise Unsafe(f"{layer.name}: colwise layer fed by a tensor sharded on dim {lx.dim}")
+        _divisible(layer.name, "out_features", out_features, tp)
+        res.need[node][x] = E
+        return S(last)
+    if style == "rowwise" or (style is None and auto_rowwise and lx.sharded and lx.dim == last):
+        if not (lx.sharded and lx.dim == last):
+            raise Unsafe(f"{layer.name}: rowwise layer fed by a tensor that is not sharded "
+                         "on its features (its input would have to be split first)")
+        _divisible(layer.name, "in_features", in_features, tp)
+        res.need[node][x] = lx
+        if style is None:
+            res.found_rowwise.add(layer.name)
+        return R
+    if lx.sharded:
+        raise Unsafe(f"{layer.name}: replicated layer fed by a tensor sharded on dim {lx.dim}")
+    return R
+
+
+def _divisible(layer: str, what: str, size: int, tp: int) -> None:
+    if size % tp:
+        raise Unsafe(f"{layer}: {what} = {size} not divisible by tp = {tp}",
+                     indivisible=(what, size))
+
+
+def _describe(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else str(t) if isinstance(t, torch._ops.OpOverload) \
+        else getattr(t, "__name__", str(t))

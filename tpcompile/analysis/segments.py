@@ -1,0 +1,214 @@
+"""Segment detection: Linear -> shard-preserving ops -> Linear regions found from
+dataflow alone, checked for divisibility, with a reason for every layer left replicated."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..errors import IndivisibleError, PlanError
+from . import ops
+from .layers import Contract, Note, Propagation, Segment, dataflow_graph, layer_of
+from .ops import Unsafe
+from .propagate import propagate
+
+aten = torch.ops.aten
+
+
+def _linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if (l := layer_of(n)) is not None
+            and l.kind in ("linear", "conv1d")]
+
+
+def _backtrace(g: nx.DiGraph, start: fx.Node, free: set[str]) -> set[str]:
+    """Unassigned Linears that feed ``start`` through shard-preserving ops."""
+    found, seen, todo = set(), {start}, [start]
+    while todo:
+        n = todo.pop()
+        layer = layer_of(n)
+        if layer is not None and layer.kind in ("linear", "conv1d"):
+            if layer.name in free:
+                found.add(layer.name)
+            continue
+        if n is not start and not ops.is_passable(n):
+            continue
+        for p in g.predecessors(n):
+            if p not in seen and p.meta.get("tpc") is not None:
+                seen.add(p)
+                todo.append(p)
+    return found
+
+
+def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | None = None
+                    ) -> tuple[dict[str, str], list[Segment], list[Note]]:
+    """Styles for every Linear that belongs to a safe segment (structure only: tp=1)."""
+    g = dataflow_graph(gm)
+    styles: dict[str, str] = {}
+    segments: list[Segment] = []
+    notes: list[Note] = []
+    linears = _linear_nodes(gm)
+    names = [layer_of(n).name for n in linears]  # type: ignore[union-attr]
+    heads: set[str] = set()
+    order = {nm: i for i, nm in enumerate(names)}  # styles in graph order
+    for lin in names:
+        if lin in styles:
+            continue
+        entries = {lin}
+        reason, indivisible, no_rule = "", None, None
+        for _ in range(len(linears) + 1):
+            trial = dict(styles, **{e: "colwise" for e in entries})
+            try:
+                res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts, heads=heads)
+            except Unsafe as u:
+                free = set(names) - set(styles) - entries
+                new = _backtrace(g, u.demand[0], free) if u.demand else set()
+                if new:
+                    entries |= new
+                    continue
+                reason, indivisible, no_rule = u.reason, u.indivisible, u.no_rule
+                if entries == {lin} and u.indivisible is None and _is_head(g, gm, lin):
+                    try:  # the logits also feed a loss inside the model: gather at the head
+                        res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts,
+                                        heads=heads | {lin})
+                    except Unsafe:
+                        break
+                    heads.add(lin)
+                    styles[lin] = "colwise"
+                    segments.append(_segment(gm, g, res, entries, order))
+                break
+            if res.found_rowwise and res.gathered_outputs:
+                reason = "its output leaves the block both through a Linear and directly"
+            elif not res.found_rowwise and not res.gathered_outputs:
+                reason = "no Linear or output consumes it"
+            else:
+                styles.update({e: "colwise" for e in sorted(entries, key=order.get)})
+                styles.update({r: "rowwise" for r in sorted(res.found_rowwise, key=order.get)})
+                segments.append(_segment(gm, g, res, entries, order))
+            break
+        if reason and lin not in styles:
+            notes.append(Note(lin, f"replicated: {reason}", indivisible, no_rule))
+    return styles, segments, notes
+
+
+def _is_head(g: nx.DiGraph, gm: fx.GraphModule, name: str) -> bool:
+    """A Linear whose output reaches the graph's output and feeds no other layer."""
+    node = next(n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.name == name)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    below = nx.descendants(g, node)
+    return out in below and not any(layer_of(n) is not None and layer_of(n).kind != "norm"  # type: ignore[union-attr]
+                                    for n in below)
+
+
+def head_layers(gm: fx.GraphModule, styles: dict[str, str], segments: list[Segment], tp: int,
+                contracts: dict[fx.Node, Contract] | None = None) -> set[str]:
+    """The heads of a plan that must be gathered at the layer: those whose sharded
+    logits cannot reach the output (a loss inside the model reads them)."""
+    try:
+        propagate(gm, styles, tp, contracts=contracts)
+        return set()
+    except Unsafe:
+        return {c for s in segments if s.kind == "head" for c in s.colwise}
+
+
+def _segment(gm: fx.GraphModule, g: nx.DiGraph, res: Propagation, entries: set[str],
+             order: dict[str, int]) -> Segment:
+    """The segment grown from ``entries``: the sharded nodes downstream of them (earlier
+    segments are sharded in ``res`` too, so reachability separates this one)."""
+    starts = [n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.name in entries]
+    reach = set(starts).union(*(nx.descendants(g, s) for s in starts))
+    nodes = [n for n, l in res.layouts.items() if l.sharded and n in reach]
+    attention_ops = {aten.scaled_dot_product_attention.default, aten._softmax.default,
+                     aten.softmax.int, aten.matmul.default, aten.bmm.default}
+    attention = any(n.target in attention_ops for n in nodes)
+    if res.gathered_outputs or entries & res.heads:
+        kind = "head"
+    elif attention:
+        kind = "attention"
+    elif len(entries) >= 2:
+        kind = "gated_mlp"
+    elif len(entries) == 1 and len(res.found_rowwise) == 1:
+        kind = "mlp"
+    else:
+        kind = "generic"
+    return Segment(kind, sorted(entries, key=order.get), sorted(res.found_rowwise, key=order.get),
+                   [n.name for n in nodes])
+
+
+def embedding_styles(gm: fx.GraphModule) -> dict[str, str]:
+    """Every embedding becomes vocab-parallel, except those whose gradient semantics a
+    split would change (``scale_grad_by_freq``, ``sparse``)."""
+    out = {}
+    for n in gm.graph.nodes:
+        layer = layer_of(n)
+        if layer is not None and layer.kind == "embedding":
+            _, scale_grad_by_freq, sparse = layer.options
+            if not scale_grad_by_freq and not sparse:
+                out[layer.name] = "vocab_parallel"
+    return out
+
+
+def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: list[Segment],
+                       tp: int, on_indivisible: str, prefix: str,
+                       contracts: dict[fx.Node, Contract] | None = None,
+                       heads: set[str] = frozenset()  # type: ignore[assignment]
+                       ) -> tuple[dict[str, str], list[Segment], list[Note]]:
+    """Re-propagate at the real tp; a segment with an indivisible dim raises or (with
+    ``on_indivisible='replicate'``) is dropped, with a note."""
+    notes: list[Note] = []
+    styles, segments = dict(styles), list(segments)
+    while True:
+        try:
+            propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
+            return styles, segments, notes
+        except Unsafe as u:
+            if u.indivisible is None:
+                raise PlanError(f"{prefix}{u.reason}") from None
+            layer = u.reason.split(":")[0]
+            what, size = u.indivisible
+            if on_indivisible != "replicate":
+                raise IndivisibleError(prefix + layer, what, size, tp) from None
+            reason = f"{what} = {size} not divisible by tp = {tp}"
+            if layer not in styles and not any(_owns(s, layer) for s in segments):
+                # named after an op, not a layer (an fx-traced forward): the segment that
+                # feeds the op goes, so every round removes something
+                seg = _segment_reaching(gm, segments, layer)
+                if seg is None:
+                    raise IndivisibleError(prefix + layer, what, size, tp) from None
+                layer, reason = seg.colwise[0], f"{reason} (at {layer})"
+            notes.append(replicate_layer(styles, segments, layer, reason))
+
+
+def _segment_reaching(gm: fx.GraphModule, segments: list[Segment], name: str) -> Segment | None:
+    """The first segment one of whose colwise layers feeds the node called ``name``."""
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None:
+        return None
+    above, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for p in n.all_input_nodes:
+            if p not in above:
+                above.add(p)
+                todo.append(p)
+    feeding = {layer.name for n in above if (layer := layer_of(n)) is not None}
+    return next((s for s in segments if feeding & set(s.colwise)), None)
+
+
+def replicate_layer(styles: dict[str, str], segments: list[Segment], layer: str,
+                    reason: str) -> Note:
+    """Keep ``layer`` replicated, and with it the whole segment it belongs to (a segment
+    is all sharded or not at all). Updates ``styles`` and ``segments`` in place."""
+    seg = next((s for s in segments if _owns(s, layer)), None)
+    if seg is None:  # a lone layer (e.g. an embedding)
+        styles.pop(layer, None)
+        return Note(layer, f"replicated: {reason}")
+    segments.remove(seg)
+    for name in seg.colwise + seg.rowwise:
+        styles.pop(name, None)
+    return Note(", ".join(seg.colwise + seg.rowwise), f"replicated ({seg.kind}): {reason}")
+
+
+def _owns(seg: Segment, layer: str) -> bool:
+    return layer in seg.colwise or layer in seg.rowwise or any(
+        layer.startswith(c.rsplit(".", 1)[0]) for c in seg.colwise)
