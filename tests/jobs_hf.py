@@ -140,8 +140,9 @@ def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None =
         loss_of(ref64(*args, **kw)).backward()
         exact = {n: p.grad for n, p in ref64.named_parameters() if p.grad is not None}
         notes = [f"{n.layer}: {n.reason}" for n in tpcompile.plan_of(par).notes()]
+        programs = len(par.__dict__["_tpcompile_runtime"].programs)
         out.append(dict(judge(ref, par, o_ref, o_par, exact=exact), shape=(batch, seq),
-                        notes=notes))
+                        notes=notes, programs=programs))
     return out
 
 

@@ -58,9 +58,14 @@ def test_reference_style_code(pool, family, tp):
 
 
 def test_llama_other_shapes_and_without_sequence_parallel(pool):
-    """Planned at (4, 8); run at other batch sizes and lengths (7 is not divisible by
-    tp: the program without sequence parallelism)."""
-    check(pool.run(J.numerics, "llama", 2, False, None, [(4, 8), (2, 13), (3, 5)]))
+    """Planned at (4, 8); run at other batch sizes and lengths (13 and 5 are not divisible
+    by tp: the program without sequence parallelism). The first program is specialised to
+    the planned shapes; the first call at another shape makes one dynamic program, which
+    serves every shape after (torch.compile's automatic dynamic shapes)."""
+    res = pool.run(J.numerics, "llama", 2, False, None, [(4, 8), (2, 13), (3, 5), (4, 8)])
+    check(res)
+    for rank in res:
+        assert [r["programs"] for r in rank] == [1, 2, 2, 2]
 
 
 def test_llama_with_a_padding_mask(pool):

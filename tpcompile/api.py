@@ -155,10 +155,14 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     agree_on_planning(mesh, None)
 
     def replan(root: nn.Module, args: tuple, kwargs: dict) -> None:
-        """A call no program fits (another input structure, mode, or shapes outside the
-        export's ranges): trace again with the same plan and add the programs."""
+        """A call no program fits (another input structure, mode, or shapes): trace again
+        with the same plan and add the programs. Like torch.compile's automatic dynamic
+        shapes, the first programs are specialised to the example's shapes (the cheap
+        export) and every later trace keeps batch and sequence dynamic, so one more
+        program serves every size after."""
         again = compile_model(model, example_inputs=args, example_kwargs=kwargs,
-                              given=compiled.plan, bound=True, skeleton=sk, **options)  # type: ignore[arg-type]
+                              given=compiled.plan, bound=True, skeleton=sk, dynamic=True,
+                              **options)  # type: ignore[arg-type]
         if again.plan.layer_styles() != compiled.plan.layer_styles():
             raise UnsupportedError(
                 f"{type(model).__name__} computes with different layers for this call than "

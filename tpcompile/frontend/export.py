@@ -67,16 +67,19 @@ class _Flat(nn.Module):
         return out
 
 
-def _export(module: nn.Module, args: tuple, kwargs: dict) -> tuple[ExportedProgram, Any]:
-    """Export ``module(*args, **kwargs)``; every dim of every tensor input is
+def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic: bool = True
+            ) -> tuple[ExportedProgram, Any]:
+    """Export ``module(*args, **kwargs)``. ``dynamic``: every dim of every tensor input is
     ``Dim.AUTO`` (export keeps dynamic what the code allows, batch and sequence, and
-    specialises the rest, widths fixed by weights). Returns the program and the flat
-    (leaves, spec) of the call."""
+    specialises the rest, widths fixed by weights); otherwise the shapes are the example's
+    (an export 5-8 times cheaper: a Llama-7B block takes 0.1 s instead of 0.7 s). Returns
+    the program and the flat (leaves, spec) of the call."""
     import logging
     flat, spec = pytree.tree_flatten((args, kwargs))
     tensors = tuple(x for x in flat if isinstance(x, torch.Tensor))
     leaves = [TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
-    dims = tuple({i: Dim.AUTO for i in range(t.dim())} if t.dim() else None for t in tensors)
+    dims = tuple({i: Dim.AUTO for i in range(t.dim())} if t.dim() and dynamic else None
+                 for t in tensors)
     log = logging.getLogger("torch._export.non_strict_utils")
     level = log.level
     log.setLevel(logging.ERROR)  # "0/1 specialized" notes for size-1 dims are expected

@@ -31,24 +31,25 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where: str) -> Any:
+def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where: str,
+               dynamic: bool) -> Any:
     flat, spec = pytree.tree_flatten((args, kwargs))
     leaves = tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad)
                    if isinstance(x, torch.Tensor) else ("leaf", _plain(x)) for x in flat)
     modes = tuple(m.training for m in module.modules())
     devices = tuple(t.device for t in [*module.parameters(), *module.buffers()])
-    return (block_signature(module), modes, devices, repr(spec), leaves, tracer, where)
+    return (block_signature(module), modes, devices, repr(spec), leaves, tracer, where, dynamic)
 
 
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
           on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes],
-          mode: FakeTensorMode) -> Traced:
+          mode: FakeTensorMode, dynamic: bool = False) -> Traced:
     """:func:`trace_module`, remembered: a model of the same structure traced on inputs
     of the same description (shapes, dtypes, structure, mode) gives the same graph, so
     the second time only the block requests are replayed (planning the same model again
     costs milliseconds)."""
     try:
-        key = _trace_key(module, args, kwargs, tracer, where)
+        key = _trace_key(module, args, kwargs, tracer, where, dynamic)
         hash(key)
     except TypeError:
         key = None
@@ -63,7 +64,7 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
         return t
     requested: list = []
     t = trace_module(module, args, kwargs, tracer=tracer, where=where, on_block=on_block,
-                     mode=mode, requested=requested)
+                     mode=mode, requested=requested, dynamic=dynamic)
     if key is not None:
         _CACHE[key] = (t, requested)
         while len(_CACHE) > _CACHE_SIZE:
@@ -73,7 +74,8 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
 
 def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName,
                  where: str, on_block: Callable[[str, nn.Module, tuple, dict], BlockShapes],
-                 mode: FakeTensorMode, requested: list | None = None) -> Traced:
+                 mode: FakeTensorMode, requested: list | None = None,
+                 dynamic: bool = False) -> Traced:
     """Export ``module`` (part of a skeleton in :func:`fake_state`) on ``args``/``kwargs``
     (fake tensors of ``mode``) with its blocks opaque. ``on_block(member, block, args,
     kwargs)`` is called for each block signature not seen yet and returns its shapes (it
@@ -112,7 +114,7 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
             try:
                 with _hollow(module, blocks):
                     target = module if front == "export" else _fx_lowered(module, blocks)
-                    ep, (leaves, spec) = _export(target, args, kwargs)
+                    ep, (leaves, spec) = _export(target, args, kwargs, dynamic)
             except _NeedBlock as need:
                 _unpatch(blocks)
                 known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)

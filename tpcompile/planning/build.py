@@ -73,10 +73,12 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                   on_indivisible: str = "error", given: Plan | None = None,
                   tracer: TracerName = "auto", skeleton: nn.Module | None = None,
                   bound: bool = False, input_dtype: torch.dtype | None = None,
-                  packing: bool = True) -> Compiled:
+                  packing: bool = True, dynamic: bool = False) -> Compiled:
     """Trace -> analyze for the root and, once per distinct block signature, each block.
     ``given``: a plan to apply instead of detecting one (``bound``: already bound to this
-    model). Works on a meta-device skeleton of ``model``; ``model`` is never changed."""
+    model). Works on a meta-device skeleton of ``model``; ``model`` is never changed.
+    ``dynamic``: batch and sequence dims symbolic (``Dim.AUTO``); by default the graphs
+    are specialised to the example's shapes, as torch.compile's first compile is."""
     if on_indivisible not in ("error", "replicate"):
         raise ValueError("on_indivisible must be 'error' or 'replicate'")
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
@@ -125,7 +127,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
 
         a, k = FE.canonical_call(type(module).forward.__get__(module), a, k)
         t = FE.trace(module, a, k, tracer=tracer, where=path,
-                     on_block=on_block, mode=mode)
+                     on_block=on_block, mode=mode, dynamic=dynamic)
         used_tracer.append(t.tracer)
         dump(f"{path or 'root'}.1-traced.txt", t.gm.code)
         FE.annotate(t)
