@@ -154,7 +154,9 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
                        heads: set[str] = frozenset()  # type: ignore[assignment]
                        ) -> tuple[dict[str, str], list[Segment], list[Note]]:
     """Re-propagate at the real tp; a segment with an indivisible dim raises or (with
-    ``on_indivisible='replicate'``) is dropped, with a note."""
+    ``on_indivisible='replicate'``) is dropped, with a note. A segment of one layer (a
+    7-class head, an odd vocabulary) is always dropped with a note: replicating it costs
+    one layer's compute, not a block's, and the caller warns."""
     notes: list[Note] = []
     styles, segments = dict(styles), list(segments)
     while True:
@@ -166,7 +168,7 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
                 raise PlanError(f"{prefix}{u.reason}") from None
             layer = u.reason.split(":")[0]
             what, size = u.indivisible
-            if on_indivisible != "replicate":
+            if on_indivisible != "replicate" and not _lone(styles, segments, layer):
                 raise IndivisibleError(prefix + layer, what, size, tp) from None
             reason = f"{what} = {size} not divisible by tp = {tp}"
             if layer not in styles and not any(_owns(s, layer) for s in segments):
@@ -207,6 +209,15 @@ def replicate_layer(styles: dict[str, str], segments: list[Segment], layer: str,
     for name in seg.colwise + seg.rowwise:
         styles.pop(name, None)
     return Note(", ".join(seg.colwise + seg.rowwise), f"replicated ({seg.kind}): {reason}")
+
+
+def _lone(styles: dict[str, str], segments: list[Segment], layer: str) -> bool:
+    """``layer`` is a segment by itself: a colwise head with no rowwise partner, or a
+    vocab-parallel embedding (in no segment)."""
+    seg = next((s for s in segments if _owns(s, layer)), None)
+    if seg is None:
+        return layer in styles
+    return len(seg.colwise) + len(seg.rowwise) == 1
 
 
 def _owns(seg: Segment, layer: str) -> bool:

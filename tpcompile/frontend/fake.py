@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
 from ..errors import TraceError
 
@@ -99,10 +99,19 @@ def _describe(x: Any) -> Any:
     return x
 
 
+# the size a data-dependent dim (tokens routed to an expert) stands at in messages and
+# shape arithmetic; inductor's fallback for unbacked sizes is the same number
+UNBACKED_HINT = 8192
+
+
 def _hint(s: Any) -> int:
     if isinstance(s, torch.SymInt):
         h = s.node.hint
-        return int(h) if h is not None else int(s)
+        if h is not None:
+            return int(h)
+        if free_unbacked_symbols(s):
+            return UNBACKED_HINT
+        return int(s)
     return int(s)
 
 

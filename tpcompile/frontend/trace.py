@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
@@ -84,13 +85,18 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
     sigs = {rel: block_signature(b) for rel, b in blocks.items()}
     known: dict[tuple, BlockShapes] = {}
     calls: list[BlockCall] = []
-    raised: list[_NeedBlock] = []  # this trace's own requests (not a nested trace's)
+    raised: list[Exception] = []  # this trace's own requests (not a nested trace's)
     label = where or type(module).__name__
 
     def patched(rel: str) -> Callable:
         def forward(*a: Any, **k: Any) -> Any:
             a, k = canonical_call(type(blocks[rel]).forward.__get__(blocks[rel]), a, k)
             flat, spec = pytree.tree_flatten((a, k))
+            if any(isinstance(x, torch.Tensor) and free_unbacked_symbols(x) for x in flat):
+                # data-dependent sizes (the tokens routed to one expert of a MoE): no one
+                # example stands for every call, so the block is traced inline instead
+                raised.append(_InlineBlock(rel))
+                raise raised[-1]
             shapes = known.get(sigs[rel])
             if shapes is None:
                 ex = pytree.tree_unflatten([_describe(x) for x in flat], spec)
@@ -107,7 +113,7 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
 
     errors: dict[str, str] = {}
     for front in (["export", "fx"] if tracer == "auto" else [tracer]):
-        for _ in range(len(set(sigs.values())) + 1):
+        for _ in range(2 * len(set(sigs.values())) + 1):
             calls.clear()
             for rel, b in blocks.items():
                 b.forward = patched(rel)  # type: ignore[method-assign]
@@ -115,6 +121,10 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
                 with _hollow(module, blocks):
                     target = module if front == "export" else _fx_lowered(module, blocks)
                     ep, (leaves, spec) = _export(target, args, kwargs, dynamic)
+            except _InlineBlock as need:
+                _unpatch(blocks)
+                _inline(blocks, sigs, need.member)
+                continue
             except _NeedBlock as need:
                 _unpatch(blocks)
                 known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
@@ -125,6 +135,9 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
             except Exception as e:  # noqa: BLE001 - export raises many types
                 _unpatch(blocks)
                 need = _find_need(e, raised)
+                if isinstance(need, _InlineBlock):
+                    _inline(blocks, sigs, need.member)
+                    continue
                 if need is not None:
                     known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
                     continue
@@ -144,6 +157,18 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
         f"{said}. Make the forward free of "
         "Python control flow on tensor values, or pass example_inputs=(...) / "
         "example_kwargs={...} that the model accepts.")
+
+
+class _InlineBlock(Exception):
+    def __init__(self, member: str) -> None:
+        super().__init__(f"block {member} is called with data-dependent shapes")
+        self.member = member
+
+
+def _inline(blocks: dict[str, nn.Module], sigs: dict[str, Any], member: str) -> None:
+    """Trace ``member`` and every block of its signature as part of the parent."""
+    for rel in [r for r in blocks if sigs[r] == sigs[member]]:
+        del blocks[rel]
 
 
 def _on_need(need: _NeedBlock, blocks: dict[str, nn.Module], on_block: Callable,
@@ -183,7 +208,7 @@ def _unpatch(blocks: dict[str, nn.Module]) -> None:
         b.__dict__.pop("forward", None)
 
 
-def _find_need(e: BaseException | None, raised: list[_NeedBlock]) -> _NeedBlock | None:
+def _find_need(e: BaseException | None, raised: list[Exception]) -> Any:
     seen = set()
     while e is not None and id(e) not in seen:
         if any(e is r for r in raised):

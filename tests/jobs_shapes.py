@@ -1,0 +1,95 @@
+"""Layer shapes of real models (issue "Layer shapes"): a sparse mixture of experts, a
+small classifier head tp does not divide, and the redundant compute of every sharded
+model, counted with PyTorch's FLOP counter on one rank."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils.flop_counter import FlopCounterMode
+
+import tpcompile
+from tests import jobs_hf
+from tests.harness import numerics_result, tp_mesh
+
+CLASSES = 7
+
+
+class ResidualMLPClassifier(nn.Module):
+    """Pre-norm residual MLP blocks over a set of tokens, mean-pooled into a 7-class head
+    (the shape of an MLP-Mixer or a ViT probe, minus the patching)."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
+                          nn.Linear(hidden, dim)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def build(name: str) -> tuple[nn.Module, tuple, dict]:
+    """(model, args, kwargs), identical on every rank."""
+    torch.manual_seed(0)
+    if name == "moe":
+        from models.moe import MoeConfig, MoeLM
+        return MoeLM(MoeConfig()), (torch.randint(0, 64, (2, 8)),), {}
+    if name == "classifier":
+        return ResidualMLPClassifier(), (torch.randn(4, 8, 16),), {}
+    return jobs_hf.build(name)
+
+
+def sharded_fraction(par: nn.Module) -> float:
+    total = sharded = 0
+    for p in par.parameters():
+        total += p.numel()
+        if isinstance(p, DTensor) and any(pl.is_shard() or isinstance(pl, _StridedShard)
+                                          for pl in p.placements[-1:]):
+            sharded += p.numel()
+    return sharded / total
+
+
+def _flops(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Matmul and attention FLOPs of one forward and backward."""
+    with FlopCounterMode(display=False) as counter:
+        jobs_hf.loss_of(model(*args, **kwargs)).backward()
+    return counter.get_total_flops()
+
+
+def case(rank: int, name: str, tp: int, sp: bool) -> dict:
+    """Numerics against the unsharded model, the warnings planning gave, the share of
+    parameters sharded, and tp x this rank's FLOPs / the unsharded model's."""
+    ref, args, kwargs = build(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                         example_kwargs=kwargs, sequence_parallel=sp)
+    result = numerics_result(ref, par, args, kwargs=kwargs, loss_fn=jobs_hf.loss_of)
+    result["warnings"] = [str(w.message) for w in caught if "tpcompile" in str(w.message)]
+    result["notes"] = {n.layer: n.reason for n in tpcompile.plan_of(par).notes()}
+    result["sharded"] = sharded_fraction(par)
+    result["flop_ratio"] = tp * _flops(par, args, kwargs) / _flops(ref, args, kwargs)
+    return result
+
+
+def with_counts(rank: int, name: str, tp: int, sp: bool) -> dict[str, Any]:
+    """Collectives of one forward and one backward, by kind."""
+    ref, args, kwargs = build(name)
+    par = tpcompile.auto_parallelize(ref, tp_mesh(tp), example_inputs=args,
+                                     example_kwargs=kwargs, sequence_parallel=sp)
+    with tpcompile.CollectiveCounter() as fwd:
+        out = par(*args, **kwargs)
+    with tpcompile.CollectiveCounter() as bwd:
+        jobs_hf.loss_of(out).backward()
+    return {"fwd": dict(fwd.counts), "bwd": dict(bwd.counts)}

@@ -1,0 +1,62 @@
+"""Layer shapes of real models: sparse experts, a small indivisible head, fused
+projections and per-head norms, with the redundant compute counted (tests/jobs_shapes.py).
+
+Redundant compute: tp x (matmul and attention FLOPs of one forward and backward on one
+rank) / the unsharded model's, with torch.utils.flop_counter; 1.0 is a perfect 1/tp
+share. What stays replicated (norms, a router, rotary tables) costs no matmul FLOPs
+except the replicated layers themselves."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import jobs_shapes as J
+from tests.test_numerics import check as matches
+
+
+def _same_on_every_rank(res: list[dict], key: str):
+    assert all(r[key] == res[0][key] for r in res), [r[key] for r in res]
+    return res[0][key]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_moe_experts_are_tensor_parallel_inside(pool, tp):
+    """Mixtral-style MoE, top-2 of 4 experts dispatched with torch.where (data-dependent
+    token counts): every expert's w1/w3 colwise and w2 rowwise, the router replicated
+    with its reason, numbers equal on every rank."""
+    res = pool.run(J.case, "moe", tp, True)
+    matches(res)
+    styles = res[0]["styles"]
+    for layer in range(2):
+        for e in range(4):
+            pre = f"layers.{layer}.block_sparse_moe.experts.{e}"
+            assert (styles[f"{pre}.w1"], styles[f"{pre}.w3"], styles[f"{pre}.w2"]) == (
+                "colwise", "colwise", "rowwise")
+        assert f"layers.{layer}.block_sparse_moe.gate" not in styles
+    assert any("gate" in layer and "softmax" in why for layer, why in res[0]["notes"].items())
+    assert min(r["sharded"] for r in res) >= 0.7
+    assert max(r["flop_ratio"] for r in res) <= 1.02, [r["flop_ratio"] for r in res]
+
+
+def test_a_lone_indivisible_head_is_replicated_with_a_warning(pool):
+    """A 7-class head at tp 2 is a segment of one layer: it stays replicated with a
+    warning naming it and the numbers, instead of failing the whole model; the blocks
+    are sharded as usual."""
+    res = pool.run(J.case, "classifier", 2, True)
+    matches(res)
+    styles = res[0]["styles"]
+    assert "head" not in styles
+    assert styles["blocks.0.1"] == "colwise" and styles["blocks.0.3"] == "rowwise"
+    said = [w for w in res[0]["warnings"] if "head" in w]
+    assert said and "7" in said[0] and "tp = 2" in said[0], res[0]["warnings"]
+
+
+@pytest.mark.parametrize("name,tp", [("nanogpt", 2), ("gpt2", 2), ("phi3", 2), ("qwen3", 2),
+                                     ("llama", 2)])
+def test_redundant_compute_is_within_two_percent(pool, name, tp):
+    """Fused qkv (nanoGPT's c_attn, GPT-2's Conv1D, Phi-3's qkv_proj and gate_up_proj),
+    per-head q/k norms (Qwen3) and plain GQA (Llama): each rank does its 1/tp share of
+    the matmuls, numbers equal."""
+    res = pool.run(J.case, name, tp, True)
+    matches(res)
+    assert max(r["flop_ratio"] for r in res) <= 1.02, [r["flop_ratio"] for r in res]
