@@ -10,7 +10,63 @@ from torch.distributed.tensor.parallel import parallelize_module
 import tpcompile
 from tests.harness import judge, numerics_result, tp_mesh
 from tpcompile.verify import align_grads, check_tensor, planned_placements
-from tests.jobs import build
+from tests.jobs import build as _build
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.n_heads = self.n_kv_heads = heads  # divided by tp for parallelize_module
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.n_heads, -1).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _GPTBlock(torch.nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = _Attention(d, heads)
+        self.fc, self.proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.proj(torch.nn.functional.gelu(self.fc(self.ln_2(x))))
+
+
+class GPTWithPositions(torch.nn.Module):
+    """GPT-2's layout with separate q/k/v: token and learned position embeddings, the
+    position table looked up by ``arange(T)`` ([T, d], broadcast over the batch)."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, layers: int = 2,
+                 positions: int = 16) -> None:
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(positions, d)
+        self.h = torch.nn.ModuleList([_GPTBlock(d, heads) for _ in range(layers)])
+        self.ln_f, self.lm_head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple]:
+    if name == "gpt_positions":
+        torch.manual_seed(0)
+        return GPTWithPositions(), (torch.randint(0, 64, (2, 8)),)
+    if name == "nanogpt":
+        from models import nanogpt as G
+        torch.manual_seed(0)
+        return G.GPT(G.CONFIGS["tiny"]), (G.example_inputs("tiny", 2, 8)["idx"],)
+    return _build(name)
 
 
 def _divide_heads(model: torch.nn.Module, tp: int) -> None:

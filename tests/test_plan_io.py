@@ -191,8 +191,12 @@ def test_missing_file_and_suffix(tmp_path):
 
 # ---------------------------------------------------------------- on the gloo pool
 
-@pytest.mark.parametrize("name,sp", [("llama", True), ("llama", False), ("gated", False)])
+@pytest.mark.parametrize("name,sp", [("llama", True), ("llama", False), ("gated", False),
+                                     ("gpt_positions", True), ("gpt_positions", False)])
 def test_parallelize_module_matches_rewrite(pool, name, sp):
+    """gpt_positions: a learned position table looked up by arange(T) gives [T, d]; under
+    sequence parallelism its output is reduce-scattered on dim 0 to meet the tokens'
+    [B, T/tp, d]."""
     res = pool.run(jobs_plans.parallelize_module_matches, name, 2, sp)
     check(res)
     for r in res:
@@ -213,3 +217,15 @@ def test_auto_parallelize_refuses_wrong_plan(pool, tmp_path):
     for r in res:
         assert r["error"] == "PlanError" and "wrong numbers" in r["message"]
         assert r["unchanged"] and r["forward_kept"]
+
+
+def test_parallelize_plan_refuses_a_fused_projection():
+    """nanoGPT's c_attn is sharded per part (q, k, v); ColwiseParallel would split it
+    contiguously and compute wrong numbers, so the conversion says so instead."""
+    from tests.jobs_plans import build as build_plans
+    model, (idx,) = build_plans("nanogpt")
+    plan = tpcompile.plan(model, tp=2, example_inputs=(idx,))
+    with pytest.raises(PlanError, match=r"transformer\.h\.\*\.attn\.c_attn \(3 parts\).*ColwiseParallel"):
+        tpcompile.to_parallelize_plan(plan)
+    with pytest.raises(PlanError, match=r"c_attn \(3 parts\).*Hugging Face 'colwise'"):
+        tpcompile.to_hf_tp_plan(plan)

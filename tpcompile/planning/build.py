@@ -262,8 +262,24 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         output=contract.outputs[0].kind if contract and contract.outputs and contract.outputs[0].kind == "Q" else "R",  # type: ignore[arg-type]
         notes=[NotePlan(layer=n.layer, reason=n.reason) for n in notes],
         packed={k: v for k, v in prop.packed.items() if styles.get(k) == "colwise"},
+        seq_dims=_seq_dims(gm, styles) if sp else {},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
+
+
+def _seq_dims(gm: fx.GraphModule, styles: dict[str, str]) -> dict[str, int]:
+    """Vocab-parallel embeddings whose output has the sequence on a dim other than 1: the
+    lookup of ``[..., T]`` ids gives ``[..., T, d]``, the sequence second to last."""
+    out = {}
+    for n in gm.graph.nodes:
+        layer = A.layer_of(n)
+        val = n.meta.get("val")
+        if layer is None or styles.get(layer.name) != "vocab_parallel" or \
+                not isinstance(val, torch.Tensor) or val.dim() < 2:
+            continue
+        if val.dim() - 2 != 1:
+            out[layer.name] = val.dim() - 2
+    return out
 
 
 def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible: str) -> None:

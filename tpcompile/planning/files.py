@@ -44,8 +44,9 @@ def dumps(plan: Plan, fmt: str = "yaml") -> str:
     data = plan.model_dump(mode="json")
     for m in data["modules"]:  # detection fills styles in set order: sort for stable files
         m["styles"] = dict(sorted(m["styles"].items()))
-        if not m["packed"]:
-            del m["packed"]
+        for key in ("packed", "seq_dims"):
+            if not m[key]:
+                del m[key]
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)

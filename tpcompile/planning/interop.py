@@ -44,6 +44,7 @@ def _abs(prefix: str, rel: str) -> str:
 
 def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
     """``{fqn_or_glob: hf_style}``; a colwise head is ``colwise_rep`` (output gathered)."""
+    _check_packed(plan, "a Hugging Face 'colwise'")
     out: dict[str, str] = {}
     for mp in plan.modules:
         heads = _heads(mp)
@@ -76,6 +77,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
     _check_sp_entry(plan)
+    _check_packed(plan, "a parallelize_module ColwiseParallel")
     out: dict[str, Any] = {}
     for mp in plan.modules:
         sp = plan.sequence_parallel and _has_sp(mp)
@@ -89,13 +91,30 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
                 elif style == "rowwise":
                     st = RowwiseParallel(output_layouts=seq)
                 elif style == "vocab_parallel":  # PyTorch's rowwise Embedding splits the vocab
-                    st = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+                    # a position table looked up by [T] positions gives [T, d]: its
+                    # sequence is dim 0, reduce-scattered there to meet [B, T/tp, d]
+                    at = Shard(mp.seq_dims[rel]) if sp and rel in mp.seq_dims else seq
+                    st = RowwiseParallel(input_layouts=Replicate(), output_layouts=at)
                 elif style == "sequence_parallel":
                     st = SequenceParallel()
                 else:
                     continue
                 out[_abs(prefix, rel)] = st
     return dict(sorted(out.items()))  # every rank must apply the styles in the same order
+
+
+def _check_packed(plan: Plan, style: str) -> None:
+    """A fused projection (nanoGPT's ``c_attn``: q, k and v in one weight) is sharded per
+    part, each rank holding its slice of every part; ``ColwiseParallel`` would shard the
+    fused weight contiguously, giving rank 0 all of q and part of k: wrong numbers."""
+    fused = sorted(_abs(prefix, rel) + f" ({parts} parts)" for mp in plan.modules
+                   for prefix in _keys(mp) for rel, parts in mp.packed.items())
+    if fused:
+        raise PlanError(
+            f"{', '.join(fused)}: fused projection(s) sharded per part (each rank holds its "
+            f"slice of q, k and v), which {style} cannot express "
+            "(it splits the fused weight contiguously and would compute wrong numbers). Use "
+            "tpcompile.auto_parallelize, or split the projection into one Linear per part")
 
 
 def _has_sp(mp: ModulePlan) -> bool:

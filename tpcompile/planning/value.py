@@ -64,6 +64,10 @@ class ModulePlan(_Model):
     # fused colwise projections (nanoGPT's c_attn: q, k, v) -> number of parts; each rank
     # holds its slice of every part. Found by the analysis, not read from a plan file.
     packed: dict[str, int] = {}
+    # layers whose sequence-sharded output has the sequence on a dim other than 1 (a
+    # position embedding looked up by [T] positions gives [T, d]: dim 0). Found by the
+    # analysis; read by to_parallelize_plan, not from plan files.
+    seq_dims: dict[str, int] = {}
 
 
 class Plan(_Model):
