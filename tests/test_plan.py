@@ -161,3 +161,33 @@ def test_fused_qkv_is_sharded_per_part():
     # a plain Shard(0) would mix q, k, v: each rank holds its slice of each of the three
     # parts (_StridedShard(0, split_factor=3); numerics in tests/test_hf.py, nanoGPT)
     assert c.units[0].prop.packed == {"qkv": 3}
+
+
+class _EncoderLM(nn.Module):
+    """nn.TransformerEncoder as PyTorch's own tutorials build a language model with it."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        return self.head(self.enc(self.emb(ids), mask=mask, is_causal=True))
+
+
+def test_stock_multihead_attention_stays_replicated_with_its_reason():
+    """nn.MultiheadAttention (packed in_proj_weight, heads folded into the batch) is not
+    sharded yet: each one is named in a warning and the plan's notes, never silently
+    replicated; the feed-forward around it is sharded as usual."""
+    with pytest.warns(UserWarning, match=r"enc\.layers\.1\.self_attn stays replicated: "
+                                         r"nn\.MultiheadAttention packs q, k and v"):
+        p = tpcompile.plan(_EncoderLM(), tp=2, example_inputs=(torch.randint(0, 64, (2, 8)),))
+    notes = {n.layer: n.reason for n in p.notes()}
+    assert {"enc.layers.0.self_attn", "enc.layers.1.self_attn"} <= set(notes)
+    styles = p.layer_styles()
+    assert styles["enc.layers.0.linear1"] == "colwise" and styles["enc.layers.0.linear2"] == "rowwise"
+    assert not any("self_attn" in k for k in styles)

@@ -219,6 +219,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
                 "a plan that fits)") from None
     else:
         styles, segments, notes = A.detect_segments(gm, contracts)
+        notes += _stock_attention(t, module, styles)
         _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
         pairs = A.tied_pairs(gm)
@@ -265,6 +266,24 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         seq_dims=_seq_dims(gm, styles) if sp else {},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
+
+
+def _stock_attention(t: Traced, module: nn.Module, styles: dict[str, str]) -> list[A.Note]:
+    """``nn.MultiheadAttention`` traced in this graph (its parameters read here) stays
+    replicated, with the reason: its q, k and v come from one packed ``in_proj_weight``
+    Parameter (not a Linear), and its heads are folded into the batch dim
+    (``[T, B * H, hd]``), a layout the analysis does not shard yet."""
+    read = set(t.params.values())
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and any(
+                f"{name}.{p}" in read for p in ("in_proj_weight", "q_proj_weight")):
+            out.append(A.Note(name, "replicated: nn.MultiheadAttention packs q, k and v in one "
+                              "in_proj_weight Parameter and folds its heads into the batch "
+                              "dim, which tpcompile does not shard yet (write the attention "
+                              "with q/k/v Linears and F.scaled_dot_product_attention to "
+                              "shard it)"))
+    return out
 
 
 def _seq_dims(gm: fx.GraphModule, styles: dict[str, str]) -> dict[str, int]:
