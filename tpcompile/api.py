@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import sympy
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
+import torch.utils._pytree as pytree
 from torch.nn.utils import parametrize
 
 from .analysis import layer_of
@@ -159,17 +162,31 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         with the same plan and add the programs. Like torch.compile's automatic dynamic
         shapes, the first programs are specialised to the example's shapes (the cheap
         export) and every later trace keeps batch and sequence dynamic, so one more
-        program serves every size after."""
-        again = compile_model(model, example_inputs=args, example_kwargs=kwargs,
-                              given=compiled.plan, bound=True, skeleton=sk, dynamic=True,
-                              **options)  # type: ignore[arg-type]
-        if again.plan.layer_styles() != compiled.plan.layer_styles():
-            raise UnsupportedError(
-                f"{type(model).__name__} computes with different layers for this call than "
-                "for the one it was planned on, so one tensor-parallel plan cannot serve both")
-        for unit, prog in zip(again.units, _programs(again, sk, tp, group, loss_parallel)):
-            for member in unit.members:
-                install(model.get_submodule(member), prog)
+        program serves every size after. A length sequence parallelism cannot split (a
+        decode step of one token, an odd prompt) gets a program without it: same
+        parameters, all-reduces instead of reduce-scatter and all-gather."""
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        held = root.__dict__["_tpcompile_runtime"].programs
+        split_fails = any(p.sp and "sequence-parallel length" in (p.fits(root.training, spec, flat)
+                                                                  or "") for p in held)
+        variants = [sp for sp in (True, False) if sp is False or
+                    (sequence_parallel and not split_fails)]
+        for sp in variants:
+            again = compile_model(model, example_inputs=args, example_kwargs=kwargs,
+                                  given=compiled.plan, bound=True, skeleton=sk, dynamic=True,
+                                  **{**options, "sequence_parallel": sp})  # type: ignore[arg-type]
+            if _sharded_styles(again.plan) != _sharded_styles(compiled.plan):
+                raise UnsupportedError(
+                    f"{type(model).__name__} computes with different layers for this call "
+                    "than for the one it was planned on, so one tensor-parallel plan cannot "
+                    "serve both")
+            progs = _programs(again, sk, tp, group, loss_parallel)
+            for unit, prog in zip(again.units, progs):
+                for member in unit.members:
+                    install(model.get_submodule(member), prog)
+            top = next(p for u, p in zip(again.units, progs) if "" in u.members)
+            if top.fits(root.training, spec, flat) is None:
+                return
 
     check = InputCheck(group, mesh.device_type)
     snapshot = _Snapshot(model)
@@ -190,6 +207,11 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         snapshot.restore()
         raise
     return model
+
+
+def _sharded_styles(plan: Plan) -> dict[str, str]:
+    """The styles that decide parameter placements (sequence parallelism does not)."""
+    return {k: v for k, v in plan.layer_styles().items() if v != "sequence_parallel"}
 
 
 def _refuse_parallelized(model: nn.Module) -> None:
@@ -228,7 +250,21 @@ def _programs(compiled: Compiled, sk: nn.Module, tp: int, group: str,
                            t.in_spec, dict(t.constants),
                            guards_for(t.inputs, t.positions, q_dims, tp), t.ranges,
                            len(t.outputs), t.out_spec, [f for _, f in t.mutations], t.positions,
-                           t.out_type))
+                           t.out_type, _sequence_sizes(u), tp, compiled.plan.sequence_parallel))
+    return out
+
+
+def _sequence_sizes(u: Unit) -> list[Any]:
+    """The symbolic sizes a program splits over tp for sequence parallelism."""
+    out: list[Any] = []
+    for n in u.q_nodes:
+        lay, val = u.prop.layouts.get(n), n.meta.get("val")
+        if lay is None or lay.kind != "Q" or not isinstance(val, torch.Tensor):
+            continue
+        size = val.shape[lay.dim]
+        expr = sympy.sympify(size.node.expr if isinstance(size, torch.SymInt) else int(size))
+        if expr not in out:
+            out.append(expr)
     return out
 
 

@@ -12,6 +12,7 @@ the same styles, and the new programs join the old ones.
 
 from __future__ import annotations
 
+import contextvars
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +48,11 @@ class Program:
     mutations: list[str]
     positions: list[int]  # flat positions of the tensor inputs the program takes
     out_type: Any = None  # the output's own class, where pytree rebuilds a plain dict
+    # sizes of sequence-sharded values (sympy expressions of the export's symbols): each
+    # must divide by tp. A call they do not fit runs a program without sequence parallelism.
+    divisible: list[Any] = field(default_factory=list)
+    tp: int = 1
+    sp: bool = True  # made with sequence parallelism (a block runs its parent's variant)
 
     def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
         """None if this program serves the call, else why not."""
@@ -81,7 +87,15 @@ class Program:
         for expr, got in later:
             if expr.free_symbols <= set(bound) and int(expr.subs(bound)) != got:
                 return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
+        for expr in self.divisible:
+            if expr.free_symbols <= set(bound) and int(expr.subs(bound)) % self.tp:  # type: ignore[union-attr]
+                return (f"a sequence-parallel length is {int(expr.subs(bound))}, not divisible "
+                        f"by tp = {self.tp}")
         return None
+
+
+# while a root program runs: whether it was made with sequence parallelism
+_VARIANT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tpcompile_sp", default=None)
 
 
 @dataclass
@@ -95,7 +109,10 @@ class Runtime:
 
     def find(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> tuple[Program | None, str]:
         why = "no program yet"
+        variant = _VARIANT.get()
         for p in self.programs:
+            if variant is not None and self.replan is None and p.sp != variant:
+                continue  # a block runs the variant (with or without SP) its parent runs
             reason = p.fits(training, spec, flat)
             if reason is None:
                 return p, ""
@@ -120,7 +137,12 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if prog is None:
             raise RuntimeShapeError(f"tpcompile made a program for this call but it does not "
                                     f"fit ({why}); please report this")
-    outs = prog.forward(self, *[flat[i] for i in prog.positions])
+    token = _VARIANT.set(prog.sp) if rt.replan is not None else None
+    try:
+        outs = prog.forward(self, *[flat[i] for i in prog.positions])
+    finally:
+        if token is not None:
+            _VARIANT.reset(token)
     n = prog.n_outputs
     if prog.mutations:
         with torch.no_grad():
