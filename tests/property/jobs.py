@@ -260,5 +260,7 @@ def _one_variant(ref: torch.nn.Module, example: tuple[tuple, dict], args: tuple,
                         dp=(target["dp"].get_local_rank(), 2) if dp else None)
         except tpcompile.TPCompileError as e:
             return {"error": type(e).__name__, "message": str(e), "styles": styles}
+    programs = par.__dict__["_tpcompile_runtime"].programs
     return {"error": None, "report": rep, "styles": styles, "tracer": plan.tracer,
-            "notes": [n.reason for n in plan.notes()]}
+            "notes": [n.reason for n in plan.notes()],
+            "variants": sorted({p.sp for p in programs})}
