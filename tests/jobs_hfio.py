@@ -1,0 +1,57 @@
+"""Hugging Face folders in and out of the parallel model (jobs; the folders are written by
+transformers in the parent)."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+import tpcompile
+from tests.harness import mesh, tp_mesh
+from tpcompile.verify import full
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = full(a).detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def load_step_save(rank: int, folder: str, out: str, tp: int, dp: int) -> dict:
+    """from_pretrained on tp (or dp x tp), logits against transformers' own load, one SGD
+    step on both, save_pretrained, and the saved weights against the reference's."""
+    from transformers import AutoModelForCausalLM
+    target = mesh((dp, tp), ("dp", "tp")) if dp > 1 else tp_mesh(tp)
+    par = tpcompile.from_pretrained(folder, target)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ref.config.use_cache = False
+    ref.train()
+    # optimizers before the first forward: FSDP2 registers the root's unsharded parameters
+    # during forward, and an optimizer made then would hold those
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt_par = torch.optim.SGD(par.parameters(), lr=0.5)
+    ids = torch.randint(3, ref.config.vocab_size, (2 * dp, 8), generator=torch.Generator().manual_seed(3))
+    rows = ids.chunk(dp)[target["dp"].get_local_rank()] if dp > 1 else ids
+    logits = _rel(par(input_ids=rows).logits, ref(input_ids=ids).logits.chunk(dp)[
+        target["dp"].get_local_rank() if dp > 1 else 0])
+    ref(input_ids=ids, labels=ids).loss.backward()
+    par(input_ids=rows, labels=rows).loss.backward()
+    grads = {n: _rel(q.grad, dict(ref.named_parameters())[n].grad) for n, q in par.named_parameters()}
+    opt_ref.step()
+    opt_par.step()
+    tpcompile.save_pretrained(par, out)
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    want = dict(ref.named_parameters())
+    weights = {n: _rel(p, want[n]) for n, p in saved.named_parameters()}
+    sharded = sum(p.to_local().numel() * p.element_size() for p in par.parameters()
+                  if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements))
+    total = sum(p.numel() * p.element_size() for p in ref.parameters())
+    return {"grads": grads, "logits": logits, "weights": weights, "read": par.tpcompile_read_bytes,
+            "total": total, "sharded_local": sharded}
+
+
+def refused(rank: int, folder: str) -> dict:
+    try:
+        tpcompile.from_pretrained(folder, tp_mesh(2))
+    except tpcompile.TPCompileError as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"error": None}

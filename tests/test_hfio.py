@@ -1,0 +1,48 @@
+"""Hugging Face folders (config.json + safetensors, as transformers writes them) into the
+parallel model and back: tpcompile.from_pretrained / save_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models import hf_zoo
+from tests import jobs_hfio as J
+
+
+def _folder(tmp_path, family: str):
+    path = tmp_path / family
+    hf_zoo.build(family).save_pretrained(path)  # safetensors, transformers' default
+    return path
+
+
+@pytest.mark.parametrize("family,dp", [("llama", 1), ("qwen2", 1), ("llama", 2)])
+def test_from_pretrained_matches_and_save_pretrained_round_trips(pool, tmp_path, family, dp):
+    src = _folder(tmp_path, family)
+    res = pool.run(J.load_step_save, str(src), str(tmp_path / "out"), 2, dp)
+    for r in res:
+        assert r["logits"] <= 1e-5, r["logits"]
+        assert not {n: e for n, e in r["grads"].items() if not e <= 1e-5}
+        bad = {n: e for n, e in r["weights"].items() if not e <= 1e-5}
+        assert not bad, bad
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp-tpcompile"))
+    if dp == 1:  # each rank read its shards of the sharded weights and the replicated rest
+        for r in res:
+            assert r["read"] <= 0.6 * r["total"], (r["read"], r["total"])
+            assert r["read"] >= r["sharded_local"]
+
+
+def test_a_folder_that_does_not_fit_is_refused_by_name(pool, tmp_path):
+    src = _folder(tmp_path, "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (src / "config.json").write_text(json.dumps(cfg))
+    for r in pool.run(J.refused, str(src)):
+        assert r["error"] == "CheckpointFolderError"
+        assert "mlp.gate_proj.weight is [128, 64] in the checkpoint, [256, 64] in the model" \
+            in r["message"]
+    (src / "model.safetensors").unlink()
+    for r in pool.run(J.refused, str(src)):
+        assert r["error"] == "CheckpointFolderError" and "model.safetensors" in r["message"]

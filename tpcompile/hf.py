@@ -1,0 +1,223 @@
+"""Hugging Face checkpoints in and out: ``tpcompile.from_pretrained`` and
+``tpcompile.save_pretrained``.
+
+``from_pretrained(folder, mesh)`` builds the model from ``config.json`` with its
+parameters on the meta device (buffers such as rotary tables are computed for real: they
+are small and not in the checkpoint), plans it, and fills each rank's shards straight
+from the ``*.safetensors`` files with ``safe_open(...).get_slice``: a rank reads the
+rows (or columns) it holds and nothing else, so a checkpoint never exists whole in one
+process. A parameter whose placement is not one block per rank (a fused projection's
+per-part slices, FSDP's strided dp shard on top of tp) is read whole and sharded
+locally; that is counted in ``read_bytes`` too.
+
+``save_pretrained(model, folder)`` gathers one parameter at a time (every rank takes
+part), and rank 0 writes ``config.json`` and ``model.safetensors`` under the original
+names into a temporary folder renamed into place at the end, so a crash never leaves a
+folder that looks complete. ``transformers.AutoModelForCausalLM.from_pretrained(folder)``
+loads it unchanged.
+
+``transformers`` and ``safetensors`` are imported inside the functions (the ``hf`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .api import auto_parallelize, split_mesh
+from .errors import TPCompileError
+
+
+class CheckpointFolderError(TPCompileError):
+    """A Hugging Face folder that cannot give this model its weights."""
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters registered in this block land on the meta device; buffers stay real."""
+    real = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        real(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = real  # type: ignore[method-assign]
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single file or sharded index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / f for name, f in weight_map.items()}
+        missing = sorted({str(f) for f in files.values() if not f.exists()})
+        if missing:
+            raise CheckpointFolderError(
+                f"{index} names shard file(s) that are not in the folder: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise CheckpointFolderError(
+            f"{folder} holds neither model.safetensors nor model.safetensors.index.json; "
+            "save the model with transformers' save_pretrained (safetensors is its default)")
+    from safetensors import safe_open
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _block(p: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(local shape, global offset) when this rank's shard is one block of the global
+    tensor (Shard and Replicate placements only), else None."""
+    if not all(type(pl) in (Shard, Replicate) for pl in p.placements):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+
+
+class _Reader:
+    """Reads this rank's part of each tensor from the safetensors files, counting bytes."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        from safetensors import safe_open
+        self.files = files
+        self.handles = {f: safe_open(str(f), framework="pt") for f in set(files.values())}
+        self.read_bytes = 0
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.handles[self.files[name]].get_slice(name).get_shape())
+
+    @torch.no_grad()
+    def fill(self, name: str, p: torch.Tensor) -> None:
+        from .runtime.distribute import copy_full_into
+        piece = self.handles[self.files[name]].get_slice(name)
+        block = _block(p) if isinstance(p, DTensor) else (tuple(p.shape), (0,) * p.dim())
+        if block is None:  # not one block per rank: read whole, keep this rank's shard
+            full = piece[:]
+            self.read_bytes += full.numel() * full.element_size()
+            copy_full_into(p, full)
+            return
+        shape, offset = block
+        value = piece[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        self.read_bytes += value.numel() * value.element_size()
+        local = p.to_local() if isinstance(p, DTensor) else p
+        local.copy_(value.to(local.dtype))
+
+
+def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
+    """Every parameter of the model is in the checkpoint with the same shape."""
+    problems = []
+    for name, p in model.named_parameters():  # tied parameters once, under their first name
+        if name not in reader.files:
+            problems.append(f"{name} is missing")
+        elif reader.shape(name) != list(p.shape):
+            problems.append(f"{name} is {reader.shape(name)} in the checkpoint, "
+                            f"{list(p.shape)} in the model")
+    if problems:
+        raise CheckpointFolderError(
+            f"{folder} does not fit the model its config.json builds "
+            f"({type(model).__name__}): {'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}")
+
+
+def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,
+                    example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
+                    **kwargs: Any) -> nn.Module:
+    """A Hugging Face causal LM folder (``config.json`` + safetensors) -> the parallel
+    model on ``mesh`` (1-D tp, or 2-D ("dp", "tp") with FSDP2), each rank reading only
+    its shards. ``dtype``: the parameters' dtype (default: the config's ``torch_dtype``,
+    else float32). ``kwargs`` go to :func:`auto_parallelize`. The number of bytes this
+    rank read is in ``model.tpcompile_read_bytes``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise CheckpointFolderError(f"{folder} has no config.json; pass the folder "
+                                    "transformers' save_pretrained wrote")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config.use_cache = False
+    dtype = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
+        or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.train()
+    reader = _Reader(_tensor_files(folder))
+    _check_names(model, reader, folder)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    for m in model.modules():  # everything on meta now; the init puts it back
+        for k, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[k] = b.to("meta")
+
+    def init(m: nn.Module) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                reader.fill(name, p)
+            for name, b in m.named_buffers():
+                b.copy_(buffers[name])
+
+    tp = split_mesh(mesh)[0].size()
+    if example_kwargs is None:
+        example_kwargs = {"input_ids": torch.zeros(2, 2 * max(tp, 2), dtype=torch.long,
+                                                   device="meta")}
+    par = auto_parallelize(model, mesh, example_kwargs=example_kwargs, init_fn=init, **kwargs)
+    par.__dict__["tpcompile_read_bytes"] = reader.read_bytes
+    return par
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write a parallel (or plain) HF model as a folder ``transformers`` loads unchanged:
+    ``config.json`` and ``model.safetensors`` under the original names. Every rank must
+    call it (parameters are gathered one at a time); rank 0 writes, into a temporary
+    folder renamed into place when complete."""
+    from safetensors.torch import save_file
+
+    from torch.distributed.fsdp import FSDPModule
+
+    folder = Path(folder)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for m in model.modules():  # FSDP2 keeps the root unsharded after forward: the
+        if isinstance(m, FSDPModule):  # registered parameters would be the stale copies
+            m.reshard()
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # a tied weight is stored once, as transformers does
+            continue
+        seen[id(p)] = name
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        if rank0:
+            state[name] = full.detach().to("cpu").contiguous()
+    for name, b in model.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf not in module._non_persistent_buffers_set and rank0:
+            state[name] = b.detach().to("cpu").contiguous()
+    if rank0:
+        tmp = folder.with_name(folder.name + ".tmp-tpcompile")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.config.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
