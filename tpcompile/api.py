@@ -135,7 +135,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if input_dtype is not None:
             example_inputs, example_kwargs = cast_floats((example_inputs, example_kwargs), input_dtype)
         options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
-                       tracer=tracer, input_dtype=input_dtype, packing=dp_mesh is None)
+                       tracer=tracer, input_dtype=input_dtype,
+                       packing=dp_mesh is None or param_dtype is None)
         compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                                  given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
         _refuse_unsupported_layers(model, compiled)

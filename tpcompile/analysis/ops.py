@@ -460,8 +460,9 @@ def split(node: fx.Node, ctx: Ctx) -> Layout:
     return Layout(lay.kind, lay.dim - 1 if unbind and d < lay.dim else lay.dim)
 
 
-# Fused projections sharded per part need a strided placement (``_StridedShard``) that
-# FSDP2 does not compose with yet: compile_model turns packing off for 2-D meshes.
+# Fused projections sharded per part need a strided placement (``_StridedShard``); under
+# FSDP2 with a param_dtype (mixed precision) auto_parallelize turns packing off (the
+# bias FSDP2 cannot shard again would not be cast).
 PACKING = {"enabled": True}
 
 

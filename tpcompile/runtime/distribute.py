@@ -50,14 +50,46 @@ def fsdp_targets(compiled: Any) -> list[str]:
     return sorted(paths, key=lambda p: (-p.count("."), p))
 
 
+def _strided_vector(p: nn.Parameter) -> bool:
+    """A fused projection's bias: tp holds a slice of each part (strided on its only dim),
+    which FSDP2 cannot shard again; it stays replicated over dp."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+    return isinstance(p, DTensor) and p.dim() == 1 and any(
+        isinstance(pl, _StridedShard) for pl in p.placements)
+
+
+def _average(grad: torch.Tensor | None, group: Any) -> None:
+    if grad is not None:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.AVG, group=group)
+
+
+def _dp_placement(p: nn.Parameter) -> Any:
+    """FSDP2's dp placement: dim 0 (its default), except for a fused projection whose tp
+    shard is strided on dim 0 (a slice of each of q, k and v): two strided shards of one
+    dim do not compose, so dp takes dim 1 there."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+    if isinstance(p, DTensor) and any(isinstance(pl, _StridedShard) and pl.dim == 0
+                                      for pl in p.placements) and p.dim() > 1:
+        return Shard(1)
+    return None
+
+
 def apply_fsdp(model: nn.Module, compiled: Any, dp_mesh: DeviceMesh, **fsdp_kwargs: Any) -> nn.Module:
     """``fully_shard`` each block on ``dp_mesh``, then the root, passing ``fsdp_kwargs``
     (``reshard_after_forward``, ``mp_policy``, ``offload_policy``, ...) through."""
     from torch.distributed.fsdp import fully_shard
     check_fsdp_options(fsdp_kwargs)
+    fsdp_kwargs.setdefault("shard_placement_fn", _dp_placement)
+    kept = {p for p in model.parameters() if _strided_vector(p)}
+    fsdp_kwargs["ignored_params"] = set(fsdp_kwargs.get("ignored_params") or ()) | kept
     for path in fsdp_targets(compiled):
         fully_shard(model.get_submodule(path), mesh=dp_mesh, **fsdp_kwargs)
     fully_shard(model, mesh=dp_mesh, **fsdp_kwargs)
+    group = dp_mesh.get_group()
+    for p in kept:  # what FSDP2 would do for them: the gradient averaged over dp
+        p.register_post_accumulate_grad_hook(lambda q: _average(q.grad, group))
     return model
 
 
