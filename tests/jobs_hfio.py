@@ -16,7 +16,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def load_step_save(rank: int, folder: str, out: str, tp: int, dp: int) -> dict:
+def load_step_save(rank: int, folder: str, out: str, tp: int, dp: int,
+                   max_shard_bytes: int = 5 * 2**30) -> dict:
     """from_pretrained on tp (or dp x tp), logits against transformers' own load, one SGD
     step on both, save_pretrained, and the saved weights against the reference's."""
     from transformers import AutoModelForCausalLM
@@ -38,10 +39,12 @@ def load_step_save(rank: int, folder: str, out: str, tp: int, dp: int) -> dict:
     grads = {n: _rel(q.grad, dict(ref.named_parameters())[n].grad) for n, q in par.named_parameters()}
     opt_ref.step()
     opt_par.step()
-    tpcompile.save_pretrained(par, out)
+    tpcompile.save_pretrained(par, out, max_shard_bytes=max_shard_bytes)
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     want = dict(ref.named_parameters())
     weights = {n: _rel(p, want[n]) for n, p in saved.named_parameters()}
+    again = tpcompile.from_pretrained(out, target)  # our own reader, sharded index included
+    weights.update({f"reloaded {n}": _rel(p, want[n]) for n, p in again.named_parameters()})
     sharded = sum(p.to_local().numel() * p.element_size() for p in par.parameters()
                   if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements))
     total = sum(p.numel() * p.element_size() for p in ref.parameters())

@@ -17,16 +17,27 @@ def _folder(tmp_path, family: str):
     return path
 
 
-@pytest.mark.parametrize("family,dp", [("llama", 1), ("qwen2", 1), ("llama", 2)])
-def test_from_pretrained_matches_and_save_pretrained_round_trips(pool, tmp_path, family, dp):
+@pytest.mark.parametrize("family,dp,shard", [("llama", 1, None), ("qwen2", 1, 40_000),
+                                            ("llama", 2, None)])
+def test_from_pretrained_matches_and_save_pretrained_round_trips(pool, tmp_path, family, dp,
+                                                                shard):
+    """shard: files of at most 40 kB (this model holds ~360 kB): several safetensors files
+    and transformers' index, read back by transformers and by from_pretrained."""
     src = _folder(tmp_path, family)
-    res = pool.run(J.load_step_save, str(src), str(tmp_path / "out"), 2, dp)
+    res = pool.run(J.load_step_save, str(src), str(tmp_path / "out"), 2, dp,
+                   shard or 5 * 2**30)
     for r in res:
         assert r["logits"] <= 1e-5, r["logits"]
         assert not {n: e for n, e in r["grads"].items() if not e <= 1e-5}
         bad = {n: e for n, e in r["weights"].items() if not e <= 1e-5}
         assert not bad, bad
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    if shard:
+        index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) > 5 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        assert all((tmp_path / "out" / f).stat().st_size <= shard + 40_000 for f in files)
+    else:
+        assert (tmp_path / "out" / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.tmp-tpcompile"))
     if dp == 1:  # each rank read its shards of the sharded weights and the replicated rest
         for r in res:

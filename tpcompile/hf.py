@@ -11,10 +11,11 @@ per-part slices, FSDP's strided dp shard on top of tp) is read whole and sharded
 locally; that is counted in ``read_bytes`` too.
 
 ``save_pretrained(model, folder)`` gathers one parameter at a time (every rank takes
-part), and rank 0 writes ``config.json`` and ``model.safetensors`` under the original
-names into a temporary folder renamed into place at the end, so a crash never leaves a
-folder that looks complete. ``transformers.AutoModelForCausalLM.from_pretrained(folder)``
-loads it unchanged.
+part), and rank 0 writes ``config.json`` and safetensors under the original names, a file
+each time ``max_shard_bytes`` have gathered (transformers' index when there are several,
+so rank 0 never holds more than one file's worth), into a temporary folder renamed into
+place at the end, so a crash never leaves a folder that looks complete.
+``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads it unchanged.
 
 ``transformers`` and ``safetensors`` are imported inside the functions (the ``hf`` extra).
 """
@@ -181,13 +182,69 @@ def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,
     return par
 
 
-def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write a parallel (or plain) HF model as a folder ``transformers`` loads unchanged:
-    ``config.json`` and ``model.safetensors`` under the original names. Every rank must
-    call it (parameters are gathered one at a time); rank 0 writes, into a temporary
-    folder renamed into place when complete."""
-    from safetensors.torch import save_file
+def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter (a tied one once) and persistent buffer."""
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:  # a tied weight is stored once, as transformers does
+            seen.add(id(p))
+            yield name, p
+    for name, b in model.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, b
 
+
+class _ShardWriter:
+    """Rank 0's side of save_pretrained: full tensors in, a safetensors file written each
+    time ``limit`` bytes have gathered (so rank 0 holds at most one file's worth), and
+    transformers' names at the end (``model.safetensors``, or ``model-0000i-of-0000n``
+    with ``model.safetensors.index.json``)."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        self.folder, self.limit = folder, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.files: list[list[str]] = []  # tensor names per file, in order
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.size + nbytes > self.limit:
+            self.flush()
+        self.pending[name] = t
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+        if self.pending:
+            save_file(self.pending, str(self.folder / f"part-{len(self.files)}.safetensors"),
+                      metadata={"format": "pt"})
+            self.files.append(list(self.pending))
+            self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            (self.folder / "part-0.safetensors").rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"part-{i}.safetensors").rename(self.folder / final)
+            weight_map.update((name, final) for name in names)
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a parallel (or plain) HF model as a folder ``transformers`` loads unchanged:
+    ``config.json`` and safetensors under the original names, split into files of at most
+    ``max_shard_bytes`` (with transformers' index) when bigger. Every rank must call it:
+    parameters are gathered one at a time, and rank 0 writes each file as soon as it is
+    full, into a temporary folder renamed into place when complete."""
     from torch.distributed.fsdp import FSDPModule
 
     folder = Path(folder)
@@ -195,26 +252,19 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
     for m in model.modules():  # FSDP2 keeps the root unsharded after forward: the
         if isinstance(m, FSDPModule):  # registered parameters would be the stale copies
             m.reshard()
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # a tied weight is stored once, as transformers does
-            continue
-        seen[id(p)] = name
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        if rank0:
-            state[name] = full.detach().to("cpu").contiguous()
-    for name, b in model.named_buffers(remove_duplicate=False):
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner)
-        if leaf not in module._non_persistent_buffers_set and rank0:
-            state[name] = b.detach().to("cpu").contiguous()
+    tmp = folder.with_name(folder.name + ".tmp-tpcompile")
+    writer = None
     if rank0:
-        tmp = folder.with_name(folder.name + ".tmp-tpcompile")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.config.save_pretrained(tmp)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        writer = _ShardWriter(tmp, max_shard_bytes)
+    for name, t in _tensors(model):
+        full = t.full_tensor() if isinstance(t, DTensor) else t  # every rank takes part
+        if writer is not None:
+            writer.add(name, full.detach().to("cpu").contiguous())
+    if writer is not None:
+        writer.finish()
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
