@@ -35,3 +35,17 @@ def greedy(rank: int, name: str, tp: int, prompt_len: int, new: int) -> dict:
     programs = par.__dict__["_tpcompile_runtime"].programs
     return {"want": want.tolist(), "got": got.tolist(),
             "variants": sorted({p.sp for p in programs})}
+
+
+def programs_made(rank: int, lengths: list[int]) -> list[list[bool]]:
+    """The project's Llama planned at length 8 with SP, then called at each length: the sp
+    flags of the root's programs after each call (and the logits checked each time)."""
+    ref, (ids,) = jobs.build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_inputs=(ids,))
+    out = []
+    for n in lengths:
+        x = torch.randint(0, ref.args.vocab_size, (2, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            assert torch.allclose(par(x), ref(x), rtol=1e-4, atol=1e-5), n
+        out.append([p.sp for p in par.__dict__["_tpcompile_runtime"].programs])
+    return out

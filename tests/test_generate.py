@@ -59,3 +59,11 @@ def test_a_block_runs_the_variant_its_parent_runs():
         finally:
             P._VARIANT.reset(token)
         assert found is not None and found.sp is variant
+
+
+def test_an_unsplittable_length_adds_only_the_program_without_sp(pool):
+    """Planned at 8: length 10 adds the dynamic SP program; 11 then adds only the program
+    without SP (the SP one is not traced again); 13 and 12 need nothing new."""
+    for r in pool.run(J.programs_made, [10, 11, 13, 12]):
+        assert r == [[True, True], [True, True, False], [True, True, False],
+                     [True, True, False]], r

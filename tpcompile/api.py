@@ -24,6 +24,7 @@ from .frontend import cast_floats, skeleton
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
+from .runtime.program import UNSPLITTABLE
 from .runtime.agreement import InputCheck, agree_on_planning
 
 
@@ -168,8 +169,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         parameters, all-reduces instead of reduce-scatter and all-gather."""
         flat, spec = pytree.tree_flatten((args, kwargs))
         held = root.__dict__["_tpcompile_runtime"].programs
-        split_fails = any(p.sp and "sequence-parallel length" in (p.fits(root.training, spec, flat)
-                                                                  or "") for p in held)
+        split_fails = any(p.sp and (p.fits(root.training, spec, flat) or "").startswith(
+            UNSPLITTABLE) for p in held)
         variants = [sp for sp in (True, False) if sp is False or
                     (sequence_parallel and not split_fails)]
         for sp in variants:

@@ -26,6 +26,11 @@ from ..errors import RuntimeShapeError
 from ..frontend.blocks import canonical_call
 
 
+# how ``Program.fits`` starts its answer for a length sequence parallelism cannot split
+# (the root then makes a program without it)
+UNSPLITTABLE = "a sequence-parallel length"
+
+
 @dataclass
 class Guard:
     pos: int  # position in the flat inputs
@@ -89,8 +94,8 @@ class Program:
                 return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
         for expr in self.divisible:
             if expr.free_symbols <= set(bound) and int(expr.subs(bound)) % self.tp:  # type: ignore[union-attr]
-                return (f"a sequence-parallel length is {int(expr.subs(bound))}, not divisible "
-                        f"by tp = {self.tp}")
+                return (f"{UNSPLITTABLE} is {int(expr.subs(bound))}, not divisible by "
+                        f"tp = {self.tp}")
         return None
 
 
