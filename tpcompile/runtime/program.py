@@ -92,10 +92,17 @@ class Program:
         for expr, got in later:
             if expr.free_symbols <= set(bound) and int(expr.subs(bound)) != got:
                 return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
-        for expr in self.divisible:
-            if expr.free_symbols <= set(bound) and int(expr.subs(bound)) % self.tp:  # type: ignore[union-attr]
-                return (f"{UNSPLITTABLE} is {int(expr.subs(bound))}, not divisible by "
-                        f"tp = {self.tp}")
+        for expr in self.divisible:  # every call of every program: no sympy for the
+            if expr.is_Integer:            # usual cases, a constant or one symbol
+                size = int(expr)
+            elif expr in bound:
+                size = bound[expr]
+            elif expr.free_symbols <= set(bound):
+                size = int(expr.subs(bound))
+            else:
+                continue
+            if size % self.tp:
+                return f"{UNSPLITTABLE} is {size}, not divisible by tp = {self.tp}"
         return None
 
 
