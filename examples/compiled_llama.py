@@ -145,7 +145,7 @@ def train(args: argparse.Namespace) -> list[float]:
         if found is None:
             rank_log(f"No checkpoint in {args.checkpoint_dir}; starting from step 0")
         else:
-            start = ckpt.load(found, model, opt)
+            start = ckpt.load(found, model, opt, require_optimizer_state=False)
             rank_log(f"Resumed from {found} at step {start}")
     tokens_per_step = args.batch_size * args.seq_len * dp_mesh.size()
     rank_log("2D training starting...")
@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s  %(message)s", datefmt="%m/%d/%Y %I:%M:%S %p",
                         level=logging.INFO)
     args = parse_args(argv)
-    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    tpcompile.init_distributed()  # NCCL (+ gloo for CPU tensors) or gloo; survives restarts
     print(f"Starting tpcompile 2D (FSDP + TP) example on rank {dist.get_rank()}.", flush=True)
     try:
         train(args)

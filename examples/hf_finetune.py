@@ -15,7 +15,6 @@ CUDA/NCCL is used when GPUs are present, CPU/gloo otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # torchrun runs us
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 import tpcompile  # noqa: E402
 from tpcompile import checkpoint as ckpt  # noqa: E402
@@ -80,16 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.make_model:
         make_model(args.make_model)
         return
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    world = dist.get_world_size()
-    if world % args.tp:
-        raise SystemExit(f"WORLD_SIZE {world} is not a multiple of --tp {args.tp}")
-    dp = world // args.tp
-    mesh = init_device_mesh("cuda" if cuda else "cpu", (dp, args.tp), mesh_dim_names=("dp", "tp")) \
-        if dp > 1 else init_device_mesh("cuda" if cuda else "cpu", (args.tp,), mesh_dim_names=("tp",))
+    mesh = tpcompile.init_mesh(args.tp)  # survives torchrun --max-restarts
+    dp = dist.get_world_size() // args.tp
     model = tpcompile.from_pretrained(args.model, mesh)
     vocab = model.config.vocab_size
     log(f"{type(model).__name__} from {args.model}: dp {dp} x tp {args.tp}; rank 0 read "
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         found = ckpt.latest(args.checkpoint_dir)
         if found is not None:
-            start = ckpt.load(found, model, opt)
+            start = ckpt.load(found, model, opt, require_optimizer_state=False)
             log(f"resumed from {found} (step {start})")
     dp_rank = mesh["dp"].get_local_rank() if dp > 1 else 0
     loss = torch.tensor(float("nan"))

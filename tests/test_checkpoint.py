@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from tests import jobs_checkpoint as J
 from tpcompile import checkpoint as ckpt
@@ -70,3 +71,48 @@ def test_cli_failures_are_one_line_and_nonzero(tmp_path, capsys):
     assert ckpt._main(["to-torch", str(step), str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt")
     assert torch.equal(back["w"], torch.arange(6.0).view(2, 3))
+
+
+def test_a_save_cut_short_leaves_the_complete_one_alone(tmp_path, monkeypatch):
+    """Saving a step again over a complete checkpoint of it, and dying half-way: the old
+    checkpoint still loads, whole, and the half-written one is never picked up."""
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ckpt.save(tmp_path, model, None, 4)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+
+    write = dcp.FileSystemWriter.write_data
+
+    def dies_after_writing(self, plan, planner):
+        write(self, plan, planner).wait()  # the new shards reach the disk...
+        raise RuntimeError("killed before the metadata")  # ...the metadata never does
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", dies_after_writing)
+    with pytest.raises(dcp.api.CheckpointException):  # wraps the error above
+        ckpt.save(tmp_path, model, None, 4)
+    monkeypatch.undo()
+    assert ckpt.latest(tmp_path) == tmp_path / "step-000004"
+    fresh = torch.nn.Linear(3, 2)
+    assert ckpt.load(tmp_path / "step-000004", fresh, None) == 4
+    assert torch.equal(fresh.weight, torch.ones(2, 3))  # the old values, not a mix
+    ckpt.save(tmp_path, model, None, 4)  # a later save of the step replaces it, clean
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004"]
+    assert ckpt.load(tmp_path / "step-000004", fresh, None) == 4
+    assert torch.equal(fresh.weight, torch.full((2, 3), 2.0))
+
+
+def test_a_model_only_checkpoint_resumes_with_a_fresh_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    src = tmp_path / "model.pt"
+    torch.save({"weight": torch.full((2, 3), 5.0), "bias": torch.zeros(2)}, src)
+    assert ckpt._main(["from-torch", str(src), str(tmp_path / "ck" / "step-000003"),
+                       "--step", "3"]) == 0
+    found = ckpt.latest(tmp_path / "ck")
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ckpt.CheckpointError, match="require_optimizer_state=False"):
+        ckpt.load(found, model, opt)
+    with pytest.warns(UserWarning, match="optimizer starts fresh"):
+        assert ckpt.load(found, model, opt, require_optimizer_state=False) == 3
+    assert torch.equal(model.weight, torch.full((2, 3), 5.0)) and not opt.state

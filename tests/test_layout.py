@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "tpcompile"
-ORDER = ["errors", "debug", "frontend", "analysis", "planning", "rewrite", "runtime",
+ORDER = ["errors", "debug", "launch", "frontend", "analysis", "planning", "rewrite", "runtime",
          "counting", "api", "generate", "hf", "checkpoint", "verify", "cli", "__init__", "__main__"]
 
 

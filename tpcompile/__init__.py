@@ -10,13 +10,15 @@ from .errors import (IndivisibleError, PlanError, RuntimeShapeError, TPCompileEr
                      UnsupportedError)
 from .generate import generate
 from .hf import from_pretrained, save_pretrained
+from .launch import init_distributed, init_mesh
 from .planning import (ModulePlan, Plan, SegmentPlan, from_hf_tp_plan, plan, to_hf_tp_plan,
                        to_parallelize_plan)
 from .planning import load as load_plan
 from .planning import save as save_plan
 
 __all__ = [
-    "auto_parallelize", "plan", "plan_of", "generate", "from_pretrained", "save_pretrained", "Plan", "ModulePlan", "SegmentPlan",
+    "auto_parallelize", "plan", "plan_of", "generate", "from_pretrained", "save_pretrained",
+    "init_distributed", "init_mesh", "Plan", "ModulePlan", "SegmentPlan",
     "save_plan", "load_plan", "to_parallelize_plan", "to_hf_tp_plan", "from_hf_tp_plan",
     "TPCompileError", "TraceError", "IndivisibleError", "PlanError", "UnsupportedError",
     "RuntimeShapeError", "CollectiveCounter",

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
@@ -41,14 +43,41 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 def save(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
          step: int) -> Path:
-    """Save model (+ optimizer) state as of ``step`` (collective: every rank calls it)."""
-    path = step_dir(root, step)
+    """Save model (+ optimizer) state as of ``step`` (collective: every rank calls it).
+
+    The shards go to a hidden ``.step-NNNNNN.partial`` folder first; only once every
+    rank's files and DCP's metadata are written does rank 0 rename it to
+    ``step-NNNNNN`` (replacing an older save of the same step). A save cut short, by a
+    killed worker say, so never leaves a folder that ``latest`` would pick, and never
+    mixes new shards into an old complete checkpoint."""
+    final = step_dir(root, step)
+    partial = final.with_name(f".{final.name}.partial")
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    if lead and partial.exists():
+        shutil.rmtree(partial)  # left by a save that was cut short
+    _barrier()
     model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer else [])
     state = {"model": model_sd, "meta": {"step": step}}
     if optimizer is not None:
         state["optim"] = optim_sd
-    dcp.save(state, checkpoint_id=path)
-    return path
+    dcp.save(state, checkpoint_id=partial)  # returns once the metadata is written
+    if lead:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+            partial.rename(final)
+            shutil.rmtree(old)
+        else:
+            partial.rename(final)
+    _barrier()
+    return final
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class CheckpointError(TPCompileError):
@@ -84,18 +113,26 @@ def latest(root: str | Path) -> Path | None:
     return None
 
 
-def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         require_optimizer_state: bool = True) -> int:
     """Load a checkpoint into ``model`` (+ ``optimizer``) in place, whatever their
-    sharding; returns the step it was saved at (collective)."""
+    sharding; returns the step it was saved at (collective). A model-only checkpoint
+    (``from-torch`` writes those) with an optimizer given is an error, unless
+    ``require_optimizer_state=False``: then the optimizer is left as it is, with a
+    warning (fine-tuning from converted weights starts the optimizer fresh)."""
     path = Path(path)
     _check_complete(path)
+    if optimizer is not None and "optim" not in _saved_keys(path):
+        if require_optimizer_state:
+            raise CheckpointError(f"{path} holds no optimizer state (a model-only checkpoint, "
+                                  f"e.g. made by from-torch). Load it with optimizer=None, or "
+                                  f"require_optimizer_state=False to keep the optimizer fresh.")
+        warn(f"tpcompile.checkpoint: {path} holds no optimizer state; the optimizer starts "
+             "fresh")
+        optimizer = None  # asking for its state dict would initialise it (a step of 0s)
     model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer else [])
     state: dict = {"model": model_sd, "meta": {"step": -1}}
-    keys = _saved_keys(path)
     if optimizer is not None:
-        if "optim" not in keys:
-            raise CheckpointError(f"{path} holds no optimizer state (a model-only checkpoint, "
-                                  f"e.g. made by from-torch). Load it with optimizer=None.")
         state["optim"] = optim_sd
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, [optimizer] if optimizer else [], model_state_dict=state["model"],
@@ -176,12 +213,18 @@ def _main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("from-torch", help="model state_dict file -> model-only DCP folder")
     b.add_argument("src")
     b.add_argument("ckpt")
+    b.add_argument("--step", type=int, default=0, help="the step recorded in the checkpoint")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "to-torch":
             print(to_torch_save(args.ckpt, args.out, None if args.all else "model"))
         else:
-            print(from_torch_save(args.src, args.ckpt))
+            out = from_torch_save(args.src, args.ckpt, args.step)
+            print(out)
+            print(f"a model-only checkpoint: load it with checkpoint.load(path, model, None), or "
+                  f"with an optimizer and require_optimizer_state=False; the examples resume "
+                  f"from it (optimizer fresh) when it is ROOT/{step_dir('', args.step)} and "
+                  f"they get --checkpoint-dir ROOT --resume", file=sys.stderr)
     except TPCompileError as e:
         print(f"tpcompile.checkpoint: error: {e}", file=sys.stderr)
         return 2
