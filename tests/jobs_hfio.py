@@ -58,3 +58,16 @@ def refused(rank: int, folder: str) -> dict:
     except tpcompile.TPCompileError as e:
         return {"error": type(e).__name__, "message": str(e)}
     return {"error": None}
+
+
+def loaded_exactly(rank: int, folder: str) -> dict:
+    """from_pretrained at tp 2 of a folder saved in bf16: every parameter's dtype and
+    its full tensor against the file's, bit for bit; and the forward runs in bf16."""
+    from safetensors.torch import load_file
+    disk = load_file(f"{folder}/model.safetensors")
+    par = tpcompile.from_pretrained(folder, tp_mesh(2))
+    dtypes = {str(p.dtype) for p in par.parameters()}
+    unequal = [n for n, p in par.named_parameters() if not torch.equal(full(p), disk[n])]
+    logits = par(input_ids=torch.arange(3, 11).view(1, 8)).logits
+    return {"dtypes": sorted(dtypes), "unequal": unequal, "compared": len(disk),
+            "logits": str(logits.dtype)}

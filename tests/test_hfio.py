@@ -4,6 +4,7 @@ parallel model and back: tpcompile.from_pretrained / save_pretrained."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -52,8 +53,39 @@ def test_a_folder_that_does_not_fit_is_refused_by_name(pool, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     for r in pool.run(J.refused, str(src)):
         assert r["error"] == "CheckpointFolderError"
-        assert "mlp.gate_proj.weight is [128, 64] in the checkpoint, [256, 64] in the model" \
+        assert "mlp.gate_proj.weight is [128, 64] in model.safetensors, [256, 64] in the model" \
             in r["message"]
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 3])  # a copy cut short
+    for r in pool.run(J.refused, str(src)):
+        assert r["error"] == "CheckpointFolderError", r
+        assert "model.safetensors is not a readable safetensors file" in r["message"]
     (src / "model.safetensors").unlink()
     for r in pool.run(J.refused, str(src)):
         assert r["error"] == "CheckpointFolderError" and "model.safetensors" in r["message"]
+
+
+def test_a_missing_shard_or_another_models_files_are_refused_by_name(pool, tmp_path):
+    src = tmp_path / "llama"
+    hf_zoo.build("llama").save_pretrained(src, max_shard_size="100KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    for r in pool.run(J.refused, str(src)):
+        assert r["error"] == "CheckpointFolderError", r
+        assert "not in the folder" in r["message"] and shards[1].name in r["message"]
+    other = _folder(tmp_path, "gpt2")
+    shutil.copy(src / "config.json", other / "config.json")  # Llama's config, GPT-2's files
+    for r in pool.run(J.refused, str(other)):
+        assert r["error"] == "CheckpointFolderError", r
+        assert "none of LlamaForCausalLM's tensors" in r["message"]
+        assert "transformer." in r["message"]  # names what the files do hold
+
+
+def test_bf16_on_disk_loads_bit_exact(pool, tmp_path):
+    import torch
+    src = tmp_path / "bf16"
+    hf_zoo.build("llama").to(torch.bfloat16).save_pretrained(src)
+    for r in pool.run(J.loaded_exactly, str(src)):
+        assert r["dtypes"] == ["torch.bfloat16"] and r["logits"] == "torch.bfloat16", r
+        assert r["compared"] > 10 and not r["unequal"], r

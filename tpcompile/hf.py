@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .api import auto_parallelize, split_mesh
-from .errors import TPCompileError
+from .errors import TPCompileError, warn
 
 
 class CheckpointFolderError(TPCompileError):
@@ -76,9 +76,18 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         raise CheckpointFolderError(
             f"{folder} holds neither model.safetensors nor model.safetensors.index.json; "
             "save the model with transformers' save_pretrained (safetensors is its default)")
-    from safetensors import safe_open
-    with safe_open(str(single), framework="pt") as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
+
+
+def _open(path: Path):
+    """safe_open, a file that is not safetensors (truncated, say) refused by name."""
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointFolderError(f"{path} is not a readable safetensors file "
+                                    f"({type(e).__name__}: {e}); a copy cut short?") from None
 
 
 def _block(p: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -94,9 +103,8 @@ class _Reader:
     """Reads this rank's part of each tensor from the safetensors files, counting bytes."""
 
     def __init__(self, files: dict[str, Path]) -> None:
-        from safetensors import safe_open
         self.files = files
-        self.handles = {f: safe_open(str(f), framework="pt") for f in set(files.values())}
+        self.handles = {f: _open(f) for f in sorted(set(files.values()))}
         self.read_bytes = 0
 
     def shape(self, name: str) -> list[int]:
@@ -120,19 +128,40 @@ class _Reader:
 
 
 def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
-    """Every parameter of the model is in the checkpoint with the same shape."""
-    problems = []
-    for name, p in model.named_parameters():  # tied parameters once, under their first name
+    """Every parameter of the model is in the checkpoint with the same shape; tensors the
+    model does not have are named in a warning."""
+    problems, found = [], 0
+    names = dict(model.named_parameters())  # tied parameters once, under their first name
+    for name, p in names.items():
         if name not in reader.files:
             problems.append(f"{name} is missing")
-        elif reader.shape(name) != list(p.shape):
-            problems.append(f"{name} is {reader.shape(name)} in the checkpoint, "
+            continue
+        found += 1
+        if reader.shape(name) != list(p.shape):
+            problems.append(f"{name} is {reader.shape(name)} in {reader.files[name].name}, "
                             f"{list(p.shape)} in the model")
+    kind = type(model).__name__
+    if not found:
+        held = ", ".join(sorted(reader.files)[:3])
+        raise CheckpointFolderError(
+            f"none of {kind}'s tensors (from {folder / 'config.json'}) are in the safetensors "
+            f"files of {folder}, which hold {held}, ...: a checkpoint of another model, or a "
+            "config.json that does not belong to these files?")
     if problems:
         raise CheckpointFolderError(
-            f"{folder} does not fit the model its config.json builds "
-            f"({type(model).__name__}): {'; '.join(problems[:4])}"
-            f"{' ...' if len(problems) > 4 else ''}")
+            f"{folder} does not fit the model its config.json builds ({kind}): "
+            f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
+    buffers = {n for n, _ in model.named_buffers()}
+    extra = sorted(n for n in reader.files if n not in names and n not in buffers
+                   and not _tied_alias(model, n))
+    if extra:
+        warn(f"tpcompile.from_pretrained: {len(extra)} tensor(s) in {folder} that {kind} does "
+             f"not have are not loaded: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+
+
+def _tied_alias(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a second name of a tied parameter (``lm_head.weight``)."""
+    return name in dict(model.named_parameters(remove_duplicate=False))
 
 
 def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,
