@@ -89,6 +89,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                      plan: Plan | str | Path | None = None, on_indivisible: str = "error",
                      tracer: str = "auto", init_fn: Callable[[nn.Module], None] | None = None,
                      seed: int = 0, loss_parallel: bool = False, materialize: bool = True,
+                     dynamic: bool | None = None, compile: bool | dict = False,
                      **fsdp_kwargs: Any) -> nn.Module:
     """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
 
@@ -106,6 +107,14 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         materialize: a meta-device model is materialised sharded on the mesh's device
             (``init_fn(model)``, else ``model.init_weights(seed)``, else each module's
             ``reset_parameters``); ``False`` leaves it on meta, sharded.
+        dynamic: plan with batch and sequence sizes symbolic from the start, so one
+            program serves every size (default: only with ``compile``; otherwise the first
+            program is specialised to the example's sizes, which plans faster, and a
+            dynamic one is made on the first call at other sizes).
+        compile: ``torch.compile`` the parallel model for you, ``fullgraph=True``: on a
+            1-D mesh the whole forward, on a 2-D mesh each FSDP block's forward (FSDP2's
+            hooks stay outside, as torchtitan does). A dict is passed to ``torch.compile``
+            (``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``).
         **fsdp_kwargs: passed to FSDP2 ``fully_shard`` on a 2-D mesh.
 
     The returned module takes the same inputs as ``model`` (full tensors on every rank)
@@ -138,8 +147,10 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         options = dict(tp=tp, sequence_parallel=sequence_parallel, on_indivisible=on_indivisible,
                        tracer=tracer, input_dtype=input_dtype,
                        packing=dp_mesh is None or param_dtype is None)
+        dynamic = bool(compile) if dynamic is None else dynamic
         compiled = compile_model(model, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                                 given=load_plan(plan), skeleton=sk, **options)  # type: ignore[arg-type]
+                                 given=load_plan(plan), skeleton=sk, dynamic=dynamic,
+                                 **options)  # type: ignore[arg-type]
         _refuse_unsupported_layers(model, compiled)
         group = tp_mesh.get_group().group_name
         if loss_parallel and not any(
@@ -205,10 +216,26 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
         if init is not None:
             materialize_sharded(model, mesh.device_type, init)
+        if compile:
+            _compile(model, compiled, dp_mesh is not None,
+                     compile if isinstance(compile, dict) else {})
     except BaseException:
         snapshot.restore()
         raise
     return model
+
+
+def _compile(model: nn.Module, compiled: Compiled, per_block: bool, options: dict) -> None:
+    """``torch.compile`` the programs' entry points in place (module names, parameters and
+    hooks stay as they are): the root's ``forward`` on a 1-D mesh, where the whole model
+    is one graph, else each block's ``forward``, so that FSDP2's hooks, which run around
+    ``forward``, stay eager."""
+    options = {"fullgraph": True, **options}
+    members = [m for u in compiled.units for m in u.members
+               if (m != "") == per_block]
+    for name in members or [""]:
+        module = model.get_submodule(name)
+        module.forward = torch.compile(module.__dict__["forward"], **options)  # type: ignore[method-assign]
 
 
 def _sharded_styles(plan: Plan) -> dict[str, str]:

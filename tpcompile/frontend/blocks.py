@@ -134,15 +134,16 @@ class BlockCall:
     out_leaves: list[Any]
 
 
-def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def canonical_call(forward: Callable, args: tuple, kwargs: dict,
+                   sig: inspect.Signature | None = None) -> tuple[tuple, dict]:
     """A call in one canonical form: arguments that can be named are passed by name, in
     the signature's order (extra keywords sorted), and optional ones passed as None are
     left out (the same, for a forward that defaults them to None). A None given for a
     parameter without that default (the reference Llama's ``mask`` for one token) is
     kept. Traces and the programs' lookups both use this form, so one structure means
-    one program."""
+    one program. ``sig``: ``forward``'s signature, where the caller holds it."""
     try:
-        sig = _signature(forward)
+        sig = sig or signature_of(forward)
         bound = sig.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return tuple(args), {k: v for k, v in sorted(kwargs.items()) if v is not None}
@@ -166,7 +167,7 @@ def canonical_call(forward: Callable, args: tuple, kwargs: dict) -> tuple[tuple,
 _SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
-def _signature(fn: Callable) -> inspect.Signature:
+def signature_of(fn: Callable) -> inspect.Signature:
     key = getattr(fn, "__func__", fn)
     if key not in _SIGNATURES:
         _SIGNATURES[key] = inspect.signature(fn)

@@ -77,6 +77,8 @@ def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -
 RANDOM = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default,
           aten.alpha_dropout.default, aten.feature_alpha_dropout.default, aten.bernoulli.p,
           aten.rand_like.default, aten.randn_like.default}
+DROPOUTS = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default,
+            aten.alpha_dropout.default, aten.feature_alpha_dropout.default}  # (x, p, train)
 META_DEVICE = torch.device("meta")
 
 
@@ -84,6 +86,8 @@ def _draws_random(n: fx.Node) -> bool:
     if n.target is aten.scaled_dot_product_attention.default:
         p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
         return p != 0.0
+    if n.target in DROPOUTS and isinstance(n.args[1], (int, float)) and n.args[1] == 0:
+        return False  # p = 0 draws nothing that matters (and compiles without an RNG)
     return n.target in RANDOM
 
 
@@ -369,6 +373,7 @@ def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[f
     """The SPMD program of one traced module. ``loss_parallel``: outputs sharded on their
     features (a colwise head's logits) are returned as DTensors ``Shard(-1)`` on the tp
     mesh instead of being gathered, for a vocab-parallel loss."""
+    C.remember(group)
     graph = _Builder(t, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
     graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()

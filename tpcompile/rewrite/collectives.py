@@ -32,14 +32,27 @@ def _pg(group: str) -> dist.ProcessGroup:
     return _resolve_process_group(group)
 
 
-@lru_cache(maxsize=None)
+# (rank, size) of each tp group by name, filled eagerly (``remember``, at rewrite time) so
+# that a compiler tracing a program reads constants here instead of calling into c10d
+_GROUPS: dict[str, tuple[int, int]] = {}
+
+
+def remember(group: str) -> None:
+    if group not in _GROUPS:
+        pg = _pg(group)
+        _GROUPS[group] = (dist.get_rank(pg), dist.get_world_size(pg))
+
+
 def _rank(group: str) -> int:
-    return dist.get_rank(_pg(group))
+    if group not in _GROUPS:
+        remember(group)
+    return _GROUPS[group][0]
 
 
-@lru_cache(maxsize=None)
 def _size(group: str) -> int:
-    return dist.get_world_size(_pg(group))
+    if group not in _GROUPS:
+        remember(group)
+    return _GROUPS[group][1]
 
 
 # The c10d functional ops themselves, not the ``funcol`` wrappers: those wrap every result

@@ -12,7 +12,6 @@ the same styles, and the new programs join the old ones.
 
 from __future__ import annotations
 
-import contextvars
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import RuntimeShapeError
-from ..frontend.blocks import canonical_call
+from ..frontend.blocks import canonical_call, signature_of
 
 
 # how ``Program.fits`` starts its answer for a length sequence parallelism cannot split
@@ -106,8 +105,9 @@ class Program:
         return None
 
 
-# while a root program runs: whether it was made with sequence parallelism
-_VARIANT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("tpcompile_sp", default=None)
+# while a root program runs: whether it was made with sequence parallelism (the last
+# entry; a plain list, which torch.compile traces, where a ContextVar breaks the graph)
+_VARIANT: list[bool] = []
 
 
 @dataclass
@@ -118,10 +118,12 @@ class Runtime:
     replan: Callable[[nn.Module, tuple, dict], None] | None = None
     name: str = ""
     check: Callable[[list[Any], pytree.TreeSpec, bool], None] | None = None  # rank agreement
+    signature: Any = None  # the module's own forward's, read once (torch.compile traces
+    #                        a lookup keyed by a decorated function badly)
 
     def find(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> tuple[Program | None, str]:
         why = "no program yet"
-        variant = _VARIANT.get()
+        variant = _VARIANT[-1] if _VARIANT else None
         for p in self.programs:
             if variant is not None and self.replan is None and p.sp != variant:
                 continue  # a block runs the variant (with or without SP) its parent runs
@@ -134,7 +136,7 @@ class Runtime:
 
 def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
-    args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs)
+    args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs, rt.signature)
     flat, spec = pytree.tree_flatten((args, kwargs))
     if rt.check is not None:
         rt.check(flat, spec, self.training)
@@ -144,17 +146,19 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeShapeError(
                 f"{rt.name or type(self).__name__} was called in a way its parent's program "
                 f"did not plan for ({why}); call the model at its root")
-        rt.replan(self, args, kwargs)
+        _eager(rt.replan)(self, args, kwargs)  # tracing and planning: never compiled
         prog, why = rt.find(self.training, spec, flat)
         if prog is None:
             raise RuntimeShapeError(f"tpcompile made a program for this call but it does not "
                                     f"fit ({why}); please report this")
-    token = _VARIANT.set(prog.sp) if rt.replan is not None else None
+    root = rt.replan is not None
+    if root:
+        _VARIANT.append(prog.sp)
     try:
         outs = prog.forward(self, *[flat[i] for i in prog.positions])
     finally:
-        if token is not None:
-            _VARIANT.reset(token)
+        if root:
+            _VARIANT.pop()
     n = prog.n_outputs
     if prog.mutations:
         with torch.no_grad():
@@ -167,6 +171,11 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
+def _eager(fn: Callable) -> Callable:
+    """``fn`` run outside torch.compile's tracing (a graph break where it is called)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def install(module: nn.Module, program: Program, replan: Callable | None = None,
             name: str = "", check: Callable | None = None) -> None:
     """Make ``module`` run its programs (an instance attribute shadows the class
@@ -174,7 +183,8 @@ def install(module: nn.Module, program: Program, replan: Callable | None = None,
     (the root only): called with each call's flat inputs before anything runs."""
     rt = module.__dict__.get("_tpcompile_runtime")
     if rt is None:
-        rt = Runtime(replan=replan, name=name, check=check)
+        rt = Runtime(replan=replan, name=name, check=check,
+                     signature=signature_of(type(module).forward.__get__(module)))
         module.__dict__["_tpcompile_runtime"] = rt
         module.forward = types.MethodType(_dispatch, module)  # type: ignore[method-assign]
     rt.programs.append(program)

@@ -1,0 +1,74 @@
+"""torch.compile of the parallel model (jobs): fullgraph on a 1-D mesh, per-block under
+FSDP2 on dp x tp, against the unsharded model and the eager parallel model."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import tpcompile
+from tests import jobs_hf as H
+from tests.harness import mesh, tp_mesh
+
+
+def _fresh() -> None:
+    """A job's compiles start from nothing (another job's models filled the workers'
+    caches, and dynamo recompiles a code object only so many times)."""
+    torch._dynamo.reset()
+
+
+def fullgraph(rank: int, family: str, tp: int, backend: str,
+              shapes: list[tuple[int, int]]) -> list[dict]:
+    """``torch.compile(parallel, fullgraph=True)``: graph breaks counted by
+    ``torch._dynamo.explain``, then at each (batch, seq) outputs and every gradient of
+    the compiled model against the unsharded one, and its outputs against eager's."""
+    _fresh()
+    ref, args, kwargs = H.build(family)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_kwargs=kwargs,
+                                     dynamic=True)
+    explained = torch._dynamo.explain(par)(**kwargs)
+    breaks = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    compiled = torch.compile(par, fullgraph=True, backend=backend)
+    out = []
+    for batch, seq in shapes:
+        kw = H._inputs(family, kwargs, batch, seq, False)
+        with torch.no_grad():
+            eager = H._leaves(par(**kw))
+        ref.zero_grad(set_to_none=True)
+        par.zero_grad(set_to_none=True)
+        o_ref, o_par = ref(**kw), compiled(**kw)
+        H.loss_of(o_ref).backward()
+        H.loss_of(o_par).backward()
+        verdict = H.judge(ref, par, o_ref, o_par)
+        vs_eager = max(float((v - eager[k]).abs().max()) for k, v in H._leaves(o_par).items()
+                       if isinstance(v, torch.Tensor))
+        out.append(dict(verdict, shape=(batch, seq), graphs=explained.graph_count,
+                        breaks=breaks, vs_eager=vs_eager,
+                        programs=len(par.__dict__["_tpcompile_runtime"].programs)))
+    return out
+
+
+def per_block(rank: int, family: str, backend: str) -> dict:
+    """``auto_parallelize(..., compile=...)`` on dp 2 x tp 2: each FSDP block's forward
+    compiled with fullgraph, FSDP2's hooks eager; two steps against the unsharded model."""
+    _fresh()
+    from torch._dynamo.utils import counters
+    m = mesh((2, 2), ("dp", "tp"))
+    ref, args, kwargs = H.build(family)
+    before = counters["stats"]["unique_graphs"]
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), m, example_kwargs=kwargs,
+                                     compile={"backend": backend})
+    blocks = [n for n, mod in par.named_modules()
+              if "_torchdynamo_orig_callable" in dir(mod.__dict__.get("forward"))]
+    dp, me = m["dp"].size(), m["dp"].get_local_rank()
+    mine = {k: v.chunk(dp, 0)[me] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    verdicts = []
+    for _ in range(2):
+        ref.zero_grad(set_to_none=True)
+        par.zero_grad(set_to_none=True)
+        o_ref, o_par = ref(**kwargs), par(**mine)
+        H.loss_of(o_ref).backward()
+        H.loss_of(o_par).backward()
+        verdicts.append(H.judge(ref, par, o_ref, o_par, dp=dp))
+    return {"verdicts": verdicts, "compiled": blocks, "graphs": counters["stats"]["unique_graphs"] - before}

@@ -1,0 +1,42 @@
+"""torch.compile of tpcompile's programs: the rewritten program is plain tensors and c10d
+functional collectives, so dynamo takes the whole forward in one graph. Outputs and every
+gradient against the unsharded model, at the planned shape and at others (dynamo's
+automatic dynamic shapes recompile, nothing re-plans), and against the eager program.
+
+``aot_eager`` (dynamo + AOTAutograd, no code generation) keeps CI fast; one Inductor run
+checks the generated code too."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import jobs_compile as J
+from tests.test_hf import check
+
+SHAPES = [(4, 8), (2, 16), (4, 12)]
+
+
+@pytest.mark.parametrize("family", ["llama", "reference_llama", "nanogpt"])
+def test_fullgraph_compile_has_no_graph_break_and_matches(pool, family):
+    res = pool.run(J.fullgraph, family, 2, "aot_eager", SHAPES)
+    check(res)
+    for per_rank in res:
+        for r in per_rank:
+            assert r["graphs"] == 1 and not r["breaks"], r["breaks"]
+            assert r["vs_eager"] <= 1e-5, r["vs_eager"]
+            assert r["programs"] == 1, "a dynamic plan serves every shape"
+
+
+def test_inductor_compiles_the_hf_llama(pool):
+    res = pool.run(J.fullgraph, "llama", 2, "inductor", [(4, 8)])
+    check(res)
+    assert all(r["vs_eager"] <= 1e-4 for per_rank in res for r in per_rank)
+
+
+@pytest.mark.parametrize("family", ["llama", "nanogpt"])
+def test_compile_per_block_under_fsdp(pool, family):
+    for r in pool.run(J.per_block, family, "aot_eager"):
+        check(r["verdicts"], None)
+        blocks = {n for n in r["compiled"] if n.split(".")[-1].isdigit()}
+        assert len(blocks) == 2 and "" not in r["compiled"], r["compiled"]  # root stays eager
+        assert r["graphs"] <= len(r["compiled"]) - 1, r  # the two blocks share one graph
