@@ -72,3 +72,43 @@ def per_block(rank: int, family: str, backend: str) -> dict:
         H.loss_of(o_par).backward()
         verdicts.append(H.judge(ref, par, o_ref, o_par, dp=dp))
     return {"verdicts": verdicts, "compiled": blocks, "graphs": counters["stats"]["unique_graphs"] - before}
+
+
+def bf16(rank: int, family: str, dp: int) -> dict:
+    """bf16 against the fp32 model, beside the unsharded model's own bf16 error: per
+    output and gradient, (parallel bf16 error, unsharded bf16 error), both relative to
+    the fp32 model. tp 2 runs bf16 parameters; dp 2 x tp 2 keeps fp32 master weights and
+    computes in bf16 through FSDP2's MixedPrecisionPolicy (gradients reduced in fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    ref, args, kwargs = H.build(family)
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+    if dp == 1:
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref16), tp_mesh(2), example_kwargs=kwargs)
+        mine = kwargs
+    else:
+        m = mesh((dp, 2), ("dp", "tp"))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), m, example_kwargs=kwargs,
+                                         mp_policy=policy)
+        me = m["dp"].get_local_rank()
+        mine = {k: v.chunk(dp, 0)[me] if isinstance(v, torch.Tensor) else v
+                for k, v in kwargs.items()}
+    outs = {}
+    for name, model, kw in (("ref", ref, kwargs), ("ref16", ref16, kwargs), ("par", par, mine)):
+        o = model(**kw)
+        H.loss_of(o).backward()  # FSDP averages the dp halves' gradients: the full batch's
+        outs[name] = o
+    errs: dict[str, tuple[float, float]] = {}
+    if dp == 1:
+        lo = H._leaves(outs["ref"])
+        for k, v in H._leaves(outs["par"]).items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                errs[f"out {k}"] = (H._err(v.float(), lo[k]),
+                                    H._err(H._leaves(outs["ref16"])[k].float(), lo[k]))
+    p16 = dict(ref16.named_parameters())
+    for n, p in ref.named_parameters():
+        q = dict(par.named_parameters())[n]
+        g = H.full(q.grad).float()
+        errs[n] = (H._err(g, p.grad), H._err(p16[n].grad.float(), p.grad))
+    dtypes = sorted({str(p.dtype) for p in par.parameters()})
+    return {"errs": errs, "dtypes": dtypes, "computed": str(outs["par"].logits.dtype)}
