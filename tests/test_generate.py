@@ -53,11 +53,11 @@ def test_a_block_runs_the_variant_its_parent_runs():
 
     block = P.Runtime(programs=[prog(True), prog(False)])
     for variant in (False, True):
-        token = P._VARIANT.set(variant)
+        P._VARIANT.append(variant)
         try:
             found, _ = block.find(False, spec, flat)
         finally:
-            P._VARIANT.reset(token)
+            P._VARIANT.pop()
         assert found is not None and found.sp is variant
 
 

@@ -38,21 +38,30 @@ _GROUPS: dict[str, tuple[int, int]] = {}
 
 
 def remember(group: str) -> None:
-    if group not in _GROUPS:
+    """Read the group's rank and size now, when it exists (planning without processes,
+    ``explain``, names a group no process group is registered under)."""
+    if group in _GROUPS:
+        return
+    try:
         pg = _pg(group)
-        _GROUPS[group] = (dist.get_rank(pg), dist.get_world_size(pg))
+    except (RuntimeError, ValueError):
+        return
+    _GROUPS[group] = (dist.get_rank(pg), dist.get_world_size(pg))
 
 
 def _rank(group: str) -> int:
-    if group not in _GROUPS:
-        remember(group)
-    return _GROUPS[group][0]
+    return _group(group)[0]
 
 
 def _size(group: str) -> int:
+    return _group(group)[1]
+
+
+def _group(group: str) -> tuple[int, int]:
     if group not in _GROUPS:
-        remember(group)
-    return _GROUPS[group][1]
+        pg = _pg(group)  # raises, naming the group, where none is registered
+        _GROUPS[group] = (dist.get_rank(pg), dist.get_world_size(pg))
+    return _GROUPS[group]
 
 
 # The c10d functional ops themselves, not the ``funcol`` wrappers: those wrap every result
