@@ -49,6 +49,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--loss-parallel", action="store_true",
                    help="both programs keep the logits vocab-sharded and compute the "
                         "cross-entropy under torch's loss_parallel() (no logits gather)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both programs (tpcompile's with fullgraph=True; the "
+                        "first steps, which compile, are warm-up)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (--compile)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -201,21 +205,28 @@ class Program:
     name: str
     model: nn.Module
     opt: torch.optim.Optimizer
+    run: Callable[..., Any] | None = None  # the compiled model, with --compile
 
 
-def programs(ref: Transformer, mesh: DeviceMesh, sp: bool) -> list[Program]:
-    """Both programs, each on its own deep copy of ``ref``, each with its own AdamW."""
+def programs(ref: Transformer, mesh: DeviceMesh, sp: bool, compile_backend: str | None = None
+             ) -> list[Program]:
+    """Both programs, each on its own deep copy of ``ref``, each with its own AdamW;
+    with ``compile_backend`` each also compiled (tpcompile's with fullgraph=True, which
+    fails loudly on a graph break; the hand plan's DTensor program as it comes)."""
     out = []
     for name in PROGRAMS:
         m = PARALLELIZE[name](copy.deepcopy(ref), mesh, sp)
-        out.append(Program(name, m, torch.optim.AdamW(m.parameters(), lr=1e-4)))
+        run = None
+        if compile_backend:
+            run = torch.compile(m, backend=compile_backend, fullgraph=name == "tpcompile")
+        out.append(Program(name, m, torch.optim.AdamW(m.parameters(), lr=1e-4), run))
     return out
 
 
 def step(p: Program, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One training step: forward, loss, backward, optimizer step (grads freed first)."""
     p.opt.zero_grad(set_to_none=True)
-    loss = loss_backward(p.model(tokens), targets)
+    loss = loss_backward((p.model if p.run is None else p.run)(tokens), targets)
     p.opt.step()
     return loss.detach()
 

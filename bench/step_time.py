@@ -47,8 +47,10 @@ def time_pair(progs: list[C.Program], tokens: torch.Tensor, targets: torch.Tenso
 
 
 def run_case(mesh, device, args, sp: bool, batch: int, seq: int) -> dict:
+    if args.compile:  # each case compiles new models from scratch (see RESULTS.md)
+        torch._dynamo.reset()
     ref = C.build_model(args.layers, args.vocab, device, args.seed)
-    progs = C.programs(ref, mesh, sp)
+    progs = C.programs(ref, mesh, sp, args.backend if args.compile else None)
     tokens, targets = C.make_batch(batch, seq, args.vocab, device)
     errs = {}
     for p in progs:
@@ -62,13 +64,13 @@ def run_case(mesh, device, args, sp: bool, batch: int, seq: int) -> dict:
         "ratio": med["tpcompile"] / med["hand"],
         "err_tpcompile": max(errs["tpcompile"]["output"], errs["tpcompile"]["grad"]),
         "err_hand": max(errs["hand"]["output"], errs["hand"]["grad"]),
-        "steps": args.steps,
+        "steps": args.steps, "compiled": args.backend if args.compile else "eager",
         "tpcompile_times_ms": [round(1e3 * t, 2) for t in times["tpcompile"]],
         "hand_times_ms": [round(1e3 * t, 2) for t in times["hand"]],
     }
 
 
-COLUMNS = [("sp", "SP", ""), ("batch", "batch", ""), ("seq", "seq", ""),
+COLUMNS = [("compiled", "mode", ""), ("sp", "SP", ""), ("batch", "batch", ""), ("seq", "seq", ""),
            ("tpcompile_ms", "tpcompile ms", ".1f"), ("hand_ms", "hand ms", ".1f"),
            ("ratio", "tpcompile/hand", ".3f"),
            ("err_tpcompile", "max rel err tpc", ".1e"), ("err_hand", "max rel err hand", ".1e")]
