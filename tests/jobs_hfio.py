@@ -71,3 +71,11 @@ def loaded_exactly(rank: int, folder: str) -> dict:
     logits = par(input_ids=torch.arange(3, 11).view(1, 8)).logits
     return {"dtypes": sorted(dtypes), "unequal": unequal, "compared": len(disk),
             "logits": str(logits.dtype)}
+
+
+def loads_with_warnings(rank: int, folder: str) -> list[str]:
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tpcompile.from_pretrained(folder, tp_mesh(2))
+    return [str(w.message) for w in caught if "from_pretrained" in str(w.message)]

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from models import hf_zoo
 from tests import jobs_hfio as J
@@ -82,8 +83,17 @@ def test_a_missing_shard_or_another_models_files_are_refused_by_name(pool, tmp_p
         assert "transformer." in r["message"]  # names what the files do hold
 
 
+def test_tensors_the_model_lacks_are_named_in_a_warning(pool, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = _folder(tmp_path, "llama")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # older files
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    for r in pool.run(J.loads_with_warnings, str(src)):
+        assert len(r) == 1 and "1 tensor(s)" in r[0] and "rotary_emb.inv_freq" in r[0], r
+
+
 def test_bf16_on_disk_loads_bit_exact(pool, tmp_path):
-    import torch
     src = tmp_path / "bf16"
     hf_zoo.build("llama").to(torch.bfloat16).save_pretrained(src)
     for r in pool.run(J.loaded_exactly, str(src)):

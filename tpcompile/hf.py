@@ -151,17 +151,12 @@ def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
         raise CheckpointFolderError(
             f"{folder} does not fit the model its config.json builds ({kind}): "
             f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
-    buffers = {n for n, _ in model.named_buffers()}
-    extra = sorted(n for n in reader.files if n not in names and n not in buffers
-                   and not _tied_alias(model, n))
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied: both names
+    known |= {n for n, _ in model.named_buffers()}
+    extra = sorted(n for n in reader.files if n not in known)
     if extra:
         warn(f"tpcompile.from_pretrained: {len(extra)} tensor(s) in {folder} that {kind} does "
              f"not have are not loaded: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
-
-
-def _tied_alias(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a second name of a tied parameter (``lm_head.weight``)."""
-    return name in dict(model.named_parameters(remove_duplicate=False))
 
 
 def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,

@@ -34,12 +34,6 @@ def _agent_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
-def start_count() -> int:
-    """How many times this rank has started under the current torchrun agent store
-    (1 on the first start); 0 outside torchelastic or before ``init_distributed``."""
-    return int(os.environ.get("TPCOMPILE_START", "0"))
-
-
 def init_distributed(backend: str | None = None,
                      timeout: datetime.timedelta | None = None) -> None:
     """Initialise the default process group from torchrun's environment, so that a
@@ -65,7 +59,6 @@ def init_distributed(backend: str | None = None,
     store = dist.TCPStore(host, port, world_size=world, is_master=False,
                           timeout=timeout or datetime.timedelta(minutes=5))
     start = store.add(f"tpcompile/starts/world{world}/rank{rank}", 1)
-    os.environ["TPCOMPILE_START"] = str(start)
     dist.init_process_group(backend, store=dist.PrefixStore(f"tpcompile/start{start}", store),
                             rank=rank, world_size=world, **extra)
 
@@ -85,4 +78,4 @@ def init_mesh(tp: int, dim_names: tuple[str, str] = ("dp", "tp")) -> DeviceMesh:
     return init_device_mesh(device, (world // tp, tp), mesh_dim_names=dim_names)
 
 
-__all__ = ["init_distributed", "init_mesh", "start_count", "LaunchError"]
+__all__ = ["init_distributed", "init_mesh", "LaunchError"]

@@ -40,13 +40,10 @@ _GROUPS: dict[str, tuple[int, int]] = {}
 def remember(group: str) -> None:
     """Read the group's rank and size now, when it exists (planning without processes,
     ``explain``, names a group no process group is registered under)."""
-    if group in _GROUPS:
-        return
     try:
-        pg = _pg(group)
+        _group(group)
     except (RuntimeError, ValueError):
-        return
-    _GROUPS[group] = (dist.get_rank(pg), dist.get_world_size(pg))
+        pass
 
 
 def _rank(group: str) -> int:
