@@ -112,3 +112,28 @@ def bf16(rank: int, family: str, dp: int) -> dict:
         errs[n] = (H._err(g, p.grad), H._err(p16[n].grad.float(), p.grad))
     dtypes = sorted({str(p.dtype) for p in par.parameters()})
     return {"errs": errs, "dtypes": dtypes, "computed": str(outs["par"].logits.dtype)}
+
+
+def dropout_refused(rank: int) -> dict:
+    """nanoGPT with dropout 0.1 in train mode: compiling its sharded dropouts is refused
+    by name, and the eager model still runs."""
+    _fresh()
+    ref, args, kwargs = H.build("nanogpt", dropout=0.1)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    compiled = torch.compile(par, fullgraph=True, backend="aot_eager")
+    try:
+        compiled(**kwargs)
+    except Exception as e:  # noqa: BLE001 - dynamo may wrap it
+        message = f"{type(e).__name__}: {e}"
+    else:
+        message = ""
+    eager = par(**kwargs)
+    other = copy.deepcopy(ref)
+    try:  # auto_parallelize(compile=True) says so up front, and leaves the model as it was
+        tpcompile.auto_parallelize(other, tp_mesh(2), example_kwargs=kwargs, compile=True)
+        refused = ""
+    except tpcompile.TPCompileError as e:
+        refused = f"{type(e).__name__}: {e}"
+    untouched = "_tpcompile_plan" not in other.__dict__ and "forward" not in other.__dict__
+    return {"message": message, "eager_ran": eager is not None, "refused": refused,
+            "untouched": untouched}

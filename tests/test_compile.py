@@ -52,3 +52,10 @@ def test_bf16_within_the_unsharded_models_own_bf16_error(pool, dp):
         assert r["computed"] == "torch.bfloat16" and len(r["errs"]) > 20, r["computed"]
         bad = {k: (a, b) for k, (a, b) in r["errs"].items() if not a <= 3 * b + 5e-3}
         assert not bad, bad
+
+
+def test_compiling_a_sharded_dropout_is_refused_by_name(pool):
+    for r in pool.run(J.dropout_refused):
+        assert "torch.compile cannot trace" in r["message"] and "dropout" in r["message"], r
+        assert r["refused"].startswith("UnsupportedError: compile=True") and r["untouched"], r
+        assert r["eager_ran"]

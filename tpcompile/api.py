@@ -217,7 +217,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if init is not None:
             materialize_sharded(model, mesh.device_type, init)
         if compile:
-            _compile(model, compiled, dp_mesh is not None,
+            _compile(model, compiled, programs, dp_mesh is not None,
                      compile if isinstance(compile, dict) else {})
     except BaseException:
         snapshot.restore()
@@ -225,11 +225,20 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     return model
 
 
-def _compile(model: nn.Module, compiled: Compiled, per_block: bool, options: dict) -> None:
+def _compile(model: nn.Module, compiled: Compiled, programs: list[Program], per_block: bool,
+             options: dict) -> None:
     """``torch.compile`` the programs' entry points in place (module names, parameters and
     hooks stay as they are): the root's ``forward`` on a 1-D mesh, where the whole model
     is one graph, else each block's ``forward``, so that FSDP2's hooks, which run around
     ``forward``, stay eager."""
+    random = [u.plan.path or "the root" for u, p in zip(compiled.units, programs)
+              if "on_rank_rng" in p.code]
+    if random:
+        raise UnsupportedError(
+            f"compile=True: {', '.join(random)} of {type(model).__name__} draw(s) dropout "
+            "inside sharded regions, from each rank's own random stream, which torch.compile "
+            "cannot trace. Build the model with dropout 0 (or compile it for eval), or leave "
+            "compile off")
     options = {"fullgraph": True, **options}
     members = [m for u in compiled.units for m in u.members
                if (m != "") == per_block]

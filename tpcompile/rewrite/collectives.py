@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ..errors import RuntimeShapeError
+from ..errors import RuntimeShapeError, UnsupportedError
 
 
 @lru_cache(maxsize=None)
@@ -221,6 +221,12 @@ def on_rank_rng(fn: Any, group: str, *args: Any, **kwargs: Any) -> Any:
     rank (reproducible, different per rank), advanced call by call, and kept apart from
     the global stream, which replicated regions share across ranks."""
     fn = CONSTANTS[fn] if isinstance(fn, int) else fn
+    if torch.compiler.is_compiling():
+        raise UnsupportedError(
+            f"torch.compile cannot trace {getattr(fn, '__name__', fn)} inside a sharded region: "
+            "each tp rank draws its mask from a random stream of its own (its generator state "
+            "is not traceable). Compile the model with dropout 0 or in eval mode, or run this "
+            "one eagerly")
     x = next(a for a in args if isinstance(a, torch.Tensor))
     dev = x.device
     key = (group, str(dev))
