@@ -100,7 +100,7 @@ def main() -> None:
     batches = {}
     for batch, seq in C.sizes(args.sizes):  # every size checked before any step trains
         g = torch.Generator().manual_seed(batch * 1000 + seq)
-        batches[batch, seq] = ids = torch.randint(0, 32000, (batch, seq), generator=g)
+        ids = torch.randint(0, 32000, (batch, seq), generator=g)
         errs = {k: check(ref, progs[k], ids) for k in ("tpcompile", "transformers")}
         for k, e in errs.items():
             if not e <= 1e-4:
