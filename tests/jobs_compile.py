@@ -29,7 +29,7 @@ def fullgraph(rank: int, family: str, tp: int, backend: str,
                                      dynamic=True)
     explained = torch._dynamo.explain(par)(**kwargs)
     breaks = [b.reason.splitlines()[0] for b in explained.break_reasons]
-    compiled = torch.compile(par, fullgraph=True, backend=backend)
+    compiled = torch.compile(par, fullgraph=True, backend=backend, dynamic=len(shapes) > 1)
     out = []
     for batch, seq in shapes:
         kw = H._inputs(family, kwargs, batch, seq, False)

@@ -60,10 +60,14 @@ def sharded_fraction(par: nn.Module) -> float:
     return sharded / total
 
 
-def _flops(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """Matmul and attention FLOPs of one forward and backward."""
+def _flops(model: nn.Module, args: tuple, kwargs: dict, only: tuple[str, ...] = ()) -> int:
+    """Matmul and attention FLOPs of one forward and backward (``only``: of the modules
+    whose names end so)."""
     with FlopCounterMode(display=False) as counter:
         jobs_hf.loss_of(model(*args, **kwargs)).backward()
+    if only:
+        return sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                   if name.endswith(only))
     return counter.get_total_flops()
 
 
@@ -80,6 +84,14 @@ def case(rank: int, name: str, tp: int, sp: bool) -> dict:
     result["notes"] = {n.layer: n.reason for n in tpcompile.plan_of(par).notes()}
     result["sharded"] = sharded_fraction(par)
     result["flop_ratio"] = tp * _flops(par, args, kwargs) / _flops(ref, args, kwargs)
+    # kv projections under GQA with fewer kv heads than tp run on tp / n_kv ranks each
+    result["kv_share"] = _flops(ref, args, kwargs, (".k_proj", ".v_proj", ".wk", ".wv")) / \
+        _flops(ref, args, kwargs)
+    plan = tpcompile.plan_of(par)
+    result["grouped"] = {f"{m}.{rel}" if m else rel: n for mp in plan.modules
+                         for m in mp.members for rel, n in mp.grouped.items()}
+    result["placements"] = {k: str(p.placements[-1]) for k, p in par.named_parameters()
+                            if isinstance(p, DTensor)}
     return result
 
 

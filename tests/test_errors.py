@@ -68,13 +68,20 @@ def test_errors_are_tpcompile_errors():
         assert issubclass(cls, tpcompile.TPCompileError)
 
 
-def test_fewer_kv_heads_than_tp_is_refused_clearly():
+def test_kv_heads_neither_dividing_nor_divided_by_tp_are_refused_clearly():
+    """3 kv heads at tp 4: no group of ranks can share a head (3 does not divide 4) and
+    no head count per rank is whole; 1 kv head (multi-query) at tp 4 is shared by all."""
     from models.llama2 import Transformer, config
+    odd = dict(dim=48, n_heads=12, n_kv_heads=3)
     with pytest.raises(tpcompile.IndivisibleError) as e:
-        tpcompile.plan(Transformer(config("debug", n_kv_heads=1)), tp=4)
-    assert "layers.0.attention" in str(e.value) and "tp = 4" in str(e.value)
+        tpcompile.plan(Transformer(config("debug", **odd)), tp=4)
+    said = str(e.value)
+    assert "layers.0.attention" in said and "= 3 is not divisible by tp = 4" in said, said
+    assert "does not divide it" in said and "multiple" in said, said
+    mqa = tpcompile.plan(Transformer(config("debug", n_kv_heads=1)), tp=4)
+    assert mqa.module_for("layers.0").grouped == {"attention.wk": 1, "attention.wv": 1}
     with pytest.warns(UserWarning, match="not divisible by tp = 4|stays replicated"):
-        p = tpcompile.plan(Transformer(config("debug", n_kv_heads=1)), tp=4,
+        p = tpcompile.plan(Transformer(config("debug", **odd)), tp=4,
                            on_indivisible="replicate")
     assert "layers.0.attention.wq" not in p.layer_styles()
     assert p.layer_styles()["layers.0.feed_forward.w1"] == "colwise"  # the MLP still splits
@@ -177,7 +184,7 @@ def test_indivisible_heads_under_fx_replicate_and_end():
     to find nothing to replicate and loop forever. It must replicate the segment."""
     from tests.property.arch import AttnSpec, BlockSpec, Spec, build, make_inputs
     spec = Spec(dim=32, block=BlockSpec(norm="rms", attn=AttnSpec(
-        n_heads=4, n_kv_heads=2, head_dim=2, kv_repeat="interleave")), vocab=24)
+        n_heads=12, n_kv_heads=3, head_dim=2, kv_repeat="interleave")), vocab=24)
     with pytest.warns(UserWarning, match="not divisible by tp = 4"):
         p = tpcompile.plan(build(spec, 1), tp=4, example_inputs=make_inputs(spec, 2, 8, 1),
                            on_indivisible="replicate", tracer="fx")

@@ -51,10 +51,8 @@ def test_other_family_matches_the_unsharded_model(pool, family):
 @pytest.mark.parametrize("family", ["reference_llama", "nanogpt"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_reference_style_code(pool, family, tp):
-    # the tiny reference config has 2 kv heads; at tp 4 it gets 4 (fewer kv heads than
-    # tp is refused with an IndivisibleError, see test_errors)
-    overrides = {"n_kv_heads": 4} if family == "reference_llama" and tp == 4 else None
-    check(pool.run(J.numerics, family, tp, True, overrides))
+    # the tiny reference config has 2 kv heads: at tp 4 each is shared by 2 ranks
+    check(pool.run(J.numerics, family, tp, True))
 
 
 def test_llama_other_shapes_and_without_sequence_parallel(pool):

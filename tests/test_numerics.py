@@ -60,12 +60,13 @@ def test_llama_other_sequence_length(pool):
     check(pool.run(jobs.numerics, "llama", 2, True, None, 12))
 
 
-def test_llama_multi_query(pool):
-    """kv heads (1) fewer than tp: wk/wv cannot be split by heads; the analysis must not
-    guess. Either it replicates them with correct numbers, or refuses clearly."""
-    res = pool.run(jobs.numerics, "llama", 2, True, {"n_kv_heads": 1},
-                   on_indivisible="replicate")
+@pytest.mark.parametrize("tp", [2, 4])
+def test_llama_multi_query(pool, tp):
+    """One kv head (multi-query attention): every rank computes it from the replicated
+    wk/wv, whose gradients are summed over tp; q, o and the MLP split as usual."""
+    res = pool.run(jobs.numerics, "llama", tp, True, {"n_kv_heads": 1})
     check(res)
+    assert res[0]["styles"]["layers.0.attention.wq"] == "colwise"
 
 
 @pytest.mark.parametrize("sp", [False, True])

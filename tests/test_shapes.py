@@ -60,3 +60,21 @@ def test_redundant_compute_is_within_two_percent(pool, name, tp):
     res = pool.run(J.case, name, tp, True)
     matches(res)
     assert max(r["flop_ratio"] for r in res) <= 1.02, [r["flop_ratio"] for r in res]
+
+
+@pytest.mark.parametrize("name", ["llama", "reference_llama"])
+def test_fewer_kv_heads_than_tp_are_shared_by_groups_of_ranks(pool, name):
+    """2 kv heads at tp 4 (the HF Llama's sdpa path and the reference Llama's repeat_kv):
+    each kv head is computed by the 2 ranks whose q heads use it, from a replicated
+    weight whose gradient is summed over tp; numbers equal on every rank, the q/o and
+    MLP matmuls still split 4 ways (the kv projections are computed twice)."""
+    res = pool.run(J.case, name, 4, True)
+    matches(res)
+    k = "model.layers.0.self_attn.k_proj" if name == "llama" else "layers.0.attention.wk"
+    for r in res:
+        assert r["grouped"][k] == 2, r["grouped"]
+        assert r["placements"][f"{k}.weight"] == "R", r["placements"]
+    # the one redundancy: each kv projection computed on 2 ranks, + its share of the FLOPs
+    # (Llama-3-70B at tp 16 with 8 kv heads: + 2 %)
+    for r in res:
+        assert r["flop_ratio"] <= 1.02 + r["kv_share"], (r["flop_ratio"], r["kv_share"])

@@ -56,7 +56,8 @@ def placements_for(unit: Unit, member: str, module: nn.Module) -> dict[str, list
         layer = module.get_submodule(rel)
         for pname, _ in layer.named_parameters(recurse=False):
             full = f"{member}.{rel}.{pname}" if member else f"{rel}.{pname}"
-            pl = placement(kinds.get(rel, "linear"), style, pname, unit.prop.packed.get(rel))
+            pl = placement(kinds.get(rel, "linear"), style, pname, unit.prop.packed.get(rel),
+                           rel in unit.prop.grouped)
             out[full] = [pl if pl is not None else Replicate()]
     return out
 

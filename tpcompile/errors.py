@@ -19,10 +19,14 @@ class IndivisibleError(TPCompileError):
 
     def __init__(self, layer: str, what: str, size: int, tp: int) -> None:
         self.layer, self.what, self.size, self.tp = layer, what, size, tp
+        heads = "reshape" in what and size > 1  # a heads dim (kv heads may also divide tp)
         super().__init__(
-            f"{layer}: {what} = {size} is not divisible by tp = {tp}. "
-            f"Pick a tp that divides {size}, change the layer's width, or pass "
-            f"on_indivisible='replicate' to keep this segment replicated."
+            f"{layer}: {what} = {size} is not divisible by tp = {tp}"
+            + (f" and does not divide it. Pick a tp that is a divisor or a multiple of "
+               f"{size} (kv heads fewer than tp are shared by groups of tp / {size} ranks)"
+               if heads else f". Pick a tp that divides {size}")
+            + ", change the layer's width, or pass on_indivisible='replicate' to keep this "
+            "segment replicated."
         )
 
 

@@ -384,7 +384,8 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
     colwise / rowwise / vocab-parallel layers, ``Replicate`` for every other one. A
     layer stored transposed (GPT-2's ``Conv1D``, weight (in, out)) is sharded on the other
     weight dim; a fused projection the plan packs into parts holds each rank's slice of
-    every part (``_StridedShard`` with the part count)."""
+    every part (``_StridedShard`` with the part count); a layer with fewer heads than tp
+    (kv heads shared by groups of ranks) is ``Replicate``."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
     from .api import plan_of
@@ -393,11 +394,13 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
     styles = plan.layer_styles()
     packed = {(f"{member}.{rel}" if member else rel): parts for m in plan.modules
               for member in m.members for rel, parts in m.packed.items()}
+    grouped = {(f"{member}.{rel}" if member else rel) for m in plan.modules
+               for member in m.members for rel in m.grouped}
     out: dict[str, Placement] = {}
     for name, _ in model.named_parameters():
         owner, _, pname = name.rpartition(".")
         base = PLACEMENTS.get((styles.get(owner), pname))
-        if base is None:
+        if base is None or owner in grouped:
             out[name] = Replicate()
             continue
         dim = base.dim

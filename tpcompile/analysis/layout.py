@@ -15,17 +15,42 @@ from ..frontend.blocks import TensorInfo
 class Layout:
     """``R`` replicated; ``S`` sharded on ``dim`` inside a tensor-parallel segment;
     ``Q`` sharded on the sequence ``dim`` (sequence parallel); ``E`` replicated in forward
-    with a partial gradient (the input of colwise layers: summed over tp in backward)."""
+    with a partial gradient (the input of colwise layers: summed over tp in backward).
+
+    ``groups`` (``S`` only; 0 means tp): ``dim`` cut into that many chunks, fewer than tp,
+    rank ``r`` holding chunk ``r // (tp // groups)`` (kv heads shared by groups of ranks
+    when there are fewer kv heads than tp). ``inner``: a second dim, cut into
+    ``tp // groups`` chunks, rank ``r`` holding chunk ``r % (tp // groups)`` (those kv
+    heads expanded to their q heads, before the reshape that merges the two dims)."""
 
     kind: str
     dim: int = -1
+    groups: int = 0
+    inner: int = -1
 
     @property
     def sharded(self) -> bool:
         return self.kind in ("S", "Q")
 
+    @property
+    def standard(self) -> bool:
+        """Split into tp chunks on one dim, chunk r on rank r (or not sharded)."""
+        return self.groups == 0 and self.inner < 0
+
+    def shards(self, tp: int) -> int:
+        """How many chunks ``dim`` is cut into."""
+        return self.groups or tp
+
+    def at(self, dim: int) -> "Layout":
+        """The same spread with the sharded dim moved to ``dim``."""
+        return Layout(self.kind, dim, self.groups, self.inner)
+
     def __repr__(self) -> str:
-        return self.kind if self.kind in ("R", "E") else f"{self.kind}({self.dim})"
+        if self.kind in ("R", "E"):
+            return self.kind
+        extra = f"/{self.groups}" if self.groups else ""
+        extra += f"+{self.inner}" if self.inner >= 0 else ""
+        return f"{self.kind}({self.dim}{extra})"
 
 
 R = Layout("R")
@@ -45,10 +70,14 @@ class Unsafe(Exception):
     input were sharded on that dim too. ``indivisible`` = (what, size) for divisibility."""
 
     def __init__(self, reason: str, demand: tuple[fx.Node, int] | None = None,
-                 indivisible: tuple[str, int] | None = None, no_rule: str | None = None) -> None:
+                 indivisible: tuple[str, int] | None = None, no_rule: str | None = None,
+                 group: tuple[str, int] | None = None) -> None:
         super().__init__(reason)
         self.reason, self.demand, self.indivisible = reason, demand, indivisible
         self.no_rule = no_rule  # the op lacking a rule, when that is the reason
+        # (colwise layer, n): it would fit if its output were cut into n < tp chunks, each
+        # shared by tp // n ranks (n kv heads at a larger tp)
+        self.group = group
 
 
 # ----------------------------------------------------------------------------- helpers

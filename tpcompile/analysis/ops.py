@@ -141,7 +141,7 @@ def elementwise(node: fx.Node, ctx: Ctx) -> Layout:
         if pos >= 0 and t.shape[pos] != 1:
             raise Unsafe(f"{node.name}: replicated operand {n.name} {list(t.shape)} meets a "
                          f"tensor sharded on dim {d}", demand=(n, pos))
-    return S(d)
+    return _first_sharded(node, ctx)[1].at(d)
 
 
 def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -164,26 +164,44 @@ def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int],
     return groups
 
 
-def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, where: str) -> int:
+def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, where: str,
+                 layer: str | None = None, shards: int = 0) -> int:
+    """The dim of ``b`` that the sharded dim ``d`` of ``a`` becomes (cut into ``shards``
+    chunks, tp by default). ``layer``: the colwise layer whose output ``a`` is, which
+    could instead be shared by groups of ranks when the view splits it into fewer
+    groups than tp (n kv heads, n dividing tp)."""
+    shards = shards or tp
     for ga, gb in view_groups(a, b):
         if d not in ga:
             continue
+        if a[d] == 1 and shards == 1:  # one head, not split: a 1 kept, or merged (repeat_kv)
+            ones = [k for k in gb if b[k] == 1]
+            return ones[0] if len(gb) > len(ga) and ones else gb[0]
         if [k for k in ga if a[k] != 1][:1] != [d]:
             raise Unsafe(f"{where}: reshape merges the sharded dim {d} of {list(a)} under "
                          f"an outer dim; the shards would interleave")
         if len(gb) > 1 and b[gb[0]] == 1 and a[d] != 1:
-            # view(b, s, 1, head_dim): one head. The shard would have to split that 1.
+            # view(b, s, 1, head_dim): one head. The shard would have to split that 1,
+            # unless it is cut into one chunk (tp 1, or a head shared by every rank)
+            if shards == 1:
+                return gb[0]
             raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} splits the sharded dim "
                          f"into 1 group (a single head?), which cannot be split over tp",
-                         indivisible=(f"dim {gb[0]} of reshape to {list(b)}", 1))
+                         indivisible=(f"dim {gb[0]} of reshape to {list(b)}", 1),
+                         group=(layer, 1) if layer and shards == tp else None)
         outer = [k for k in gb if b[k] != 1]
         if not outer:
             raise Unsafe(f"{where}: reshape drops the sharded dim")
         o = outer[0]
-        if b[o] % tp:
+        if b[o] % shards:
+            fits = layer is not None and shards == tp and tp % b[o] == 0
             raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} splits the sharded dim "
-                         f"into {b[o]} groups, not divisible by tp={tp}",
-                         indivisible=(f"dim {o} of reshape to {list(b)}", b[o]))
+                         f"into {b[o]} groups (heads?), not divisible by tp = {tp}"
+                         + ("" if fits or shards != tp or b[o] % tp == 0 else
+                            f" and not dividing it (each head could be shared by "
+                            f"tp / {b[o]} ranks if {b[o]} divided tp)"),
+                         indivisible=(f"dim {o} of reshape to {list(b)}", b[o]),
+                         group=(layer, b[o]) if fits else None)
         return o
     raise Unsafe(f"{where}: sharded dim {d} not found in reshape")
 
@@ -202,13 +220,30 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
     a, b = info(src), info(node)
     assert a is not None and b is not None
     if node.target is aten.view_as_complex.default:  # [..., d, 2] -> [..., d]
-        if lay.dim >= b.rank:
+        if lay.dim >= b.rank or lay.inner >= 0:
             raise Unsafe(f"{node.name}: view_as_complex of the sharded real/imag pair")
-        return Layout(lay.kind, lay.dim)
-    out = view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name)
+        return lay
+    if lay.inner >= 0:
+        return Layout(lay.kind, _merge_groups(a.shape, b.shape, lay, node.name))
+    out = view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name,
+                       ctx.colwise.get(src), lay.shards(ctx.tp))
     if src in ctx.colwise and len(src.users) == 1 and a.shape[lay.dim] == b.shape[out]:
         ctx.colwise[node] = ctx.colwise[src]  # still the fused output (Conv1D's view back)
-    return Layout(lay.kind, out)
+    return lay.at(out)
+
+
+def _merge_groups(a: tuple[int, ...], b: tuple[int, ...], lay: Layout, where: str) -> int:
+    """kv heads expanded to their q heads (``[b, n_kv, n_rep, s, hd]``, dim ``n_kv`` in
+    groups, ``n_rep`` the inner dim) merged into one heads dim: the merged dim holds
+    chunk r of tp on rank r, a plain shard."""
+    for ga, gb in view_groups(a, b):
+        if lay.dim in ga:
+            if [k for k in ga if a[k] != 1 or k == lay.dim] == [lay.dim, lay.inner] and \
+                    len([k for k in gb if b[k] != 1]) == 1:
+                return next(k for k in gb if b[k] != 1)
+            break
+    raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} does not merge the kv heads "
+                 f"(dim {lay.dim}) with their repeats (dim {lay.inner})")
 
 
 @register(aten.transpose.int, aten.permute.default, aten.t.default, aten.swapaxes.default,
@@ -231,7 +266,7 @@ def transpose(node: fx.Node, ctx: Ctx) -> Layout:
         perm.insert(d1, s0)
     else:
         perm = [norm_dim(x, rank) for x in node.args[1]]
-    return Layout(lay.kind, perm.index(d))
+    return lay.at(perm.index(d))
 
 
 @register(aten.expand.default, aten.expand_as.default)
@@ -243,7 +278,12 @@ def expand(node: fx.Node, ctx: Ctx) -> Layout:
     o = lay.dim + b.rank - a.rank  # type: ignore[union-attr]
     if a.shape[lay.dim] != b.shape[o]:  # type: ignore[union-attr]
         raise Unsafe(f"{node.name}: expand broadcasts the sharded dim")
-    return Layout(lay.kind, o)
+    if lay.groups and lay.inner < 0 and lay.dim + 1 < a.rank and a.shape[lay.dim + 1] == 1 and \
+            b.shape[o + 1] % (ctx.tp // lay.groups) == 0:  # type: ignore[union-attr]
+        # repeat_kv: [b, n_kv, 1, s, hd] -> [b, n_kv, n_rep, s, hd]; rank r keeps the
+        # repeats of its own q heads, chunk r % (tp / n_kv) of n_rep
+        return Layout(lay.kind, o, lay.groups, o + 1)
+    return lay.at(o)
 
 
 @register(aten.slice.Tensor)
@@ -299,6 +339,8 @@ def _sliced_parts(src: fx.Node, d: int, full: int) -> int | None:
 def _packed(node: fx.Node, ctx: Ctx, layer: str, parts: int, full: int) -> Layout:
     """``layer``'s colwise output cut into ``parts`` equal parts: each rank holds its
     slice of every part (a ``_StridedShard`` weight), so the cut stays local."""
+    if not ctx.of(node.args[0]).standard:
+        raise Unsafe(f"{node.name}: a fused projection with fewer kv heads than tp")
     if not PACKING["enabled"]:
         raise Unsafe(f"{node.name}: a fused projection (split into {parts} parts) is "
                      "sharded per part only without FSDP2 (a 1-D mesh) for now")
@@ -316,7 +358,7 @@ def select(node: fx.Node, ctx: Ctx) -> Layout:
     d = norm_dim(node.args[1], info(src).rank)  # type: ignore[union-attr]
     if d == lay.dim:
         raise Unsafe(f"{node.name}: indexes into the sharded dim {d}")
-    return Layout(lay.kind, lay.dim - (1 if d < lay.dim else 0))
+    return lay.at(lay.dim - (1 if d < lay.dim else 0))
 
 
 @register(operator.getitem)
@@ -356,7 +398,7 @@ def reduction(node: fx.Node, ctx: Ctx) -> Layout:
     if lay.dim in dims:
         raise Unsafe(f"{node.name}: reduces over the sharded dim {lay.dim}")
     keep = arg(node, pos + 1, "keepdim", False)
-    return Layout(lay.kind, lay.dim if keep else lay.dim - sum(1 for x in dims if x < lay.dim))
+    return lay.at(lay.dim if keep else lay.dim - sum(1 for x in dims if x < lay.dim))
 
 
 @register(aten.matmul.default, aten.bmm.default)
@@ -371,11 +413,11 @@ def matmul(node: fx.Node, ctx: Ctx) -> Layout:
     if la.sharded and la.dim == ta.rank - 2:
         if lb.sharded or tb.rank > 2 and any(tb.shape[k] != 1 for k in range(tb.rank - 2)):
             raise Unsafe(f"{node.name}: matmul rows sharded with a batched right operand")
-        return S(to.rank - 2)  # type: ignore[union-attr]
+        return la.at(to.rank - 2)  # type: ignore[union-attr]
     if lb.sharded and lb.dim == tb.rank - 1:
         if la.sharded:
             raise Unsafe(f"{node.name}: matmul with both operands sharded on different dims")
-        return S(to.rank - 1)  # type: ignore[union-attr]
+        return lb.at(to.rank - 1)  # type: ignore[union-attr]
     # batch dims: the other operand must be sharded on the same batch dim or broadcast
     src, lay = (a, la) if la.sharded else (b, lb)
     d = lay.dim + to.rank - info(src).rank  # type: ignore[union-attr]
@@ -387,7 +429,7 @@ def matmul(node: fx.Node, ctx: Ctx) -> Layout:
         elif pos >= 0 and t.shape[pos] != 1:
             raise Unsafe(f"{node.name}: matmul needs {other.name} sharded too",
                          demand=(other, pos))
-    return S(d)
+    return lay.at(d)
 
 
 @register(aten.scaled_dot_product_attention.default)
@@ -397,8 +439,7 @@ def sdpa(node: fx.Node, ctx: Ctx) -> Layout:
     heads = rank - 3
     if rank < 3:
         raise Unsafe(f"{node.name}: attention without a heads dim")
-    if node.kwargs.get("enable_gqa", False):
-        raise Unsafe(f"{node.name}: sdpa with enable_gqa (kv heads repeated inside the op)")
+    gqa = node.kwargs.get("enable_gqa", False)
     for n in qkv:
         lay = ctx.of(n)
         if not lay.sharded:
@@ -409,6 +450,11 @@ def sdpa(node: fx.Node, ctx: Ctx) -> Layout:
                 raise Unsafe(f"{node.name}: {n.name} has a single head, which cannot be "
                              "split over tp", indivisible=("heads", 1))
             raise Unsafe(f"{node.name}: {n.name} sharded on dim {lay.dim}, not the heads dim")
+    q, k, v = (ctx.of(n) for n in qkv)
+    # enable_gqa pairs local q head i with local kv head i // (local q / local kv heads),
+    # right for kv heads cut into tp chunks and for kv heads shared by groups of ranks
+    if k != v or not q.standard or (k != q and not gqa) or k.inner >= 0:
+        raise Unsafe(f"{node.name}: q, k and v spread differently over tp ({q}, {k}, {v})")
     mask = arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node) and not ctx.of(mask).sharded:
         t = info(mask)
@@ -416,7 +462,7 @@ def sdpa(node: fx.Node, ctx: Ctx) -> Layout:
         if pos >= 0 and t.shape[pos] != 1:  # type: ignore[union-attr]
             raise Unsafe(f"{node.name}: per-head attention mask must be sharded",
                          demand=(mask, pos))
-    return S(heads)
+    return q
 
 
 @register(aten.cat.default, aten.stack.default, aten.concat.default, aten.hstack.default)
@@ -437,7 +483,7 @@ def cat(node: fx.Node, ctx: Ctx) -> Layout:
             raise Unsafe(f"{node.name}: concatenates a replicated part", demand=(p, s))
     if not is_stack and d == s:
         raise Unsafe(f"{node.name}: concatenates along the sharded dim")
-    return S(s + 1 if is_stack and d <= s else s)
+    return lays[0].at(s + 1 if is_stack and d <= s else s)
 
 
 @register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
@@ -457,7 +503,7 @@ def split(node: fx.Node, ctx: Ctx) -> Layout:
             raise Unsafe(f"{node.name}: splits the sharded dim into unequal parts or after "
                          "other ops (a fused projection tpcompile cannot shard per part)")
         return _packed(node, ctx, layer, parts, info(src).shape[d])  # type: ignore[union-attr]
-    return Layout(lay.kind, lay.dim - 1 if unbind and d < lay.dim else lay.dim)
+    return lay.at(lay.dim - 1 if unbind and d < lay.dim else lay.dim)
 
 
 # Fused projections sharded per part need a strided placement (``_StridedShard``); under
@@ -493,8 +539,17 @@ def _equal_parts(node: fx.Node, size: int) -> int | None:
 @register(aten.repeat_interleave.self_int)
 def repeat_interleave(node: fx.Node, ctx: Ctx) -> Layout:
     src, lay = _first_sharded(node, ctx)
-    if arg(node, 2, "dim") is None:
+    d = arg(node, 2, "dim")
+    if d is None:
         raise Unsafe(f"{node.name}: repeat_interleave without a dim flattens the tensor")
+    if lay.groups and norm_dim(d, info(src).rank) == lay.dim:  # type: ignore[union-attr]
+        # kv heads shared by groups of ranks, repeated to q heads: each rank makes only
+        # its own q heads' copies (repeats / (tp / n_kv)), a plain shard after
+        reps = arg(node, 1, "repeats")
+        if not isinstance(reps, int) or reps % (ctx.tp // lay.groups):
+            raise Unsafe(f"{node.name}: repeat_interleave of kv heads shared by groups of "
+                         f"ranks, {reps} repeats not divisible by {ctx.tp // lay.groups}")
+        return Layout(lay.kind, lay.dim)
     return lay
 
 

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from . import ops
 from .layers import Contract, Layer, Propagation, is_block, layer_of, source_line, where
-from .ops import E, Layout, R, S, Unsafe, info, tensor_inputs
+from .ops import E, Layout, R, Unsafe, info, tensor_inputs
 
 # ------------------------------------------------------------------- tensor parallel
 
@@ -20,9 +20,24 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
               ) -> Propagation:
     """Layouts of every node for the given layer styles; raises ``Unsafe``. ``heads``:
     colwise layers whose output is gathered at once (a head whose logits also feed a loss
-    computed inside the model)."""
-    contracts = contracts or {}
-    res = Propagation({}, defaultdict(dict), heads=set(heads))
+    computed inside the model).
+
+    A colwise layer whose output splits into n heads, n < tp dividing tp (2 kv heads at
+    tp 4), is tried again shared by groups of tp // n ranks (``Propagation.grouped``)."""
+    grouped: dict[str, int] = {}
+    while True:
+        try:
+            return _propagate(gm, styles, tp, auto_rowwise, contracts or {}, set(heads), grouped)
+        except Unsafe as u:
+            if u.group is None or u.group[0] in grouped or styles.get(u.group[0]) != "colwise":
+                raise
+            grouped[u.group[0]] = u.group[1]
+
+
+def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise: bool,
+               contracts: dict[fx.Node, Contract], heads: set[str], grouped: dict[str, int]
+               ) -> Propagation:
+    res = Propagation({}, defaultdict(dict), heads=heads, grouped=dict(grouped))
     lay = res.layouts
     ctx = ops.Ctx(tp, lay, packed=res.packed)
     for node in gm.graph.nodes:
@@ -33,6 +48,7 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
         if node.op == "output":
             for p in ins:
                 if lay[p].sharded:
+                    _gatherable(p, lay[p])
                     res.need[node][p] = R
                     res.gathered_outputs.append(p)
             continue
@@ -60,6 +76,7 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
             raise Unsafe(f"{name} shares its weight {weight} with {', '.join(others)}: one "
                          "weight cannot be sharded for two layers, so they stay replicated "
                          "(give each layer its own weight to shard them)")
+        _same_spread(node, [lay[p] for p in ins if lay[p].sharded])
         rule = ops.rule_for(node)
         if rule is None:
             line = source_line(node)
@@ -89,10 +106,14 @@ def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propag
     if style == "colwise":
         if lx.sharded:
             raise Unsafe(f"{layer.name}: colwise layer fed by a tensor sharded on dim {lx.dim}")
-        _divisible(layer.name, "out_features", out_features, tp)
+        n = res.grouped.get(layer.name, 0)
+        _divisible(layer.name, "out_features", out_features, n or tp)
         res.need[node][x] = E
-        return S(last)
+        return Layout("S", last, n)
     if style == "rowwise" or (style is None and auto_rowwise and lx.sharded and lx.dim == last):
+        if lx.sharded and not lx.standard:
+            raise Unsafe(f"{layer.name}: rowwise layer fed by kv heads shared by groups of "
+                         "ranks (each rank would sum another rank's rows again)")
         if not (lx.sharded and lx.dim == last):
             raise Unsafe(f"{layer.name}: rowwise layer fed by a tensor that is not sharded "
                          "on its features (its input would have to be split first)")
@@ -104,6 +125,25 @@ def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propag
     if lx.sharded:
         raise Unsafe(f"{layer.name}: replicated layer fed by a tensor sharded on dim {lx.dim}")
     return R
+
+
+def _same_spread(node: fx.Node, lays: list[Layout]) -> None:
+    """Operands must be spread alike: kv heads shared by groups of ranks meet per-rank
+    heads only in attention with ``enable_gqa``; expanded kv heads only in the reshape
+    that merges them."""
+    if any(l.inner >= 0 for l in lays) and node.target not in ops.VIEW_LIKE:
+        raise Unsafe(f"{node.name}: expanded kv heads used before the reshape that merges "
+                     "them into q heads")
+    if len({(l.groups, l.inner) for l in lays}) > 1 and \
+            node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+        raise Unsafe(f"{node.name}: operands spread differently over tp ({lays}): kv heads "
+                     "shared by groups of ranks meet per-rank heads")
+
+
+def _gatherable(p: fx.Node, lay: Layout) -> None:
+    if not lay.standard:
+        raise Unsafe(f"{p.name}: kv heads shared by groups of ranks leave the segment "
+                     "(gathering them would repeat each head)")
 
 
 def _divisible(layer: str, what: str, size: int, tp: int) -> None:

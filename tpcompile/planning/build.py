@@ -263,6 +263,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         output=contract.outputs[0].kind if contract and contract.outputs and contract.outputs[0].kind == "Q" else "R",  # type: ignore[arg-type]
         notes=[NotePlan(layer=n.layer, reason=n.reason) for n in notes],
         packed={k: v for k, v in prop.packed.items() if styles.get(k) == "colwise"},
+        grouped={k: v for k, v in prop.grouped.items() if styles.get(k) == "colwise"},
         seq_dims=_seq_dims(gm, styles) if sp else {},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)

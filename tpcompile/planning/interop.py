@@ -45,6 +45,7 @@ def _abs(prefix: str, rel: str) -> str:
 def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
     """``{fqn_or_glob: hf_style}``; a colwise head is ``colwise_rep`` (output gathered)."""
     _check_packed(plan, "a Hugging Face 'colwise'")
+    _check_grouped(plan, "a Hugging Face 'colwise'")
     out: dict[str, str] = {}
     for mp in plan.modules:
         heads = _heads(mp)
@@ -78,6 +79,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
     _check_sp_entry(plan)
     _check_packed(plan, "a parallelize_module ColwiseParallel")
+    _check_grouped(plan, "a parallelize_module ColwiseParallel")
     out: dict[str, Any] = {}
     for mp in plan.modules:
         sp = plan.sequence_parallel and _has_sp(mp)
@@ -115,6 +117,19 @@ def _check_packed(plan: Plan, style: str) -> None:
             f"slice of q, k and v), which {style} cannot express "
             "(it splits the fused weight contiguously and would compute wrong numbers). Use "
             "tpcompile.auto_parallelize, or split the projection into one Linear per part")
+
+
+def _check_grouped(plan: Plan, style: str) -> None:
+    """Fewer kv heads than tp: each kv head is computed by a group of ranks from a
+    replicated weight; a colwise style would split the heads over every rank."""
+    shared = sorted(_abs(prefix, rel) + f" ({n} heads at tp {plan.tp})" for mp in plan.modules
+                    for prefix in _keys(mp) for rel, n in mp.grouped.items())
+    if shared:
+        raise PlanError(
+            f"{', '.join(shared)}: fewer heads than tp, each head computed by a group of "
+            f"tp / heads ranks from a replicated weight, which {style} cannot express (it "
+            "cuts the weight into tp pieces, smaller than one head). Use "
+            "tpcompile.auto_parallelize, or a tp that the kv heads divide")
 
 
 def _has_sp(mp: ModulePlan) -> bool:

@@ -18,12 +18,15 @@ PLACEMENTS: dict[tuple[str | None, str], Shard] = {
 }
 
 
-def placement(kind: str, style: str | None, pname: str, parts: int | None = None) -> Any:
+def placement(kind: str, style: str | None, pname: str, parts: int | None = None,
+              grouped: bool = False) -> Any:
     """A layer parameter's placement on the tp mesh (None: replicated). ``kind``
     "conv1d" (GPT-2's Conv1D) stores its weight as (in, out), the transpose of a Linear's;
-    ``parts``: a fused projection, each rank holding its slice of every part."""
+    ``parts``: a fused projection, each rank holding its slice of every part;
+    ``grouped``: a colwise layer shared by groups of ranks (fewer kv heads than tp), whose
+    weight each rank holds whole and slices its group's rows from."""
     pl = PLACEMENTS.get((style, pname))
-    if pl is None:
+    if pl is None or grouped:
         return None
     dim = pl.dim
     if kind == "conv1d" and pname == "weight":
@@ -68,6 +71,10 @@ class ModulePlan(_Model):
     # position embedding looked up by [T] positions gives [T, d]: dim 0). Found by the
     # analysis; read by to_parallelize_plan, not from plan files.
     seq_dims: dict[str, int] = {}
+    # colwise layers with fewer heads than tp (kv heads under GQA) -> their head count n:
+    # each head computed by tp // n ranks from a replicated weight whose gradient is summed
+    # over tp. Found by the analysis, not read from plan files.
+    grouped: dict[str, int] = {}
 
 
 class Plan(_Model):

@@ -61,6 +61,8 @@ _WHY = {
 
 
 def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -> fx.Node:
+    if not (src.standard and dst.standard):  # the analysis keeps these inside a segment
+        raise PlanError(f"no conversion from {src} to {dst} (kv heads shared by groups of ranks)")
     k = (src.kind, dst.kind)
     if k == ("R", "E"):
         return g.call_function(C.enter, (x, group))
@@ -119,7 +121,7 @@ class _Builder:
             if layer is not None and p in (layer.weight, layer.bias):
                 pname = "weight" if p is layer.weight else "bias"
                 pl = placement(layer.kind, self.styles.get(layer.name), pname,
-                               self.prop.packed.get(layer.name))
+                               self.prop.packed.get(layer.name), layer.name in self.prop.grouped)
                 if pl is not None:
                     return pl
         return None
@@ -130,9 +132,11 @@ class _Builder:
         for ph in t.inputs:
             self.env[ph] = g.placeholder(ph.name)
         sync: list[fx.Node] = []
+        grouped = {p for n in self.gm.graph.nodes if (l := layer_of(n)) is not None
+                   and l.name in self.prop.grouped for p in (l.weight, l.bias) if p is not None}
         for ph, fqn in t.params.items():
             self.env[ph] = g.call_function(C.local, (g.get_attr(fqn),))
-            if self._placement(ph) is None and any(u in self.q for u in ph.users):
+            if self._placement(ph) is None and (ph in grouped or any(u in self.q for u in ph.users)):
                 sync.append(ph)
         for ph, fqn in t.buffers.items():
             self.env[ph] = g.get_attr(fqn)
@@ -148,7 +152,8 @@ class _Builder:
             shapes = [info(p) for p in sync]
             out.meta["tpc_site"] = Site(
                 ", ".join(t.params[p] for p in sync),
-                "gradients of replicated parameters used on sequence shards",
+                "gradients of replicated parameters used on sequence shards or by heads "
+                "shared by groups of ranks",
                 TensorInfo((sum(_numel(s.shape) for s in shapes),), shapes[0].dtype, True))  # type: ignore[union-attr]
             for i, p in enumerate(sync):
                 self.env[p] = g.call_function(operator.getitem, (out, i))
@@ -237,6 +242,11 @@ class _Builder:
             return g.call_function(C.on_rank_rng, (C.keep_constant(n.target), self.group, *a), k)
         if lay.kind == "S" and n.target in ops.SIZED:
             return self._sized(n, lay)
+        if n.target is aten.repeat_interleave.self_int and src_lay is not None and \
+                src_lay.groups and lay.standard:  # kv heads shared by groups: own copies only
+            a, k = self.args(n)
+            reps = ops.arg(n, 1, "repeats") // (self.tp // src_lay.groups)
+            return g.create_node(n.op, n.target, (a[0], reps, *a[2:]), k, n.name)
         if lay.kind == "S" and n.target in ops.SPLITS and \
                 ops.norm_dim(ops.arg(n, 2, "dim", 0), info(n.args[0]).rank) == lay.dim:  # type: ignore[union-attr]
             a, k = self.args(n)
@@ -296,6 +306,11 @@ class _Builder:
         x = self.value(n.args[1] if conv else n.args[0], n)
         w = self.env[layer.weight]
         b = self.env[layer.bias] if layer.bias is not None else None
+        groups = self.prop.grouped.get(layer.name)
+        if groups:  # this rank's group's rows of a replicated weight
+            w = g.call_function(C.group_chunk, (w, 1 if conv else 0, groups, self.group))
+            if b is not None:
+                b = g.call_function(C.group_chunk, (b, 0, groups, self.group))
         if style != "rowwise":
             y = g.call_function(aten.addmm.default, (b, x, w)) if conv else \
                 g.call_function(aten.linear.default, (x, w, b))
@@ -330,10 +345,12 @@ class _Builder:
     def _meta(self, n: fx.Node, lay: Layout) -> fx.Node:
         x = self.env[n.args[0]]
         g = self.g
+        if lay.inner >= 0:
+            raise PlanError(f"{n.name}: the shape of expanded kv heads read before the reshape")
         if n.target is aten.sym_numel.default:
-            return g.call_function(C.logical_numel, (x, lay.dim, self.tp))
+            return g.call_function(C.logical_numel, (x, lay.dim, lay.shards(self.tp)))
         if n.target is aten.sym_size.int:
-            return g.call_function(C.logical_size, (x, lay.dim, self.tp, n.args[1]))
+            return g.call_function(C.logical_size, (x, lay.dim, lay.shards(self.tp), n.args[1]))
         if n.target is aten._assert_tensor_metadata.default:
             return None  # type: ignore[return-value]
         a, k = self.args(n)
@@ -343,11 +360,14 @@ class _Builder:
         """``view(x, [b, s, n_heads, hd])`` on a shard -> ``view(x, [b, s, n_heads // tp, hd])``."""
         a, k = self.args(n)
         pos = ops.SIZED[n.target]
+        n_dim = lay.shards(self.tp)
         if n.target is aten.unflatten.int:
             d0 = ops.norm_dim(a[1], info(n.args[0]).rank)  # type: ignore[union-attr]
-            sizes = self.g.call_function(C.localize_shape, (list(a[2]), lay.dim - d0, self.tp))
+            sizes = self.g.call_function(C.localize_shape, (list(a[2]), lay.dim - d0, n_dim))
         else:
-            sizes = self.g.call_function(C.localize_shape, (list(a[pos]), lay.dim, self.tp))
+            sizes = self.g.call_function(C.localize_shape, (list(a[pos]), lay.dim, n_dim))
+            if lay.inner >= 0:  # expanded kv heads: this rank's share of the repeats
+                sizes = self.g.call_function(C.localize_shape, (sizes, lay.inner, self.tp // n_dim))
         a = list(a)
         a[pos if n.target is not aten.unflatten.int else 2] = sizes
         return self.g.create_node(n.op, n.target, tuple(a), k, n.name)

@@ -287,6 +287,14 @@ def local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
+def group_chunk(x: torch.Tensor, dim: int, groups: int, group: str) -> torch.Tensor:
+    """The chunk of ``x`` (``groups`` chunks on ``dim``) that this rank's group of
+    ``tp // groups`` ranks computes with: the rows of its kv heads in a replicated weight."""
+    rank, size = _group(group)
+    step = x.shape[dim] // groups
+    return x.narrow(dim, rank // (size // groups) * step, step)
+
+
 def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, group: str,
                     padding_idx: int = -1) -> torch.Tensor:
     """Embedding with the vocabulary split over tp: rows outside this rank's range give
