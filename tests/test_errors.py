@@ -87,6 +87,24 @@ def test_kv_heads_neither_dividing_nor_divided_by_tp_are_refused_clearly():
     assert p.layer_styles()["layers.0.feed_forward.w1"] == "colwise"  # the MLP still splits
 
 
+def test_q_heads_fewer_than_tp_are_not_shared_by_groups():
+    """2 q heads (1 kv head) at tp 4: kv heads may be shared by groups of ranks, q heads
+    may not (they feed the rowwise output projection). The error says so, and with
+    on_indivisible='replicate' the attention stays replicated (the grouping tried for the
+    q heads must not turn into another error)."""
+    from models.llama2 import Transformer, config
+    few = dict(dim=16, n_heads=2, n_kv_heads=1)
+    with pytest.raises(tpcompile.IndivisibleError) as e:
+        tpcompile.plan(Transformer(config("debug", **few)), tp=4)
+    said = str(e.value)
+    assert "= 2 is not divisible by tp = 4" in said and "Only kv heads" in said, said
+    assert "does not divide it" not in said, said
+    with pytest.warns(UserWarning, match="not divisible by tp = 4"):
+        p = tpcompile.plan(Transformer(config("debug", **few)), tp=4, on_indivisible="replicate")
+    assert "layers.0.attention.wq" not in p.layer_styles()
+    assert p.module_for("layers.0").grouped == {}
+
+
 @pytest.mark.parametrize("where", ["install", "fsdp"])
 def test_failure_midway_leaves_the_model_untouched(pool, where):
     for r in pool.run(jobs.failure_midway, where):

@@ -20,13 +20,18 @@ class IndivisibleError(TPCompileError):
     def __init__(self, layer: str, what: str, size: int, tp: int) -> None:
         self.layer, self.what, self.size, self.tp = layer, what, size, tp
         heads = "reshape" in what and size > 1  # a heads dim (kv heads may also divide tp)
+        if not heads:
+            fix = f". Pick a tp that divides {size}"
+        elif tp % size:
+            fix = (f" and does not divide it. Pick a tp that is a divisor or a multiple of "
+                   f"{size} (kv heads fewer than tp are shared by groups of tp / {size} ranks)")
+        else:  # fewer heads than tp where only kv heads may be shared (q heads, say)
+            fix = (f". Only kv heads can be fewer than tp (shared by groups of ranks); these "
+                   f"heads feed the output projection, so pick a tp that divides {size}")
         super().__init__(
-            f"{layer}: {what} = {size} is not divisible by tp = {tp}"
-            + (f" and does not divide it. Pick a tp that is a divisor or a multiple of "
-               f"{size} (kv heads fewer than tp are shared by groups of tp / {size} ranks)"
-               if heads else f". Pick a tp that divides {size}")
-            + ", change the layer's width, or pass on_indivisible='replicate' to keep this "
-            "segment replicated."
+            f"{layer}: {what} = {size} is not divisible by tp = {tp}{fix}, change the "
+            "layer's width, or pass on_indivisible='replicate' to keep this segment "
+            "replicated."
         )
 
 

@@ -25,12 +25,16 @@ def propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, *,
     A colwise layer whose output splits into n heads, n < tp dividing tp (2 kv heads at
     tp 4), is tried again shared by groups of tp // n ranks (``Propagation.grouped``)."""
     grouped: dict[str, int] = {}
+    first: Unsafe | None = None  # what failed before any layer was grouped
     while True:
         try:
             return _propagate(gm, styles, tp, auto_rowwise, contracts or {}, set(heads), grouped)
         except Unsafe as u:
             if u.group is None or u.group[0] in grouped or styles.get(u.group[0]) != "colwise":
-                raise
+                # grouping did not make it fit (q heads fewer than tp, say): the first
+                # failure is the one to report, with its indivisible dims
+                raise first or u
+            first = first or u
             grouped[u.group[0]] = u.group[1]
 
 
