@@ -39,7 +39,7 @@ class ResidualMLPClassifier(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def build(name: str) -> tuple[nn.Module, tuple, dict]:
+def build(name: str, **overrides: Any) -> tuple[nn.Module, tuple, dict]:
     """(model, args, kwargs), identical on every rank."""
     torch.manual_seed(0)
     if name == "moe":
@@ -47,7 +47,14 @@ def build(name: str) -> tuple[nn.Module, tuple, dict]:
         return MoeLM(MoeConfig()), (torch.randint(0, 64, (2, 8)),), {}
     if name == "classifier":
         return ResidualMLPClassifier(), (torch.randn(4, 8, 16),), {}
-    return jobs_hf.build(name)
+    if name.startswith(("mha", "encoder")):
+        from models.stock_attention import EncoderLM, MHALM
+        model = {"mha": lambda: MHALM(**overrides),
+                 "mha_seq_first": lambda: MHALM(batch_first=False, **overrides),
+                 "encoder_pre": lambda: EncoderLM(norm_first=True, **overrides),
+                 "encoder_post": lambda: EncoderLM(norm_first=False, **overrides)}[name]()
+        return model, (torch.randint(0, 64, (2, 8)),), {}
+    return jobs_hf.build(name, **overrides)
 
 
 def sharded_fraction(par: nn.Module) -> float:
@@ -95,9 +102,14 @@ def case(rank: int, name: str, tp: int, sp: bool) -> dict:
     return result
 
 
-def with_counts(rank: int, name: str, tp: int, sp: bool) -> dict[str, Any]:
-    """Collectives of one forward and one backward, by kind."""
-    ref, args, kwargs = build(name)
+# the config field that sets the number of blocks, by model
+DEPTH = {"nanogpt": "n_layer", "reference_llama": "n_layers", "mha": "n_layers",
+         "encoder_pre": "n_layers", "llama": "num_hidden_layers"}
+
+
+def with_counts(rank: int, name: str, tp: int, sp: bool, depth: int) -> dict[str, Any]:
+    """Collectives of one forward and one backward, by kind, with ``depth`` blocks."""
+    ref, args, kwargs = build(name, **{DEPTH[name]: depth})
     par = tpcompile.auto_parallelize(ref, tp_mesh(tp), example_inputs=args,
                                      example_kwargs=kwargs, sequence_parallel=sp)
     with tpcompile.CollectiveCounter() as fwd:

@@ -179,15 +179,30 @@ class _EncoderLM(nn.Module):
         return self.head(self.enc(self.emb(ids), mask=mask, is_causal=True))
 
 
-def test_stock_multihead_attention_stays_replicated_with_its_reason():
-    """nn.MultiheadAttention (packed in_proj_weight, heads folded into the batch) is not
-    sharded yet: each one is named in a warning and the plan's notes, never silently
-    replicated; the feed-forward around it is sharded as usual."""
-    with pytest.warns(UserWarning, match=r"enc\.layers\.1\.self_attn stays replicated: "
-                                         r"nn\.MultiheadAttention packs q, k and v"):
-        p = tpcompile.plan(_EncoderLM(), tp=2, example_inputs=(torch.randint(0, 64, (2, 8)),))
-    notes = {n.layer: n.reason for n in p.notes()}
-    assert {"enc.layers.0.self_attn", "enc.layers.1.self_attn"} <= set(notes)
+def test_stock_multihead_attention_is_planned_by_heads_or_says_why_not():
+    """nn.TransformerEncoder's attention is sharded by heads (packed in_proj per part,
+    out_proj rowwise; numerics in tests/test_shapes.py). An nn.MultiheadAttention asked
+    for its weights (need_weights=True: heads averaged in a batched matmul) stays
+    replicated, named in a warning and the plan's notes, never silently."""
+    p = tpcompile.plan(_EncoderLM(), tp=2, example_inputs=(torch.randint(0, 64, (2, 8)),))
     styles = p.layer_styles()
-    assert styles["enc.layers.0.linear1"] == "colwise" and styles["enc.layers.0.linear2"] == "rowwise"
-    assert not any("self_attn" in k for k in styles)
+    assert styles["enc.layers.1.self_attn.in_proj"] == "colwise"
+    assert styles["enc.layers.1.self_attn.out_proj"] == "rowwise"
+    packed = {k: v for m in p.modules for k, v in m.packed.items()}
+    assert packed["enc.layers.0.self_attn.in_proj"] == 3, packed
+
+    class Weights(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+
+        def forward(self, x):
+            y, w = self.attn(x, x, x)  # need_weights defaults to True
+            return self.mlp(y) + w.sum()
+
+    with pytest.warns(UserWarning, match=r"attn stays replicated: this nn\.MultiheadAttention "
+                                         r"is sharded by heads only"):
+        p = tpcompile.plan(Weights(), tp=2, example_inputs=(torch.randn(2, 8, 16),))
+    assert "attn" in {n.layer for n in p.notes()}
+    assert "attn.in_proj" not in p.layer_styles()

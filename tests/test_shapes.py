@@ -78,3 +78,24 @@ def test_fewer_kv_heads_than_tp_are_shared_by_groups_of_ranks(pool, name):
     # (Llama-3-70B at tp 16 with 8 kv heads: + 2 %)
     for r in res:
         assert r["flop_ratio"] <= 1.02 + r["kv_share"], (r["flop_ratio"], r["kv_share"])
+
+
+@pytest.mark.parametrize("name,tp", [("mha", 2), ("mha_seq_first", 4), ("encoder_pre", 4),
+                                     ("encoder_post", 2)])
+def test_stock_pytorch_attention_is_sharded_by_heads(pool, name, tp):
+    """nn.MultiheadAttention (batch first and sequence first, a boolean causal mask,
+    need_weights=False) and nn.TransformerEncoder (pre- and post-norm): the packed
+    in_proj_weight is sharded per part (each rank its slice of q, of k and of v), the
+    heads folded into the batch ([T, B * H, hd]) stay this rank's heads, out_proj is
+    rowwise; numbers equal on every rank with sequence parallelism, every matmul split."""
+    res = pool.run(J.case, name, tp, True)
+    matches(res)
+    attn = "blocks.0.attn" if name.startswith("mha") else "encoder.layers.0.self_attn"
+    styles = res[0]["styles"]
+    assert (styles[f"{attn}.in_proj"], styles[f"{attn}.out_proj"]) == ("colwise", "rowwise")
+    for r in res:
+        assert r["placements"][f"{attn}.in_proj_weight"] == "_S(0, 3)", \
+            r["placements"]
+        assert not r["warnings"], r["warnings"]
+    assert min(r["sharded"] for r in res) >= 0.7
+    assert max(r["flop_ratio"] for r in res) <= 1.02, [r["flop_ratio"] for r in res]

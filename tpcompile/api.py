@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_t
 import torch.utils._pytree as pytree
 from torch.nn.utils import parametrize
 
-from .analysis import layer_of
+from .analysis import layer_of, layer_params
 from .debug import dump
 from .errors import PlanError, TPCompileError, UnsupportedError
 from .frontend import cast_floats, skeleton
@@ -53,9 +53,8 @@ def placements_for(unit: Unit, member: str, module: nn.Module) -> dict[str, list
     out: dict[str, list[Placement]] = {}
     kinds = {l.name: l.kind for n in unit.gm.graph.nodes if (l := layer_of(n)) is not None}
     for rel, style in unit.styles.items():
-        layer = module.get_submodule(rel)
-        for pname, _ in layer.named_parameters(recurse=False):
-            full = f"{member}.{rel}.{pname}" if member else f"{rel}.{pname}"
+        for pname, name in layer_params(module, rel).items():
+            full = f"{member}.{name}" if member else name
             pl = placement(kinds.get(rel, "linear"), style, pname, unit.prop.packed.get(rel),
                            rel in unit.prop.grouped)
             out[full] = [pl if pl is not None else Replicate()]

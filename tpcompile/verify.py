@@ -388,6 +388,7 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
     (kv heads shared by groups of ranks) is ``Replicate``."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
+    from .analysis import param_role
     from .api import plan_of
     from .planning.value import PLACEMENTS
     plan = plan or plan_of(model)
@@ -398,13 +399,13 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
                for member in m.members for rel in m.grouped}
     out: dict[str, Placement] = {}
     for name, _ in model.named_parameters():
-        owner, _, pname = name.rpartition(".")
+        owner, pname = param_role(name)
         base = PLACEMENTS.get((styles.get(owner), pname))
         if base is None or owner in grouped:
             out[name] = Replicate()
             continue
         dim = base.dim
-        if pname == "weight" and type(model.get_submodule(owner)).__name__ == "Conv1D":
+        if pname == "weight" and type(model.get_submodule(name.rpartition(".")[0])).__name__ == "Conv1D":
             dim = 1 - dim
         parts = packed.get(owner)
         out[name] = _StridedShard(dim, split_factor=parts) if parts else Shard(dim)

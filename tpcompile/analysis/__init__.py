@@ -15,12 +15,13 @@ is: replicated, sharded, partial), ``layers`` (which nodes compute which layer),
 """
 
 from .layers import (NORM_OPS, Contract, Layer, Note, Propagation, Segment, dataflow_graph,
-                     is_block, layer_of, mark_layers, source_line, tied_pairs, where)
+                     is_block, layer_of, layer_params, mark_layers, param_role, source_line,
+                     tied_pairs, where)
 from .propagate import propagate
 from .segments import (check_divisibility, detect_segments, embedding_styles, head_layers,
                        replicate_layer)
 
 __all__ = ["NORM_OPS", "Contract", "Layer", "Note", "Propagation", "Segment",
            "check_divisibility", "dataflow_graph", "detect_segments", "embedding_styles",
-           "head_layers", "is_block", "layer_of", "mark_layers", "propagate", "replicate_layer",
+           "head_layers", "is_block", "layer_of", "layer_params", "mark_layers", "param_role", "propagate", "replicate_layer",
            "source_line", "tied_pairs", "where"]

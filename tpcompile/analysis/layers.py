@@ -64,11 +64,17 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
             continue
         layer = fqn[:-len(".weight")] if fqn.endswith(".weight") else ""
         caller = _caller(n) if module is not None else layer
-        if caller and caller != layer:
+        if kind == "linear" and fqn.endswith(PACKED_WEIGHT) and fqn.rpartition(".")[0] == caller:
+            # a Parameter of the calling module used as a Linear's weight (the packed
+            # in_proj_weight of nn.MultiheadAttention): a layer named after the Parameter
+            layer = caller = fqn[:-len("_weight")]
+            if b is not None and t.params.get(b) != f"{layer}_bias":
+                continue
+        elif caller and caller != layer and not _child_linear(module, caller, layer):
             if not _holds(module, caller, "weight", module.get_parameter(fqn)):  # type: ignore[union-attr]
                 continue  # another module's weight read directly (F.linear(h, emb.weight))
             layer = caller  # the tied twin: named after the module that calls it
-        if not layer or b is not None and not (t.params.get(b) == f"{layer}.bias" or _holds(
+        if not layer or b is not None and not (t.params.get(b) in (f"{layer}.bias", f"{layer}_bias") or _holds(
                 module, layer, "bias", module.get_parameter(t.params.get(b, "")))):  # type: ignore[union-attr, arg-type]
             continue
         uses[w] += 1
@@ -89,6 +95,43 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
         n.meta["tpc_layer"] = layer
         out.setdefault(layer.name, layer)
     return out
+
+
+# a Parameter a module uses as a Linear weight itself (nn.MultiheadAttention's
+# in_proj_weight): the layer is named ``<module>.in_proj``, its bias ``in_proj_bias``
+PACKED_WEIGHT = ".in_proj_weight"
+
+
+def layer_params(module: nn.Module, layer: str) -> dict[str, str]:
+    """A layer's parameters, role ("weight", "bias") -> name relative to ``module``: a
+    module's own ``weight``/``bias``, or a Parameter pair ``<stem>_weight``/``<stem>_bias``
+    of the module above (``attn.in_proj`` -> ``attn.in_proj_weight``)."""
+    try:
+        sub = module.get_submodule(layer)
+        return {r: f"{layer}.{r}" for r in ("weight", "bias") if sub._parameters.get(r) is not None}
+    except AttributeError:
+        owner, _, stem = layer.rpartition(".")
+        held = module.get_submodule(owner)._parameters
+        return {r: f"{layer}_{r}" for r in ("weight", "bias") if held.get(f"{stem}_{r}") is not None}
+
+
+def param_role(name: str) -> tuple[str, str]:
+    """(layer, role) of a parameter name: ``a.b.weight`` -> ("a.b", "weight"),
+    ``attn.in_proj_bias`` -> ("attn.in_proj", "bias"); other names give role "" ."""
+    owner, _, leaf = name.rpartition(".")
+    for role in ("weight", "bias"):
+        if leaf == role:
+            return owner, role
+        if "." + leaf == PACKED_WEIGHT.replace("weight", role):
+            return name[:-len(role) - 1], role
+    return owner, leaf
+
+
+def _child_linear(module: nn.Module | None, caller: str, layer: str) -> bool:
+    """``layer`` is an nn.Linear inside ``caller`` whose weight the caller passes to
+    F.linear itself (nn.MultiheadAttention's out_proj): that Linear, called another way."""
+    return module is not None and layer.startswith(caller + ".") and \
+        isinstance(module.get_submodule(layer), nn.Linear)
 
 
 def _caller(node: fx.Node) -> str:

@@ -21,12 +21,17 @@ class Layout:
     rank ``r`` holding chunk ``r // (tp // groups)`` (kv heads shared by groups of ranks
     when there are fewer kv heads than tp). ``inner``: a second dim, cut into
     ``tp // groups`` chunks, rank ``r`` holding chunk ``r % (tp // groups)`` (those kv
-    heads expanded to their q heads, before the reshape that merges the two dims)."""
+    heads expanded to their q heads, before the reshape that merges the two dims).
+    ``outer`` (``S`` only): ``dim`` is a sharded dim folded under an unsharded outer
+    factor of that size (nn.MultiheadAttention's heads folded into the batch,
+    ``[B * H, T, hd]`` with ``H`` split: each rank holds ``B * H / tp`` of it, which is no
+    chunk of the whole). Ops may carry it along until a reshape unfolds it again."""
 
     kind: str
     dim: int = -1
     groups: int = 0
     inner: int = -1
+    outer: int = 0
 
     @property
     def sharded(self) -> bool:
@@ -35,7 +40,7 @@ class Layout:
     @property
     def standard(self) -> bool:
         """Split into tp chunks on one dim, chunk r on rank r (or not sharded)."""
-        return self.groups == 0 and self.inner < 0
+        return self.groups == 0 and self.inner < 0 and self.outer == 0
 
     def shards(self, tp: int) -> int:
         """How many chunks ``dim`` is cut into."""
@@ -43,13 +48,14 @@ class Layout:
 
     def at(self, dim: int) -> "Layout":
         """The same spread with the sharded dim moved to ``dim``."""
-        return Layout(self.kind, dim, self.groups, self.inner)
+        return Layout(self.kind, dim, self.groups, self.inner, self.outer)
 
     def __repr__(self) -> str:
         if self.kind in ("R", "E"):
             return self.kind
         extra = f"/{self.groups}" if self.groups else ""
         extra += f"+{self.inner}" if self.inner >= 0 else ""
+        extra += f" under {self.outer}" if self.outer else ""
         return f"{self.kind}({self.dim}{extra})"
 
 

@@ -180,9 +180,10 @@ def view_out_dim(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int, where:
         if [k for k in ga if a[k] != 1][:1] != [d]:
             raise Unsafe(f"{where}: reshape merges the sharded dim {d} of {list(a)} under "
                          f"an outer dim; the shards would interleave")
-        if len(gb) > 1 and b[gb[0]] == 1 and a[d] != 1:
+        if len(gb) > 1 and b[gb[0]] == 1 and a[d] != 1 and gb[0] > 0:
             # view(b, s, 1, head_dim): one head. The shard would have to split that 1,
-            # unless it is cut into one chunk (tp 1, or a head shared by every rank)
+            # unless it is cut into one chunk (tp 1, or a head shared by every rank). A 1
+            # in front of everything is a batch of one ([H, T, hd] -> [1, H, T, hd]).
             if shards == 1:
                 return gb[0]
             raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} splits the sharded dim "
@@ -225,11 +226,121 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
         return lay
     if lay.inner >= 0:
         return Layout(lay.kind, _merge_groups(a.shape, b.shape, lay, node.name))
+    if lay.outer:
+        return _unfold(a.shape, b.shape, lay, ctx.tp, node.name)
+    layer = ctx.colwise.get(src)
+    if layer is not None and lay.standard:
+        parts = _indexed_parts(node, a.shape, b.shape, lay.dim)
+        if parts is not None:  # [.., 3 * E] -> [.., 3, E], then q, k, v picked by index
+            _packed(node, ctx, layer, parts[1], a.shape[lay.dim])
+            return lay.at(parts[0] + 1)
+    folded = _fold(a.shape, b.shape, lay.dim, ctx.tp, node.name)
+    if folded is not None:
+        return Layout(lay.kind, folded[0], outer=folded[1])
     out = view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name,
                        ctx.colwise.get(src), lay.shards(ctx.tp))
     if src in ctx.colwise and len(src.users) == 1 and a.shape[lay.dim] == b.shape[out]:
         ctx.colwise[node] = ctx.colwise[src]  # still the fused output (Conv1D's view back)
     return lay.at(out)
+
+
+def _group_of(a: tuple[int, ...], b: tuple[int, ...], d: int) -> tuple[list[int], list[int]]:
+    return next((ga, gb) for ga, gb in view_groups(a, b) if d in ga)
+
+
+def _prod(xs: Iterator[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _fold(a: tuple[int, ...], b: tuple[int, ...], d: int, tp: int,
+          where: str) -> tuple[int, int] | None:
+    """A reshape that folds the heads of the sharded dim ``d`` into unsharded dims before
+    it (``[T, B, E] -> [T, B * H, hd]``, as nn.MultiheadAttention does): (the folded
+    dim, the outer factor), or None when nothing outer is merged in."""
+    ga, gb = _group_of(a, b, d)
+    outer_dims = [k for k in ga if k < d and a[k] != 1]
+    if not outer_dims:
+        return None
+    nb = [k for k in gb if b[k] != 1]
+    outer = _prod(a[k] for k in outer_dims)
+    if any(a[k] != 1 for k in ga if k > d) or not nb or b[nb[0]] % outer:
+        raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} merges the sharded dim {d} "
+                     "with the dims around it; the shards would interleave")
+    heads = b[nb[0]] // outer
+    if heads % tp or heads * _prod(b[k] for k in nb[1:]) != a[d]:
+        raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} folds {heads} heads into the "
+                     f"batch, not divisible by tp = {tp}",
+                     indivisible=(f"heads folded into dim {nb[0]} of reshape to {list(b)}", heads))
+    return nb[0], outer
+
+
+def _unfold(a: tuple[int, ...], b: tuple[int, ...], lay: Layout, tp: int, where: str) -> Layout:
+    """Heads folded into the batch (``[B * H, T, hd]``) split out again (``[B, H, T, hd]``):
+    a plain shard of the heads dim. A reshape that keeps the fold keeps the layout."""
+    ga, gb = _group_of(a, b, lay.dim)
+    nb = [k for k in gb if b[k] != 1]
+    if [k for k in ga if a[k] != 1] == [lay.dim]:
+        if len(nb) == 1:
+            return lay.at(nb[0])  # the folded dim kept whole (a 1 added or dropped)
+        seen = 1
+        for i, k in enumerate(nb):
+            if seen == lay.outer:
+                if b[k] % tp == 0 and b[k] * _prod(b[j] for j in nb[i + 1:]) * lay.outer == a[lay.dim]:
+                    return Layout(lay.kind, k)
+                break
+            seen *= b[k]
+    raise Unsafe(f"{where}: reshape {list(a)} -> {list(b)} does not split the heads folded "
+                 f"into dim {lay.dim} back out of the batch ({lay.outer})")
+
+
+_MOVES = {aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, aten.permute.default,
+          aten.contiguous.default, aten.clone.default, aten.alias.default}
+
+
+def _indexed_parts(node: fx.Node, a: tuple[int, ...], b: tuple[int, ...],
+                   d: int) -> tuple[int, int] | None:
+    """A fused projection's output reshaped to ``[..., parts, E]`` whose parts are then
+    picked by index (nn.MultiheadAttention: ``unflatten(-1, (3, E))``, moved to the front,
+    ``[0]``, ``[1]``, ``[2]``): (the parts dim, the part count), or None."""
+    ga, gb = _group_of(a, b, d)
+    nb = [k for k in gb if b[k] != 1]
+    if [k for k in ga if a[k] != 1] != [d] or len(nb) != 2 or nb[1] != nb[0] + 1 or \
+            b[nb[0]] > 4:
+        return None
+    parts, pos, n = b[nb[0]], nb[0], node
+    while len(n.users) == 1 and next(iter(n.users)).target in _MOVES:
+        n = next(iter(n.users))
+        pos = _moved(n, pos)
+        if pos is None:
+            return None
+    picked = set()
+    for u in n.users:
+        if u.target is aten.select.int and norm_dim(u.args[1], len(info(n).shape)) == pos:  # type: ignore[union-attr]
+            picked.add(u.args[2] % parts)
+        elif u.target is aten.unbind.int and norm_dim(arg(u, 1, "dim", 0), len(info(n).shape)) == pos:  # type: ignore[union-attr]
+            picked.update(range(parts))
+        else:
+            return None
+    return (nb[0], parts) if picked == set(range(parts)) else None
+
+
+def _moved(n: fx.Node, pos: int) -> int | None:
+    """Where dim ``pos`` of ``n``'s input is in ``n``'s output (None: squeezed away)."""
+    rank = len(info(n.args[0]).shape)  # type: ignore[union-attr]
+    if n.target is aten.unsqueeze.default:
+        return pos + (1 if norm_dim(n.args[1], rank + 1) <= pos else 0)
+    if n.target is aten.squeeze.dim:
+        s = norm_dim(n.args[1], rank)
+        return None if s == pos else pos - (1 if s < pos else 0)
+    if n.target is aten.transpose.int:
+        d0, d1 = norm_dim(n.args[1], rank), norm_dim(n.args[2], rank)
+        return d1 if pos == d0 else d0 if pos == d1 else pos
+    if n.target is aten.permute.default:
+        return [norm_dim(x, rank) for x in n.args[1]].index(pos)
+    return pos
 
 
 def _merge_groups(a: tuple[int, ...], b: tuple[int, ...], lay: Layout, where: str) -> int:

@@ -134,20 +134,21 @@ def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propag
 def _same_spread(node: fx.Node, lays: list[Layout]) -> None:
     """Operands must be spread alike: kv heads shared by groups of ranks meet per-rank
     heads only in attention with ``enable_gqa``; expanded kv heads only in the reshape
-    that merges them."""
+    that merges them; heads folded into the batch meet only heads folded alike."""
     if any(l.inner >= 0 for l in lays) and node.target not in ops.VIEW_LIKE:
         raise Unsafe(f"{node.name}: expanded kv heads used before the reshape that merges "
                      "them into q heads")
-    if len({(l.groups, l.inner) for l in lays}) > 1 and \
+    if len({(l.groups, l.inner, l.outer) for l in lays}) > 1 and \
             node.target is not torch.ops.aten.scaled_dot_product_attention.default:
         raise Unsafe(f"{node.name}: operands spread differently over tp ({lays}): kv heads "
-                     "shared by groups of ranks meet per-rank heads")
+                     "shared by groups of ranks, or heads folded into the batch, meet "
+                     "per-rank heads")
 
 
 def _gatherable(p: fx.Node, lay: Layout) -> None:
     if not lay.standard:
-        raise Unsafe(f"{p.name}: kv heads shared by groups of ranks leave the segment "
-                     "(gathering them would repeat each head)")
+        raise Unsafe(f"{p.name}: kv heads shared by groups of ranks, or heads folded into "
+                     "the batch, leave the segment (a gather would repeat or interleave them)")
 
 
 def _divisible(layer: str, what: str, size: int, tp: int) -> None:

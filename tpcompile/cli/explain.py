@@ -19,7 +19,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from ..analysis import ops
-from ..analysis.layers import is_block, layer_of
+from ..analysis.layers import is_block, layer_of, layer_params, param_role
 from ..analysis.layout import R, info
 from ..planning.build import Compiled, Unit
 from ..planning.value import PLACEMENTS, placement
@@ -175,14 +175,21 @@ def megatron_min(c: Compiled) -> int:
 
 # ------------------------------------------------------------------- blocks, memory
 
-def _placements(style: str, module: nn.Module) -> dict[str, str]:
+def _placements(style: str, owner: nn.Module, layer: str, packed: int | None) -> dict[str, str]:
     out = {}
-    for pn, _ in module.named_parameters(recurse=False):
-        pl = placement("conv1d" if type(module).__name__ == "Conv1D" else "linear", style, pn)
+    for pn in layer_params(owner, layer):
+        pl = placement("conv1d" if _is_conv1d(owner, layer) else "linear", style, pn, packed)
         out[pn] = repr(pl) if pl is not None else (
             "Replicate (grad summed over tp)" if style == "sequence_parallel" else
             "Replicate (added once, after the reduction)" if style == "rowwise" else "Replicate")
     return out
+
+
+def _is_conv1d(owner: nn.Module, layer: str) -> bool:
+    try:
+        return type(owner.get_submodule(layer)).__name__ == "Conv1D"
+    except AttributeError:  # a Parameter pair (in_proj_weight), used as a Linear's
+        return False
 
 
 def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
@@ -190,7 +197,8 @@ def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
     for u in c.units:
         mp, owner = u.plan, model.get_submodule(u.members[0])
         layer = lambda n: LayerReport(name=n, style=mp.styles[n],  # noqa: E731
-                                      placements=_placements(mp.styles[n], owner.get_submodule(n)))
+                                      placements=_placements(mp.styles[n], owner, n,
+                                                             mp.packed.get(n)))
         segs = [SegmentReport(kind=s.kind, layers=[layer(n) for n in s.colwise + s.rowwise])
                 for s in mp.segments]
         in_seg = {n for s in mp.segments for n in s.colwise + s.rowwise}
@@ -209,7 +217,7 @@ def param_memory(c: Compiled, model: nn.Module, dp: int) -> tuple[int, int, int]
     styles, tp = c.plan.layer_styles(), c.plan.tp
     sharded = replicated = total = 0
     for name, p in model.named_parameters():
-        owner, _, pn = name.rpartition(".")
+        owner, pn = param_role(name)
         b = p.numel() * p.dtype.itemsize
         total += b
         if (styles.get(owner), pn) in PLACEMENTS:

@@ -21,7 +21,7 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
-from ..analysis.layers import layer_of
+from ..analysis.layers import PACKED_WEIGHT, layer_of
 from ..errors import PlanError
 from ..frontend.blocks import block_signature, find_blocks
 from .files import is_flat
@@ -86,7 +86,8 @@ def nearest(pattern: str, names: list[str]) -> str:
 def expand(plan: Plan, model: nn.Module) -> dict[str, str]:
     """Absolute layer name -> style. Exact names override globs; two globs that give one
     layer different styles are an error."""
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in model.named_modules() if n] + [  # and packed Parameter pairs
+        n[:-len("_weight")] for n, _ in model.named_parameters() if n.endswith(PACKED_WEIGHT)]
     traced = list(traced_modules(model))
     globbed: dict[str, tuple[str, str]] = {}
     exact: dict[str, str] = {}
@@ -170,7 +171,11 @@ def bind(plan: Plan, model: nn.Module) -> Plan:
     styles = expand(plan, model)
     modules = dict(model.named_modules())
     for name, style in styles.items():
-        check_fit(name, modules[name], style)
+        if name in modules:
+            check_fit(name, modules[name], style)
+        elif style not in ("colwise", "replicate"):  # nn.MultiheadAttention's in_proj
+            raise PlanError(f"{name}: a packed q/k/v projection is colwise (sharded per part) "
+                            f"or replicate, not {style}")
     traced = traced_modules(model)
     per_member: dict[str, dict[str, str]] = {p: {} for p in traced}
     for name, style in sorted(styles.items()):

@@ -270,20 +270,19 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
 
 
 def _stock_attention(t: Traced, module: nn.Module, styles: dict[str, str]) -> list[A.Note]:
-    """``nn.MultiheadAttention`` traced in this graph (its parameters read here) stays
-    replicated, with the reason: its q, k and v come from one packed ``in_proj_weight``
-    Parameter (not a Linear), and its heads are folded into the batch dim
-    (``[T, B * H, hd]``), a layout the analysis does not shard yet."""
+    """``nn.MultiheadAttention`` traced in this graph (its parameters read here) whose
+    packed ``in_proj`` did not shard stays replicated, with the reason: separate q/k/v
+    weights (kdim or vdim differ from embed_dim), or ``need_weights=True`` (heads
+    averaged in a batched matmul the analysis does not split)."""
     read = set(t.params.values())
     out = []
     for name, m in module.named_modules():
-        if isinstance(m, nn.MultiheadAttention) and any(
+        if isinstance(m, nn.MultiheadAttention) and f"{name}.in_proj" not in styles and any(
                 f"{name}.{p}" in read for p in ("in_proj_weight", "q_proj_weight")):
-            out.append(A.Note(name, "replicated: nn.MultiheadAttention packs q, k and v in one "
-                              "in_proj_weight Parameter and folds its heads into the batch "
-                              "dim, which tpcompile does not shard yet (write the attention "
-                              "with q/k/v Linears and F.scaled_dot_product_attention to "
-                              "shard it)"))
+            out.append(A.Note(name, "replicated: this nn.MultiheadAttention is sharded by "
+                              "heads only with one packed in_proj_weight (kdim = vdim = "
+                              "embed_dim) and need_weights=False; pass need_weights=False, "
+                              "or write the attention with q/k/v Linears"))
     return out
 
 
