@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tpcompile
 from tests import jobs_hf
-from tests.harness import numerics_result, tp_mesh
+from tests.harness import judge, numerics_result, tp_mesh
 
 CLASSES = 7
 
@@ -117,3 +117,28 @@ def with_counts(rank: int, name: str, tp: int, sp: bool, depth: int) -> dict[str
     with tpcompile.CollectiveCounter() as bwd:
         jobs_hf.loss_of(out).backward()
     return {"fwd": dict(fwd.counts), "bwd": dict(bwd.counts)}
+
+
+def interop(rank: int, name: str, tp: int, sp: bool) -> dict:
+    """``tpcompile.to_parallelize_plan`` of the detected plan applied with PyTorch's
+    ``parallelize_module``: the unsharded model's numbers (every gradient, once the
+    optimizer-side fix-ups of a hand plan are done), or a PlanError naming what the dict
+    cannot express."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    from tpcompile.verify import align_grads, planned_placements
+    ref, args, kwargs = build(name)
+    plan = tpcompile.plan(ref, tp=tp, example_inputs=args, example_kwargs=kwargs,
+                          sequence_parallel=sp)
+    try:
+        hand = tpcompile.to_parallelize_plan(plan)
+    except tpcompile.PlanError as e:
+        return {"error": None, "refused": str(e)}
+    pt = copy.deepcopy(ref)
+    for m in pt.modules():  # what any hand plan needs: head counts used in views, per rank
+        for attr in ("n_heads", "n_kv_heads"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, getattr(m, attr) // tp)
+    parallelize_module(pt, tp_mesh(tp), hand)
+    rep = judge(ref, pt, args, kwargs=kwargs, loss_fn=jobs_hf.loss_of,
+                placements=planned_placements(pt, plan), after_backward=align_grads)
+    return {"error": None, "refused": None, "report": rep, "styles": plan.layer_styles()}

@@ -99,3 +99,50 @@ def test_stock_pytorch_attention_is_sharded_by_heads(pool, name, tp):
         assert not r["warnings"], r["warnings"]
     assert min(r["sharded"] for r in res) >= 0.7
     assert max(r["flop_ratio"] for r in res) <= 1.02, [r["flop_ratio"] for r in res]
+
+
+# Hugging Face models without sequence parallelism: their rotary tables are computed at
+# the root from inputs_embeds.shape[1], which parallelize_module's sequence-sharded
+# embedding output would halve (tpcompile's rewrite keeps the logical length)
+EXPRESSIBLE = [("moe", False), ("classifier", False), ("llama", False)]
+REFUSED = [("nanogpt", 2, "c_attn (3 parts)"), ("gpt2", 2, "c_attn (3 parts)"),
+           ("phi3", 2, "qkv_proj (3 parts)"), ("mha", 2, "attn.in_proj (3 parts)"),
+           ("reference_llama", 4, "wk (2 heads at tp 4)"),
+           ("qwen3", 2, "self_attn.k_norm.weight, model.layers.*.self_attn.q_norm.weight")]
+
+
+@pytest.mark.parametrize("name,sp", EXPRESSIBLE)
+def test_exported_plan_runs_under_parallelize_module(pool, name, sp):
+    """Experts (each one's w1/w3 colwise, w2 rowwise), a replicated 7-class head, GQA
+    with kv heads dividing tp: the plan as a
+    parallelize_module dict runs and gives the unsharded model's numbers."""
+    res = pool.run(J.interop, name, 2, sp)
+    assert all(r["refused"] is None for r in res), res[0]["refused"]
+    matches(res)
+
+
+@pytest.mark.parametrize("name,tp,what", REFUSED)
+def test_exported_plan_says_what_it_cannot_express(pool, name, tp, what):
+    """Fused projections sharded per part, kv heads shared by groups of ranks and
+    per-head norms (a replicated weight whose gradient must be summed over tp; with
+    parallelize_module the ranks' copies drift apart, which a run of the exported plan
+    showed) have no parallelize_module style: the conversion names the layers instead of
+    emitting a plan that computes wrong numbers."""
+    res = pool.run(J.interop, name, tp, False)
+    said = res[0]["refused"]
+    assert said and what in said and "auto_parallelize" in said, said
+
+
+def test_per_head_norms_in_a_hugging_face_tp_plan():
+    """Qwen3's q/k norms become what transformers' own Qwen3 plan calls them
+    ('replicated_with_grad_allreduce'), and that style reads back as replicate."""
+    import tpcompile
+    from transformers import Qwen3Config
+    model, args, kwargs = J.build("qwen3")
+    hf = tpcompile.to_hf_tp_plan(tpcompile.plan(model, tp=2, example_inputs=args,
+                                                example_kwargs=kwargs))
+    theirs = Qwen3Config.base_model_tp_plan
+    for norm in ("q_norm", "k_norm"):
+        assert hf[f"model.layers.*.self_attn.{norm}"] == theirs[f"layers.*.self_attn.{norm}"]
+    back = tpcompile.from_hf_tp_plan({"layers.*.self_attn.q_norm": "replicated_with_grad_allreduce"})
+    assert back.layer_styles() == {"layers.*.self_attn.q_norm": "replicate"}

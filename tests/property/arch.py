@@ -71,7 +71,13 @@ class Spec(_Spec):
         return out
 
     def divisible(self, tp: int) -> bool:
-        return all(size % tp == 0 for _, size in self.widths())
+        return all(fits(what, size, tp) for what, size in self.widths())
+
+
+def fits(what: str, size: int, tp: int) -> bool:
+    """Whether tensor parallelism over ``tp`` ranks can split ``size``: kv heads fewer
+    than tp are also fine when they divide it (each shared by tp / size ranks)."""
+    return size % tp == 0 or (what == "n_kv_heads" and tp % size == 0)
 
 
 def activation(name: Act, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
+from tests.property.arch import fits
+
 Style = Literal["reference", "nanogpt", "hf", "torch_layer"]
 # HF families drawn (tiny random configs); the held-in families of tests/test_hf.py plus
 # two more, each with its own attention/MLP code
@@ -57,7 +59,7 @@ class StyleSpec(BaseModel):
         return out
 
     def divisible(self, tp: int) -> bool:
-        return all(size % tp == 0 for _, size in self.widths())
+        return all(fits(what, size, tp) for what, size in self.widths())
 
     def label(self) -> str:
         return f"hf:{self.family}" if self.style == "hf" else self.style

@@ -265,6 +265,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         packed={k: v for k, v in prop.packed.items() if styles.get(k) == "colwise"},
         grouped={k: v for k, v in prop.grouped.items() if styles.get(k) == "colwise"},
         seq_dims=_seq_dims(gm, styles) if sp else {},
+        summed=_summed(t, prop, all_styles),
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
 
@@ -284,6 +285,15 @@ def _stock_attention(t: Traced, module: nn.Module, styles: dict[str, str]) -> li
                               "embed_dim) and need_weights=False; pass need_weights=False, "
                               "or write the attention with q/k/v Linears"))
     return out
+
+
+def _summed(t: Traced, prop: A.Propagation, styles: dict[str, str]) -> list[str]:
+    """Parameters of no styled layer that meet sharded activations (a per-head q/k norm's
+    weight on each rank's heads): each rank's gradient is partial, summed over tp."""
+    styled = {f"{layer}.{r}" for layer in styles for r in ("weight", "bias")} | {
+        f"{layer}_{r}" for layer in styles for r in ("weight", "bias")}
+    return sorted({t.params[p] for needs in prop.need.values() for p, lay in needs.items()
+                   if p in t.params and lay.kind == "E" and t.params[p] not in styled})
 
 
 def _seq_dims(gm: fx.GraphModule, styles: dict[str, str]) -> dict[str, int]:

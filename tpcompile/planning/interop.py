@@ -23,7 +23,11 @@ _FROM_HF = {
     "rowwise": "rowwise", "rowwise_rep": "rowwise", "local_rowwise": "rowwise",
     "embedding_rowwise": "vocab_parallel", "sequence_parallel": "sequence_parallel",
     "replicate": "replicate",
+    # a replicated layer whose gradient is summed over tp (per-head q/k norms): tpcompile
+    # finds that sum itself, so the layer is plainly replicated in the plan
+    "replicated_with_grad_allreduce": "replicate",
 }
+SUMMED_HF = "replicated_with_grad_allreduce"
 _TO_HF = {"colwise": "colwise", "rowwise": "rowwise", "vocab_parallel": "embedding_rowwise",
           "sequence_parallel": "sequence_parallel", "replicate": "replicate"}
 HEAD_HF = "colwise_rep"  # a colwise head whose output is gathered (tpcompile's I/O contract)
@@ -52,6 +56,8 @@ def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
         for prefix in _keys(mp):
             for rel, style in mp.styles.items():
                 out[_abs(prefix, rel)] = HEAD_HF if rel in heads else _TO_HF[style]
+            for name in mp.summed:
+                out[_abs(prefix, name.rpartition(".")[0])] = SUMMED_HF
     return dict(sorted(out.items()))
 
 
@@ -80,6 +86,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     _check_sp_entry(plan)
     _check_packed(plan, "a parallelize_module ColwiseParallel")
     _check_grouped(plan, "a parallelize_module ColwiseParallel")
+    _check_summed(plan)
     out: dict[str, Any] = {}
     for mp in plan.modules:
         sp = plan.sequence_parallel and _has_sp(mp)
@@ -130,6 +137,20 @@ def _check_grouped(plan: Plan, style: str) -> None:
             f"tp / heads ranks from a replicated weight, which {style} cannot express (it "
             "cuts the weight into tp pieces, smaller than one head). Use "
             "tpcompile.auto_parallelize, or a tp that the kv heads divide")
+
+
+def _check_summed(plan: Plan) -> None:
+    """A replicated weight used on each rank's heads (a per-head q/k norm) gets a partial
+    gradient on each rank; no parallelize_module style sums it, so the ranks' copies would
+    drift apart in training."""
+    summed = sorted(_abs(prefix, name) for mp in plan.modules for prefix in _keys(mp)
+                    for name in mp.summed)
+    if summed:
+        raise PlanError(
+            f"{', '.join(summed)}: replicated, but used on each rank's share of the heads, so "
+            "each rank's gradient is partial and must be summed over tp; no parallelize_module "
+            "style does that (the copies would drift apart). Use tpcompile.auto_parallelize, "
+            f"or Hugging Face's tp_plan ('{SUMMED_HF}', from tpcompile.to_hf_tp_plan)")
 
 
 def _has_sp(mp: ModulePlan) -> bool:

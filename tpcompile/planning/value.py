@@ -75,6 +75,9 @@ class ModulePlan(_Model):
     # each head computed by tp // n ranks from a replicated weight whose gradient is summed
     # over tp. Found by the analysis, not read from plan files.
     grouped: dict[str, int] = {}
+    # parameters of no styled layer used on sharded activations (per-head q/k norms), whose
+    # gradient the rewrite sums over tp. Found by the analysis, not read from plan files.
+    summed: list[str] = []
 
 
 class Plan(_Model):
