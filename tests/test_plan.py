@@ -206,3 +206,17 @@ def test_stock_multihead_attention_is_planned_by_heads_or_says_why_not():
         p = tpcompile.plan(Weights(), tp=2, example_inputs=(torch.randn(2, 8, 16),))
     assert "attn" in {n.layer for n in p.notes()}
     assert "attn.in_proj" not in p.layer_styles()
+
+def test_a_materialised_meta_model_is_traced_on_its_new_device():
+    """A meta-built model materialised by auto_parallelize lives on the mesh's device; a
+    later re-plan (a call at another shape) must fake its parameters there, not on meta,
+    where they would meet the call's CUDA inputs (found on a GPU: 'found two different
+    devices meta, cuda:0'). The skeleton records the new devices."""
+    from tpcompile.frontend import follow_devices, skeleton
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    sk = skeleton(model)
+    assert {d.type for d in sk.__dict__["_tpcompile_devices"].values()} == {"meta"}
+    model.to_empty(device="cpu")
+    follow_devices(sk, model)
+    assert {d.type for d in sk.__dict__["_tpcompile_devices"].values()} == {"cpu"}

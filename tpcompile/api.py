@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from .analysis import layer_of, layer_params
 from .debug import dump
 from .errors import PlanError, TPCompileError, UnsupportedError
-from .frontend import cast_floats, skeleton
+from .frontend import cast_floats, follow_devices, skeleton
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
@@ -216,6 +216,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)
         if init is not None:
             materialize_sharded(model, mesh.device_type, init)
+            follow_devices(sk, model)
         if compile:
             _compile(model, compiled, programs, dp_mesh is not None,
                      compile if isinstance(compile, dict) else {})

@@ -43,6 +43,20 @@ def skeleton(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Mod
     return sk
 
 
+def follow_devices(sk: nn.Module, model: nn.Module) -> None:
+    """Record where ``model``'s tensors live now (a meta-built model materialised on the
+    mesh's device), so that later traces (a re-plan at another shape) fake them there and
+    not on meta, where they would meet the call's CUDA inputs."""
+    devices: dict[int, torch.device] = sk.__dict__["_tpcompile_devices"]
+    real = {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+    for name, t in [*sk.named_parameters(remove_duplicate=False),
+                    *sk.named_buffers(remove_duplicate=False)]:
+        r = real.get(name)
+        if r is not None:
+            devices[id(t)] = getattr(r, "_local_tensor", r).device
+
+
 @contextlib.contextmanager
 def fake_state(sk: nn.Module) -> Iterator[FakeTensorMode]:
     """Give the skeleton fake parameters and buffers on their real devices (no storage),
