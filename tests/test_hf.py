@@ -51,8 +51,9 @@ def test_other_family_matches_the_unsharded_model(pool, family):
 @pytest.mark.parametrize("family", ["reference_llama", "nanogpt"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_reference_style_code(pool, family, tp):
-    # the tiny reference config has 2 kv heads: at tp 4 each is shared by 2 ranks
-    check(pool.run(J.numerics, family, tp, True))
+    # the tiny reference config has 2 kv heads: at tp 4 each is shared by 2 ranks.
+    # nanoGPT (fused c_attn per part, tied wte/lm_head) leaves only norms and wpe whole
+    check(pool.run(J.numerics, family, tp, True), 0.95 if family == "nanogpt" else 0.7)
 
 
 def test_llama_other_shapes_and_without_sequence_parallel(pool):
