@@ -195,8 +195,16 @@ def tpc_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module
     return tpcompile.auto_parallelize(model, mesh, sequence_parallel=sp, loss_parallel=LOSS_PARALLEL)
 
 
+def tpc_serial(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
+    """tpcompile's program without the backward overlap (each input-gradient reduction
+    waited on at once, before the weight gradients): what the overlap buys."""
+    from tpcompile.rewrite.codegen import overlapping
+    with overlapping(False):
+        return tpc_parallelize(model, mesh, sp)
+
+
 PARALLELIZE: dict[str, Callable[[Transformer, DeviceMesh, bool], nn.Module]] = {
-    "tpcompile": tpc_parallelize, "hand": hand_parallelize,
+    "tpcompile": tpc_parallelize, "hand": hand_parallelize, "tpcompile-serial": tpc_serial,
 }
 
 
@@ -208,17 +216,17 @@ class Program:
     run: Callable[..., Any] | None = None  # the compiled model, with --compile
 
 
-def programs(ref: Transformer, mesh: DeviceMesh, sp: bool, compile_backend: str | None = None
-             ) -> list[Program]:
+def programs(ref: Transformer, mesh: DeviceMesh, sp: bool, compile_backend: str | None = None,
+             names: tuple[str, ...] = PROGRAMS) -> list[Program]:
     """Both programs, each on its own deep copy of ``ref``, each with its own AdamW;
     with ``compile_backend`` each also compiled (tpcompile's with fullgraph=True, which
     fails loudly on a graph break; the hand plan's DTensor program as it comes)."""
     out = []
-    for name in PROGRAMS:
+    for name in names:
         m = PARALLELIZE[name](copy.deepcopy(ref), mesh, sp)
         run = None
         if compile_backend:
-            run = torch.compile(m, backend=compile_backend, fullgraph=name == "tpcompile")
+            run = torch.compile(m, backend=compile_backend, fullgraph=name.startswith("tpcompile"))
         out.append(Program(name, m, torch.optim.AdamW(m.parameters(), lr=1e-4), run))
     return out
 

@@ -10,6 +10,7 @@ op, so a ``TorchDispatchMode`` sees each of them, in forward and in backward ali
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,3 +65,41 @@ class CollectiveCounter(TorchDispatchMode):
         self.counts.clear()
         self.bytes.clear()
         self.log.clear()
+
+
+@dataclass
+class OpTimeline(TorchDispatchMode):
+    """Every ATen and c10d op this thread runs, with its start and end (``time.perf_counter``
+    seconds), in order: where a collective is launched, what computes while it is in
+    flight, and how long its ``wait_tensor`` then blocks.
+
+        with OpTimeline() as t:
+            loss.backward()
+        t.events   # [("_c10d_functional.all_reduce", t0, t1), ("aten.mm", ...), ...]
+    """
+
+    events: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.events.append((f"{func.namespace}.{func._opname}", t0, time.perf_counter()))
+        return out
+
+    def in_flight(self, kinds: tuple[str, ...] = ("all_reduce", "reduce_scatter_tensor")
+                  ) -> list[list[str]]:
+        """For each collective launched (of ``kinds``), the ops run between its launch and
+        the next ``wait_tensor``: what computed while it was on the wire."""
+        out: list[list[str]] = []
+        names = [e[0] for e in self.events]
+        for i, name in enumerate(names):
+            if name.startswith("_c10d_functional.") and name.split(".", 1)[1] in kinds:
+                j = next((k for k in range(i + 1, len(names))
+                          if names[k] == "_c10d_functional.wait_tensor"), len(names))
+                out.append(names[i + 1:j])
+        return out

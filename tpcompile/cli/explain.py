@@ -128,7 +128,7 @@ def unit_collectives(u: Unit, tp: int) -> list[tuple]:
         if site is None:
             continue
         t = site.tensor
-        for kind, phase in zip(C.COLLECTIVES[node.target], ("forward", "backward")):
+        for kind, phase in zip(C.collectives_of(node), ("forward", "backward")):
             # no gradient reaches a constant (the rope tables): its backward never runs
             if kind and (phase == "forward" or t.requires_grad):
                 out.append((site.at, kind, phase, site.why, t.shape, t.dtype,

@@ -11,9 +11,11 @@ included) stay exactly the user's.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -387,6 +389,59 @@ def _impure(n: fx.Node) -> bool:
                              isinstance(n.target, torch._ops.HigherOrderOperator))
 
 
+# Backward input-gradient reductions overlapped with the weight-gradient matmuls: on by
+# default; TPCOMPILE_OVERLAP=0 (or ``overlapping(False)`` around auto_parallelize) builds
+# the programs without it, to measure what it buys (bench/step_time.py --overlap).
+OVERLAP = {"enabled": os.environ.get("TPCOMPILE_OVERLAP", "1") != "0"}
+
+
+@contextlib.contextmanager
+def overlapping(enabled: bool) -> Iterator[None]:
+    old = OVERLAP["enabled"]
+    OVERLAP["enabled"] = enabled
+    try:
+        yield
+    finally:
+        OVERLAP["enabled"] = old
+
+
+def _overlap_input_grads(graph: fx.Graph) -> None:
+    """An input entering colwise layers (``enter``/``sp_gather``) whose every user is one
+    of those Linears becomes one ``colwise_linears`` call: the same collectives, with the
+    input gradient's reduction overlapped with the weight-gradient matmuls in backward."""
+    for conv in [n for n in graph.nodes if n.target in (C.enter, C.sp_gather)]:
+        users = list(conv.users)
+        if not users or any(u.target is not aten.linear.default or u.args[0] is not conv or
+                            u.kwargs for u in users):
+            continue
+        pos = _position(graph)
+        first = min(users, key=pos)
+        params = [a for u in users for a in u.args[1:3] if isinstance(a, fx.Node)]
+        late = [p for p in params if pos(p) > pos(first)]
+        if any(pos(a) > pos(first) for p in late for a in p.all_input_nodes):
+            continue  # a weight computed from something only ready later: left as it is
+        for p in sorted(late, key=pos):
+            first.prepend(p)  # this rank's rows of a shared kv weight, moved up
+        dim = None if conv.target is C.enter else conv.args[1]
+        with graph.inserting_before(first):
+            call = graph.call_function(C.colwise_linears, (
+                conv.args[0], dim, conv.args[-1], [u.args[1] for u in users],
+                [u.args[2] if len(u.args) > 2 else None for u in users]))
+            call.meta.update(conv.meta)  # its tpc_site: what explain reports
+            for i, u in enumerate(users):
+                y = graph.call_function(operator.getitem, (call, i))
+                y.meta.update(u.meta)
+                u.replace_all_uses_with(y)
+        for u in users:
+            graph.erase_node(u)
+        graph.erase_node(conv)
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
 def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[fx.Node],
             tp: int, group: str, contracts: dict[fx.Node, Contract],
             loss_parallel: bool = False) -> Rewritten:
@@ -396,6 +451,8 @@ def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[f
     C.remember(group)
     graph = _Builder(t, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
     graph.eliminate_dead_code(is_impure_node=_impure)
+    if OVERLAP["enabled"]:
+        _overlap_input_grads(graph)
     graph.lint()
     code = graph.python_code(root_module="self")
     scope: dict[str, Any] = dict(code.globals)

@@ -68,8 +68,25 @@ def _group(group: str) -> tuple[int, int]:
 _c10d = torch.ops._c10d_functional
 
 
+# Each collective is launched, then waited on (``_c10d.wait_tensor``): between the two the
+# tensor must not be read, and the process group's own thread (gloo) or stream (NCCL)
+# moves the data while this thread computes (see _ColwiseLinears.backward).
+
+def _launch_all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    return _c10d.all_reduce(x.contiguous(), "sum", group)
+
+
+def _launch_reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Sum over ranks, this rank's chunk along ``dim`` (the op scatters along dim 0)."""
+    _check_divisible(x, dim, group, "reduce-scatter")
+    n = _size(group)
+    if dim % x.dim() != 0:
+        x = torch.cat(x.chunk(n, dim), 0)
+    return _c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group)
+
+
 def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
-    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group))
+    return _c10d.wait_tensor(_launch_all_reduce(x, group))
 
 
 def _all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
@@ -80,12 +97,7 @@ def _all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
-    """Sum over ranks, this rank's chunk along ``dim`` (the op scatters along dim 0)."""
-    _check_divisible(x, dim, group, "reduce-scatter")
-    n = _size(group)
-    if dim % x.dim() != 0:
-        x = torch.cat(x.chunk(n, dim), 0)
-    return _c10d.wait_tensor(_c10d.reduce_scatter_tensor(x.contiguous(), "sum", n, group))
+    return _c10d.wait_tensor(_launch_reduce_scatter(x, dim, group))
 
 
 def _chunk(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
@@ -141,6 +153,54 @@ _SpGather = _pair(_all_gather, _reduce_scatter, "_SpGather")
 _ReduceScatter = _pair(_reduce_scatter, _all_gather, "_ReduceScatter")
 _Split = _pair(_chunk, _all_gather, "_Split")
 _Gather = _pair(_all_gather, _chunk, "_Gather")
+
+
+class _ColwiseLinears(torch.autograd.Function):
+    """The colwise layers that read one input (q, k and v; w1 and w3) together with that
+    input's conversion: forward enters it (``dim`` None: identity) or all-gathers it
+    from sequence shards, then runs each Linear. Backward sums the input gradient,
+    launches its reduction (all-reduce, or reduce-scatter back to sequence shards), and
+    computes every weight and bias gradient while the reduction runs, waiting for it
+    only at the end: the same one collective as ``enter``/``sp_gather``, overlapped with
+    the weight-gradient matmuls (Megatron's overlap of the input-gradient all-reduce)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, n: int,
+                *wb: torch.Tensor | None) -> tuple:
+        ws, bs = wb[:n], wb[n:]
+        full = x if dim is None else _all_gather(x, dim, group)
+        ctx.dim, ctx.group, ctx.n = dim, group, n
+        ctx.bias = [b is not None for b in bs]
+        ctx.save_for_backward(full, *ws)
+        return tuple(torch.nn.functional.linear(full, w, b) for w, b in zip(ws, bs))
+
+    @staticmethod
+    def backward(ctx: Any, *gys: torch.Tensor | None) -> tuple:
+        full, *ws = ctx.saved_tensors
+        n, live = ctx.n, [(i, g) for i, g in enumerate(gys) if g is not None]
+        pending = None
+        if ctx.needs_input_grad[0] and live:
+            gx = sum((g.matmul(ws[i]) for i, g in live[1:]), live[0][1].matmul(ws[live[0][0]]))
+            pending = _launch_all_reduce(gx, ctx.group) if ctx.dim is None else \
+                _launch_reduce_scatter(gx, ctx.dim, ctx.group)
+        gws: list[torch.Tensor | None] = [None] * n
+        gbs: list[torch.Tensor | None] = [None] * n
+        rows = full.reshape(-1, full.shape[-1])
+        for i, g in live:  # while the input gradient is on the wire
+            g2 = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[4 + i]:
+                gws[i] = g2.t().mm(rows)
+            if ctx.bias[i] and ctx.needs_input_grad[4 + n + i]:
+                gbs[i] = g2.sum(0)
+        gx = _c10d.wait_tensor(pending) if pending is not None else None
+        return (gx, None, None, None, *gws, *gbs)
+
+
+def colwise_linears(x: torch.Tensor, dim: int | None, group: str, ws: Sequence[torch.Tensor],
+                    bs: Sequence[torch.Tensor | None]) -> tuple:
+    """``[linear(enter(x)) for each layer]`` (``dim`` None) or ``[linear(sp_gather(x, dim))
+    ...]``, with the backward reduction overlapped (``_ColwiseLinears``)."""
+    return _ColwiseLinears.apply(x, dim, group, len(ws), *ws, *bs)
 
 
 def enter(x: torch.Tensor, group: str) -> torch.Tensor:
@@ -343,3 +403,11 @@ COLLECTIVES: dict[Any, tuple[str | None, str | None]] = {
     gather: ("all_gather", None),
     sync_grads: (None, "all_reduce"),
 }
+
+
+def collectives_of(node: Any) -> tuple[str | None, str | None]:
+    """(forward, backward) collective of a node of a rewritten graph calling one of the
+    functions above; ``colwise_linears`` has those of the conversion it holds."""
+    if node.target is colwise_linears:
+        return COLLECTIVES[enter if node.args[1] is None else sp_gather]
+    return COLLECTIVES[node.target]
