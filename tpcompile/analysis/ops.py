@@ -624,13 +624,18 @@ PACKING = {"enabled": True}
 
 
 @contextlib.contextmanager
-def packing(enabled: bool) -> Iterator[None]:
-    old = PACKING["enabled"]
-    PACKING["enabled"] = enabled
+def toggled(flag: dict[str, bool], enabled: bool) -> Iterator[None]:
+    """``flag["enabled"]`` set to ``enabled`` for the duration (a module-level switch)."""
+    old = flag["enabled"]
+    flag["enabled"] = enabled
     try:
         yield
     finally:
-        PACKING["enabled"] = old
+        flag["enabled"] = old
+
+
+def packing(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    return toggled(PACKING, enabled)
 
 
 def _equal_parts(node: fx.Node, size: int) -> int | None:

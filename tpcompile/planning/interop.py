@@ -11,7 +11,7 @@ tpcompile's own rewrite divides them in the graph.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import PlanError
 from .files import flat_plan
@@ -112,45 +112,46 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     return dict(sorted(out.items()))  # every rank must apply the styles in the same order
 
 
+def _refuse(plan: Plan, found: Callable[[ModulePlan], list[tuple[str, str]]], why: str) -> None:
+    """Raise a PlanError naming every layer ``found`` reports in any module (each with
+    its detail), followed by ``why``; nothing found, nothing raised."""
+    named = sorted(_abs(prefix, rel) + detail for mp in plan.modules for prefix in _keys(mp)
+                   for rel, detail in found(mp))
+    if named:
+        raise PlanError(f"{', '.join(named)}: {why}")
+
+
 def _check_packed(plan: Plan, style: str) -> None:
     """A fused projection (nanoGPT's ``c_attn``: q, k and v in one weight) is sharded per
     part, each rank holding its slice of every part; ``ColwiseParallel`` would shard the
     fused weight contiguously, giving rank 0 all of q and part of k: wrong numbers."""
-    fused = sorted(_abs(prefix, rel) + f" ({parts} parts)" for mp in plan.modules
-                   for prefix in _keys(mp) for rel, parts in mp.packed.items())
-    if fused:
-        raise PlanError(
-            f"{', '.join(fused)}: fused projection(s) sharded per part (each rank holds its "
-            f"slice of q, k and v), which {style} cannot express "
-            "(it splits the fused weight contiguously and would compute wrong numbers). Use "
-            "tpcompile.auto_parallelize, or split the projection into one Linear per part")
+    _refuse(plan, lambda mp: [(rel, f" ({parts} parts)") for rel, parts in mp.packed.items()],
+            "fused projection(s) sharded per part (each rank holds its slice of q, k and v), "
+            f"which {style} cannot express (it splits the fused weight contiguously and would "
+            "compute wrong numbers). Use tpcompile.auto_parallelize, or split the projection "
+            "into one Linear per part")
 
 
 def _check_grouped(plan: Plan, style: str) -> None:
     """Fewer kv heads than tp: each kv head is computed by a group of ranks from a
     replicated weight; a colwise style would split the heads over every rank."""
-    shared = sorted(_abs(prefix, rel) + f" ({n} heads at tp {plan.tp})" for mp in plan.modules
-                    for prefix in _keys(mp) for rel, n in mp.grouped.items())
-    if shared:
-        raise PlanError(
-            f"{', '.join(shared)}: fewer heads than tp, each head computed by a group of "
-            f"tp / heads ranks from a replicated weight, which {style} cannot express (it "
-            "cuts the weight into tp pieces, smaller than one head). Use "
-            "tpcompile.auto_parallelize, or a tp that the kv heads divide")
+    _refuse(plan, lambda mp: [(rel, f" ({n} heads at tp {plan.tp})")
+                              for rel, n in mp.grouped.items()],
+            "fewer heads than tp, each head computed by a group of tp / heads ranks from a "
+            f"replicated weight, which {style} cannot express (it cuts the weight into tp "
+            "pieces, smaller than one head). Use tpcompile.auto_parallelize, or a tp that the "
+            "kv heads divide")
 
 
 def _check_summed(plan: Plan) -> None:
     """A replicated weight used on each rank's heads (a per-head q/k norm) gets a partial
     gradient on each rank; no parallelize_module style sums it, so the ranks' copies would
     drift apart in training."""
-    summed = sorted(_abs(prefix, name) for mp in plan.modules for prefix in _keys(mp)
-                    for name in mp.summed)
-    if summed:
-        raise PlanError(
-            f"{', '.join(summed)}: replicated, but used on each rank's share of the heads, so "
-            "each rank's gradient is partial and must be summed over tp; no parallelize_module "
-            "style does that (the copies would drift apart). Use tpcompile.auto_parallelize, "
-            f"or Hugging Face's tp_plan ('{SUMMED_HF}', from tpcompile.to_hf_tp_plan)")
+    _refuse(plan, lambda mp: [(name, "") for name in mp.summed],
+            "replicated, but used on each rank's share of the heads, so each rank's gradient "
+            "is partial and must be summed over tp; no parallelize_module style does that "
+            "(the copies would drift apart). Use tpcompile.auto_parallelize, or Hugging "
+            f"Face's tp_plan ('{SUMMED_HF}', from tpcompile.to_hf_tp_plan)")
 
 
 def _has_sp(mp: ModulePlan) -> bool:

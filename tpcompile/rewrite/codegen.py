@@ -15,7 +15,7 @@ import contextlib
 import operator
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -395,14 +395,8 @@ def _impure(n: fx.Node) -> bool:
 OVERLAP = {"enabled": os.environ.get("TPCOMPILE_OVERLAP", "1") != "0"}
 
 
-@contextlib.contextmanager
-def overlapping(enabled: bool) -> Iterator[None]:
-    old = OVERLAP["enabled"]
-    OVERLAP["enabled"] = enabled
-    try:
-        yield
-    finally:
-        OVERLAP["enabled"] = old
+def overlapping(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    return ops.toggled(OVERLAP, enabled)
 
 
 def _overlap_input_grads(graph: fx.Graph) -> None:
