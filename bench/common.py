@@ -46,6 +46,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel degree of a 2-D (dp, tp) mesh; only 1 for now")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=("tutorial", "reference"), default="tutorial",
+                   help="the tutorial Llama (models/llama2.py) or the reference-style one "
+                        "(models/reference_llama.py), both dim 256 with 16 heads")
     p.add_argument("--loss-parallel", action="store_true",
                    help="both programs keep the logits vocab-sharded and compute the "
                         "cross-entropy under torch's loss_parallel() (no logits gather)")
@@ -102,8 +105,19 @@ def rank0() -> bool:
 
 # ----------------------------------------------------------------------------- the model
 
+MODEL = {"name": "tutorial"}  # --model: "tutorial" (models/llama2.py) or "reference"
+
+
 def build_model(layers: int, vocab: int, device: torch.device, seed: int = 0) -> Transformer:
-    """The tutorial Llama (dim 256, 16 heads), deterministic weights, on ``device``."""
+    """The tutorial Llama (dim 256, 16 heads), deterministic weights, on ``device``; with
+    ``--model reference`` the reference-style Llama (models/reference_llama.py, the Llama
+    repo's model code) of the same size."""
+    if MODEL["name"] == "reference":
+        from models import reference_llama as R
+        torch.manual_seed(seed)
+        ref = R.Transformer(R.ModelArgs(dim=256, n_layers=layers, n_heads=16,
+                                        vocab_size=vocab, multiple_of=256, max_seq_len=512))
+        return ref.to(device)  # type: ignore[return-value]
     model = Transformer(config("tutorial", n_layers=layers, vocab_size=vocab))
     model.init_weights(seed)
     return model.to(device)
@@ -154,6 +168,7 @@ def hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
             "output": ColwiseParallel(output_layouts=Replicate())
             if not LOSS_PARALLEL else ColwiseParallel(use_local_output=False),
         }
+    others = (None,) * (3 if MODEL["name"] == "reference" else 2)
     for i in range(block_count):
         b = f"layers.{i}"
         plan.update({
@@ -164,8 +179,10 @@ def hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
         if sp:
             plan.update({
                 f"{b}.attention_norm": SequenceParallel(),
-                f"{b}.attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                                     desired_input_layouts=(Replicate(), None, None)),
+                # the attention's inputs: (x, freqs_cis, mask), the reference's (x,
+                # start_pos, freqs_cis, mask)
+                f"{b}.attention": PrepareModuleInput(input_layouts=(Shard(1), *others),
+                                                     desired_input_layouts=(Replicate(), *others)),
                 f"{b}.attention.wo": RowwiseParallel(output_layouts=Shard(1)),
                 f"{b}.ffn_norm": SequenceParallel(),
                 f"{b}.feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
@@ -182,12 +199,15 @@ def hand_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Modul
     """Apply the hand plan. Its colwise q/k/v outputs are local shards, so the attention's
     views must use this rank's head counts, as torchtitan does: divide them by tp."""
     tp = mesh.size()
+    names = ("n_local_heads", "n_local_kv_heads") if MODEL["name"] == "reference" else \
+        ("n_heads", "n_kv_heads")
     for layer in model.layers:
         attn = layer.attention
-        if attn.n_heads % tp or attn.n_kv_heads % tp:
-            raise ValueError(f"heads {attn.n_heads}/{attn.n_kv_heads} not divisible by tp={tp}")
-        attn.n_heads //= tp
-        attn.n_kv_heads //= tp
+        heads = [getattr(attn, n) for n in names]
+        if any(h % tp for h in heads):
+            raise ValueError(f"heads {heads} not divisible by tp={tp}")
+        for n, h in zip(names, heads):
+            setattr(attn, n, h // tp)
     return parallelize_module(model, mesh, hand_plan(len(model.layers), sp))
 
 

@@ -59,6 +59,7 @@ def run_case(mesh, device, args, sp: bool, batch: int, seq: int) -> dict:
         C.require_close(p.name, errs[p.name])
     times = time_pair(progs, tokens, targets, args.warmup, args.steps, device)
     med = {k: C.median(v) for k, v in times.items()}
+    comm = {p.name: comm_bytes(p, tokens, targets) for p in progs}
     return {
         "sp": "on" if sp else "off", "batch": batch, "seq": seq,
         "tpcompile_ms": 1e3 * med["tpcompile"], "hand_ms": 1e3 * med[base],
@@ -66,14 +67,49 @@ def run_case(mesh, device, args, sp: bool, batch: int, seq: int) -> dict:
         "err_tpcompile": max(errs["tpcompile"]["output"], errs["tpcompile"]["grad"]),
         "err_hand": max(errs[base]["output"], errs[base]["grad"]),
         "steps": args.steps, "compiled": args.backend if args.compile else "eager",
+        "tpcompile_comm_mib": comm["tpcompile"] / 2**20, "hand_comm_mib": comm[base] / 2**20,
         "tpcompile_times_ms": [round(1e3 * t, 2) for t in times["tpcompile"]],
         "hand_times_ms": [round(1e3 * t, 2) for t in times[base]],
     }
 
 
+def comm_bytes(p: C.Program, tokens: torch.Tensor, targets: torch.Tensor) -> int:
+    """Bytes this rank hands to collectives in one training step (inputs of each)."""
+    from tpcompile.counting import CollectiveCounter
+    with CollectiveCounter() as c:
+        C.step(p, tokens, targets)
+    return sum(c.bytes.values())
+
+
+def plot(rows: list[dict], path: str, baseline: str) -> None:
+    """Step-time ratio and collective bytes per configuration, side by side, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r['compiled']}\nSP {r['sp']}\n{r['batch']}x{r['seq']}" for r in rows]
+    x = range(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4))
+    a.bar(x, [r["ratio"] for r in rows], color="tab:blue")
+    a.axhline(1.0, color="grey", lw=1, ls="--")
+    a.set_xticks(list(x), labels, fontsize=8)
+    a.set_title(f"step time, tpcompile / {baseline} (median)")
+    for i, r in enumerate(rows):
+        a.text(i, r["ratio"], f"{r['ratio']:.2f}", ha="center", va="bottom", fontsize=8)
+    w = 0.4
+    b.bar([i - w / 2 for i in x], [r["tpcompile_comm_mib"] for r in rows], w, label="tpcompile")
+    b.bar([i + w / 2 for i in x], [r["hand_comm_mib"] for r in rows], w, label=baseline)
+    b.set_xticks(list(x), labels, fontsize=8)
+    b.set_yscale("log")
+    b.set_title("bytes into collectives per step, one rank (MiB)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 COLUMNS = [("compiled", "mode", ""), ("sp", "SP", ""), ("batch", "batch", ""), ("seq", "seq", ""),
            ("tpcompile_ms", "tpcompile ms", ".1f"), ("hand_ms", "hand ms", ".1f"),
-           ("ratio", "tpcompile/hand", ".3f"),
+           ("ratio", "tpcompile/hand", ".3f"), ("tpcompile_comm_mib", "tpc MiB", ".2f"),
+           ("hand_comm_mib", "hand MiB", ".2f"),
            ("err_tpcompile", "max rel err tpc", ".1e"), ("err_hand", "max rel err hand", ".1e")]
 
 
@@ -81,18 +117,23 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps per program")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--plot", metavar="PNG", help="also write the ratios and collective bytes "
+                   "per configuration to this PNG (needs matplotlib: pip install -e '.[bench]')")
     p.add_argument("--overlap", action="store_true",
                    help="compare tpcompile with its own program built without the backward "
                         "overlap (the 'hand' columns then hold that program)")
     args = p.parse_args()
     mesh, device = C.init(args.dp, args.loss_parallel)
+    C.MODEL["name"] = args.model
     rows = [run_case(mesh, device, args, sp, b, s)
             for sp in C.sp_modes(args.sp) for b, s in C.sizes(args.sizes)]
-    meta = {"what": "step_time", "baseline": "tpcompile without overlap" if args.overlap
+    meta = {"what": "step_time", "model": args.model, "baseline": "tpcompile without overlap" if args.overlap
             else "hand parallelize_module plan", "layers": args.layers, "vocab": args.vocab,
             "dim": 256,
             "device": device.type, **C.machine()}
     C.emit(meta, rows, COLUMNS, args.json)
+    if args.plot and C.rank0():
+        plot(rows, args.plot, "without overlap" if args.overlap else "hand plan")
     dist.destroy_process_group()
 
 
