@@ -9,7 +9,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "tpcompile"
 ORDER = ["errors", "debug", "launch", "frontend", "analysis", "planning", "rewrite", "runtime",
-         "counting", "api", "generate", "hf", "checkpoint", "verify", "cli", "__init__", "__main__"]
+         "counting", "api", "generate", "hf", "checkpoint", "verify", "suggest", "cli", "__init__", "__main__"]
 
 
 def _stage(parts: list[str]) -> int:
