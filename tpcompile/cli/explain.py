@@ -25,6 +25,7 @@ from ..planning.build import Compiled, Unit
 from ..planning.value import PLACEMENTS, placement
 from ..rewrite import collectives as C
 from ..rewrite.codegen import Site, rewrite
+from ..suggest import Suggestion
 
 Kind = Literal["all_reduce", "all_gather", "reduce_scatter"]
 
@@ -104,6 +105,10 @@ class Explanation(_M):
     memory: MemoryReport
     comm: CommReport
     replicated: list[Replicated]
+    # the cost model's memory and step time for this mesh and batch (tpcompile.suggest),
+    # with AdamW, on the device preset explain was given; None without one, or for a
+    # given plan
+    predicted: Suggestion | None = None
 
 
 def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -259,9 +264,10 @@ def replicated(c: Compiled, model: nn.Module) -> list[Replicated]:
 def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int = 2048,
             sequence_parallel: bool = True, example_inputs: tuple | None = None,
             example_kwargs: dict | None = None, name: str = "", plan: object = None,
-            tracer: str = "auto") -> tuple[Explanation, Compiled]:
+            tracer: str = "auto", device: str | None = None) -> tuple[Explanation, Compiled]:
     """Plan ``model`` (meta device is fine) at ``tp`` and say what the rewrite would do for
-    inputs of ``batch`` x ``seq`` (or ``example_inputs``)."""
+    inputs of ``batch`` x ``seq`` (or ``example_inputs``); with ``device`` (a preset name or
+    file) also the cost model's predicted memory and step time (``predicted``)."""
     from ..api import load_plan
     from ..planning.build import compile_model, synthesize_inputs
     for what, value in (("dp", dp), ("batch", batch), ("seq", seq)):
@@ -298,4 +304,14 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
                             activations_no_sp_bytes=activation_memory(no_c)),
         comm=CommReport(forward_wire_bytes=fwd, backward_wire_bytes=bwd, total_wire_bytes=fwd + bwd,
                         megatron_min_wire_bytes=megatron_min(c), dp_wire_bytes=dp_wire),
-        replicated=replicated(c, model)), c
+        replicated=replicated(c, model),
+        predicted=None if plan is not None or device is None else _predict(
+            model, tp, dp, batch, seq, sequence_parallel, dtype, device)), c
+
+
+def _predict(model: nn.Module, tp: int, dp: int, batch: int, seq: int, sp: bool,
+             dtype: torch.dtype, device: str) -> Suggestion | None:
+    from ..suggest.search import price_mesh
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return price_mesh(model, dp=dp, tp=tp, batch=batch, seq_len=seq, sequence_parallel=sp,
+                      dtype=name, device=device)

@@ -137,14 +137,53 @@ def cmd_explain(args: argparse.Namespace) -> str:
     model, inputs, label, kwargs = build(args)
     e, c = explain(model, tp=args.tp, dp=args.dp, batch=args.batch, seq=args.seq,
                    sequence_parallel=not args.no_sp, example_inputs=inputs,
-                   example_kwargs=kwargs, name=label, plan=args.plan, tracer=args.tracer)
+                   example_kwargs=kwargs, name=label, plan=args.plan, tracer=args.tracer,
+                   device=args.device)
     if args.format == "json":
         return e.model_dump_json(indent=2) + "\n"
     if args.format == "dot":
         return R.dot(c, args.block)
     if args.format == "html":
         return R.page(e, c, args.block)
-    return R.text(e)
+    from ..suggest.table import predicted
+    return R.text(e) + predicted(e.predicted)
+
+
+def _on_meta(fn: Callable[[int, int], Any]) -> Callable[[int, int], Any]:
+    def make(batch: int, seq: int) -> Any:
+        with torch.device("meta"):
+            return fn(batch, seq)
+    return make
+
+
+def cmd_suggest(args: argparse.Namespace) -> str:
+    """The ranked meshes for ``--gpus`` GPUs (``tpcompile.suggest``), as a table or JSON."""
+    from ..suggest import suggest, table
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, args.dtype)
+    hf = hf_config_path(args.model_file)
+    make: Callable[[int, int], Any] | None = None
+    if hf is not None:
+        model: Any = hf / "config.json" if hf.is_dir() else hf
+        label = str(model)
+    else:
+        mod = load_module(args.model_file)
+        fn = builder(mod, args.model_file, args.model)
+        with torch.device("meta"):
+            model = fn(**({"config_name": args.config} if args.config else {}))
+        label = f"{args.model_file}:{fn.__name__}" + (f"({args.config})" if args.config else "")
+        given = getattr(mod, "example_inputs", None)
+        if callable(given) and not args.model:
+            make = _on_meta(given)
+    out = suggest(model, args.gpus, gpus_per_node=args.per_node, device=args.device,
+                  global_batch=args.batch, seq_len=args.seq, dtype=dtype, optimizer=args.optimizer,
+                  activation_checkpointing=args.checkpointing, example_inputs=make)
+    if args.format == "json":
+        import json
+        return json.dumps([s.model_dump(mode="json") for s in out], indent=1) + "\n"
+    title = (f"tpcompile suggest: {label} on {args.gpus} x {args.device} ({args.per_node} per "
+             f"node), global batch {args.batch} x {args.seq}, {dtype}, {args.optimizer}, "
+             f"checkpointing {args.checkpointing}")
+    return table(out, title=title, top=args.top)
 
 
 def cmd_plan(args: argparse.Namespace) -> str:
@@ -183,8 +222,30 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=("text", "json", "dot", "html"), default="text")
             p.add_argument("--block", help="dot/html: the block to draw (default: the first)")
             p.add_argument("--plan", help="explain this plan file instead of the detected plan")
+            p.add_argument("--device", default="h100-80gb", help="device preset (or preset "
+                           "file) for the predicted memory and step time (default h100-80gb)")
         else:
             p.add_argument("--on-indivisible", choices=("error", "replicate"), default="error")
+    p = sub.add_parser("suggest", help="how to split the model over N GPUs: the mesh, sequence "
+                       "parallelism and checkpointing, ranked by predicted step time",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_file", help="a Python file that builds the model, or a Hugging Face "
+                   "config.json (or a folder holding one)")
+    p.add_argument("--model", help="callable in the file that builds the model")
+    p.add_argument("--config", help="passed to the builder as config_name=")
+    p.add_argument("--gpus", type=positive, required=True, help="GPUs in the job (world size)")
+    p.add_argument("--per-node", type=positive, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--device", default="h100-80gb", help="device preset: h100-80gb, a100-80gb, "
+                   "a100-40gb, b200, cpu-gloo, or a preset file from tpcompile.calibrate()")
+    p.add_argument("--batch", type=positive, required=True, help="global batch, in sequences")
+    p.add_argument("--seq", type=positive, required=True, help="sequence length")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--optimizer", choices=("adamw", "adam", "sgd", "sgd_momentum", "adafactor"),
+                   default="adamw")
+    p.add_argument("--checkpointing", choices=("auto", "none", "block"), default="auto")
+    p.add_argument("--top", type=positive, default=10, help="feasible rows to print (default 10)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
     return ap
 
 
@@ -194,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if args.command == "plan":
         args.batch, args.seq = 2, 2 * args.tp
+    commands = {"explain": cmd_explain, "plan": cmd_plan, "suggest": cmd_suggest}
     t0 = time.perf_counter()
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)  # we report it
     try:
-        out = cmd_explain(args) if args.command == "explain" else cmd_plan(args)
+        out = commands[args.command](args)
     except TPCompileError as e:
         print(f"tpcompile: error: {e}", file=sys.stderr)
         return 2
