@@ -46,9 +46,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel degree of a 2-D (dp, tp) mesh; only 1 for now")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", choices=("tutorial", "reference"), default="tutorial",
-                   help="the tutorial Llama (models/llama2.py) or the reference-style one "
-                        "(models/reference_llama.py), both dim 256 with 16 heads")
+    p.add_argument("--model", default="tutorial",
+                   help="tutorial (models/llama2.py), reference (models/reference_llama.py, "
+                        "the Llama repo's model code) or hf (transformers' LlamaForCausalLM), "
+                        "all dim 256, 16 heads, FFN 768; step_time.py takes a comma-separated "
+                        "list")
     p.add_argument("--loss-parallel", action="store_true",
                    help="both programs keep the logits vocab-sharded and compute the "
                         "cross-entropy under torch's loss_parallel() (no logits gather)")
@@ -105,13 +107,31 @@ def rank0() -> bool:
 
 # ----------------------------------------------------------------------------- the model
 
-MODEL = {"name": "tutorial"}  # --model: "tutorial" (models/llama2.py) or "reference"
+MODELS = ("tutorial", "reference", "hf")
+MODEL = {"name": "tutorial"}  # --model: one of MODELS
+
+
+def models(spec: str) -> list[str]:
+    out = [m.strip() for m in spec.split(",")]
+    bad = [m for m in out if m not in MODELS]
+    if bad:
+        raise SystemExit(f"--model {', '.join(bad)}: unknown; known: {', '.join(MODELS)}")
+    return out
 
 
 def build_model(layers: int, vocab: int, device: torch.device, seed: int = 0) -> Transformer:
     """The tutorial Llama (dim 256, 16 heads), deterministic weights, on ``device``; with
     ``--model reference`` the reference-style Llama (models/reference_llama.py, the Llama
-    repo's model code) of the same size."""
+    repo's model code) of the same size, with ``--model hf`` transformers'
+    ``LlamaForCausalLM`` of the same size (built from its config, nothing downloaded)."""
+    if MODEL["name"] == "hf":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768,
+                          num_hidden_layers=layers, num_attention_heads=16,
+                          num_key_value_heads=16, max_position_embeddings=512, use_cache=False,
+                          tie_word_embeddings=False, attn_implementation="sdpa")
+        return LlamaForCausalLM(cfg).to(device)  # type: ignore[return-value]
     if MODEL["name"] == "reference":
         from models import reference_llama as R
         torch.manual_seed(seed)
@@ -134,8 +154,13 @@ def make_batch(batch: int, seq: int, vocab: int, device: torch.device,
 LOSS_PARALLEL = False  # set from --loss-parallel by init()
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output (transformers returns a ModelOutput)."""
+    return out.logits if hasattr(out, "logits") else out
+
+
 def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return F.cross_entropy(logits_of(logits).flatten(0, 1), targets.flatten())
 
 
 def loss_context() -> Any:
@@ -155,6 +180,8 @@ def loss_backward(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
     """The tutorial / torchtitan Llama plan, with (``sp``) or without sequence parallel."""
+    if MODEL["name"] == "hf":
+        return hf_hand_plan(block_count, sp)
     if sp:
         plan: dict[str, Any] = {
             "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
@@ -195,10 +222,51 @@ def hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
     return plan
 
 
+def hf_hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
+    """The same plan for transformers' module names. HF's Llama reads the sequence length
+    off the embedding's output (positions, mask), so under SP the embedding and the
+    residual stream stay DTensors (global shapes); each attention and MLP gets its input
+    replicated and returns sequence shards. Its views use -1 heads: no head counts to
+    divide."""
+    head = ColwiseParallel(output_layouts=Replicate()) if not LOSS_PARALLEL else \
+        ColwiseParallel(use_local_output=False)
+    plan: dict[str, Any] = {"lm_head": head}
+    if sp:
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(),
+                                                     output_layouts=Shard(1),
+                                                     use_local_output=False)
+        plan["model.norm"] = SequenceParallel()
+    else:
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
+    for i in range(block_count):
+        b = f"model.layers.{i}"
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"{b}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"{b}.{name}"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False) \
+                if sp else RowwiseParallel()
+        if sp:
+            plan.update({
+                f"{b}.input_layernorm": SequenceParallel(),
+                f"{b}.post_attention_layernorm": SequenceParallel(),
+                f"{b}.self_attn": PrepareModuleInput(
+                    input_kwarg_layouts={"hidden_states": Shard(1)},
+                    desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                    use_local_output=True),
+                f"{b}.mlp": PrepareModuleInput(input_layouts=(Shard(1),),
+                                               desired_input_layouts=(Replicate(),),
+                                               use_local_output=True),
+            })
+    return plan
+
+
 def hand_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
     """Apply the hand plan. Its colwise q/k/v outputs are local shards, so the attention's
     views must use this rank's head counts, as torchtitan does: divide them by tp."""
     tp = mesh.size()
+    if MODEL["name"] == "hf":
+        return parallelize_module(model, mesh, hand_plan(len(model.model.layers), sp))
     names = ("n_local_heads", "n_local_kv_heads") if MODEL["name"] == "reference" else \
         ("n_heads", "n_kv_heads")
     for layer in model.layers:
@@ -212,7 +280,11 @@ def hand_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Modul
 
 
 def tpc_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
-    return tpcompile.auto_parallelize(model, mesh, sequence_parallel=sp, loss_parallel=LOSS_PARALLEL)
+    example = None
+    if MODEL["name"] == "hf":  # transformers' forward takes many optional arguments
+        example = (torch.zeros(2, 64, dtype=torch.long, device=device_of(mesh)),)
+    return tpcompile.auto_parallelize(model, mesh, example_inputs=example, sequence_parallel=sp,
+                                      loss_parallel=LOSS_PARALLEL)
 
 
 def tpc_serial(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
@@ -270,7 +342,7 @@ def check_numerics(ref: nn.Module, par: nn.Module, tokens: torch.Tensor,
     that is done here as the step would (a tpcompile module must need no such help).
     Returns the worst relative errors and every problem found on any rank (empty: the
     numbers match)."""
-    out_ref, out_par = ref(tokens), par(tokens)
+    out_ref, out_par = logits_of(ref(tokens)), logits_of(par(tokens))
     loss_of(out_ref, targets).backward()
     loss_backward(out_par, targets)
     ours = "_tpcompile_plan" in par.__dict__

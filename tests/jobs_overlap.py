@@ -21,3 +21,27 @@ def in_flight(rank: int, family: str, tp: int, sp: bool) -> dict:
     with OpTimeline() as t:
         loss.backward()
     return {"in_flight": t.in_flight(), "layers": ref.config.num_hidden_layers}
+
+
+def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> dict:
+    """The head's logits all-gathered in ``chunks`` pieces (the chunk size set so that
+    this small model's logits make exactly that many): for each piece's all-gather, the
+    ops of one forward run between its launch and the next wait; then every output and
+    gradient against the unsharded model."""
+    from tpcompile.rewrite import collectives as C
+    ref, args, kwargs = jobs_hf.build(family)
+    rows = kwargs["input_ids"].numel()
+    old = dict(C.HEAD_CHUNKS)
+    C.HEAD_CHUNKS["bytes"] = rows * (ref.config.vocab_size // tp) * 4 // chunks
+    try:
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                         example_kwargs=kwargs, sequence_parallel=sp)
+        with OpTimeline() as t:
+            out = par(*args, **kwargs)
+        jobs_hf.loss_of(out).backward()
+    finally:
+        C.HEAD_CHUNKS.update(old)
+    o_ref = ref(*args, **kwargs)
+    jobs_hf.loss_of(o_ref).backward()
+    return {"in_flight": t.in_flight(("all_gather_into_tensor",)),
+            "verdict": jobs_hf.judge(ref, par, o_ref, out)}

@@ -1,7 +1,10 @@
-"""Backward reductions overlapped with compute: the input gradient of the colwise layers
-that share an input (q, k, v; gate and up) is launched as soon as it is summed, and the
-weight-gradient matmuls run while it is on the wire; it is waited on only after them.
-Numerics are the rest of the suite's business (every test runs this path)."""
+"""Collectives overlapped with compute. Backward: the input gradient of the colwise
+layers that share an input (q, k, v; gate and up; the head) is launched as soon as it is
+summed, and the weight-gradient matmuls run while it is on the wire; it is waited on only
+after them. Forward: a head's large logits are computed and all-gathered in chunks, each
+chunk's gather on the wire while the next chunks compute. Numerics are the rest of the
+suite's business (every test runs the backward path; small logits are one chunk), except
+for the chunked head, checked here."""
 
 from __future__ import annotations
 
@@ -22,3 +25,17 @@ def test_weight_gradients_compute_while_the_input_gradient_reduces(pool, sp):
         overlapped = [ops for ops in r["in_flight"] if "aten.mm" in ops]
         assert sorted(ops.count("aten.mm") for ops in overlapped) == \
             sorted([3, 2] * r["layers"] + [1]), r["in_flight"]
+
+
+def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool):
+    """HF Llama at tp 2 with SP, its logits split into 4 chunks: the first three chunks'
+    all-gathers are each in flight while the later chunks' matmuls run (3, 2 and 1 of
+    them), the last one waited on right away, every other all-gather (sequence-parallel
+    inputs) waited on at once; and the logits, loss and every gradient match the
+    unsharded model (the chunks put back in their rows and columns)."""
+    from tests.test_hf import check
+    res = pool.run(J.head_pipelined, "llama", 2, True, 4)
+    check([r["verdict"] for r in res])
+    for r in res:
+        mms = [sum(op in ("aten.mm", "aten.addmm") for op in ops) for ops in r["in_flight"]]
+        assert sorted(m for m in mms if m) == [1, 2, 3], r["in_flight"]

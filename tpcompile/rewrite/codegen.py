@@ -417,6 +417,10 @@ def _overlap_input_grads(graph: fx.Graph) -> None:
         for p in sorted(late, key=pos):
             first.prepend(p)  # this rank's rows of a shared kv weight, moved up
         dim = None if conv.target is C.enter else conv.args[1]
+        gather = _gathered_head(conv, users)
+        if gather is not None:
+            _head(graph, conv, users[0], gather, dim)
+            continue
         with graph.inserting_before(first):
             call = graph.call_function(C.colwise_linears, (
                 conv.args[0], dim, conv.args[-1], [u.args[1] for u in users],
@@ -429,6 +433,49 @@ def _overlap_input_grads(graph: fx.Graph) -> None:
         for u in users:
             graph.erase_node(u)
         graph.erase_node(conv)
+
+
+def _gathered_head(conv: fx.Node, users: list[fx.Node]) -> fx.Node | None:
+    """One Linear on the entered input whose output, through at most one dtype cast (a
+    ``.float()`` of the logits), is read by nothing but a gather on its last dim: a head
+    whose logits are read replicated (by the model's output or its loss). The gather."""
+    site = conv.meta.get("tpc_site")
+    if len(users) != 1 or site is None:
+        return None
+    y = users[0]
+    while len(y.users) == 1:
+        (u,) = y.users
+        if u.target is aten.to.dtype and len(u.args) == 2 and not u.kwargs and \
+                u.args[0] is y is users[0]:  # one cast at most
+            y = u
+            continue
+        rank = len(site.tensor.shape)
+        if u.target is C.gather and u.args[0] is y and u.args[1] in (-1, rank - 1):
+            return u
+        return None
+    return None
+
+
+def _head(graph: fx.Graph, conv: fx.Node, linear: fx.Node, gather: fx.Node,
+          dim: int | None) -> None:
+    """conversion + Linear (+ cast) + gather of a head as one ``colwise_head`` call (its
+    item takes the gather's place and site): the gather pipelined with the matmul in
+    chunks, the input gradient's reduction overlapped with the weight gradient."""
+    chain, y = [], linear
+    while y is not gather:
+        chain.append(y)
+        (y,) = y.users
+    dtype = chain[1].args[1] if len(chain) > 1 else None
+    with graph.inserting_before(linear):
+        call = graph.call_function(C.colwise_head, (
+            conv.args[0], dim, conv.args[-1], linear.args[1],
+            linear.args[2] if len(linear.args) > 2 else None, dtype))
+        call.meta.update(conv.meta)  # the conversion's site
+        out = graph.call_function(operator.getitem, (call, 0))
+        out.meta.update(gather.meta)  # the gather's site
+    gather.replace_all_uses_with(out)
+    for n in [gather, *reversed(chain), conv]:
+        graph.erase_node(n)
 
 
 def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:

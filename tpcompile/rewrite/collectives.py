@@ -16,6 +16,7 @@ is named by its c10d group name, a string, so the graphs print and pickle.
 
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -201,6 +202,82 @@ def colwise_linears(x: torch.Tensor, dim: int | None, group: str, ws: Sequence[t
     """``[linear(enter(x)) for each layer]`` (``dim`` None) or ``[linear(sp_gather(x, dim))
     ...]``, with the backward reduction overlapped (``_ColwiseLinears``)."""
     return _ColwiseLinears.apply(x, dim, group, len(ws), *ws, *bs)
+
+
+# A colwise head's gathered output (the logits a loss reads on every rank) is computed
+# in chunks of rows, each chunk's all-gather launched as soon as its matmul is done, so
+# the gathers run while the next chunks compute (micro-pipelining). A chunk holds at least
+# ``bytes`` of this rank's output and there are at most ``max`` of them: an output under
+# ``bytes`` (every test model, batch 2 x seq 64 of a 32000-word vocabulary) is one chunk,
+# one all-gather, exactly as without it.
+HEAD_CHUNKS = {"bytes": 16 << 20, "max": 8}
+
+
+def _chunks(rows: int, cols: int, itemsize: int) -> int:
+    return max(1, min(HEAD_CHUNKS["max"], rows * cols * itemsize // HEAD_CHUNKS["bytes"]))
+
+
+class _ColwiseHead(torch.autograd.Function):
+    """A colwise layer whose output is gathered to full on its last dim (a head whose
+    logits a loss reads), with its input's conversion (``dim`` None: enter; else
+    sp_gather). Forward: the rows in chunks, each chunk's all-gather launched right after
+    its matmul and waited on only once every chunk is computed, then written into its
+    rows of the output (the one copy a gather along the last dim costs anyway). Backward:
+    this rank's columns of the output gradient as a strided view (no copy), the input
+    gradient's reduction launched, the weight and bias gradients computed while it runs,
+    then waited on. The same collectives as enter/sp_gather + linear + gather, the
+    head's all-gather split into chunks when it is large."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
+                b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+        full = x if dim is None else _all_gather(x, dim, group)
+        ctx.dim, ctx.group, ctx.bias, ctx.ydtype = dim, group, b is not None, None
+        ctx.save_for_backward(full, w)
+        n, cols = _size(group), w.shape[0]
+        rows = full.reshape(-1, full.shape[-1])
+        pending = []
+        for part in rows.tensor_split(_chunks(rows.shape[0], cols, full.element_size())):
+            y = torch.nn.functional.linear(part, w, b)
+            ctx.ydtype = y.dtype
+            if dtype is not None:  # the model's cast of its logits (``.float()``)
+                y = y.to(dtype)
+            pending.append(_c10d.all_gather_into_tensor(y.contiguous(), n, group))
+        out = flat = None
+        start = 0
+        for launched in pending:  # each (n * r, cols): rank after rank, r rows each
+            got = _c10d.wait_tensor(launched)
+            if out is None:  # made in its final shape: Inductor must not see the output
+                out = got.new_empty(*full.shape[:-1], n * cols)  # as a view of a buffer
+                flat = out.view(-1, n * cols)
+            r = got.shape[0] // n
+            flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))  # type: ignore[index]
+            start += r
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        full, w = ctx.saved_tensors
+        cols = w.shape[0]
+        mine = g.reshape(-1, g.shape[-1]).narrow(1, _rank(ctx.group) * cols, cols)
+        mine = mine.to(ctx.ydtype)  # back through the cast (a view when there is none)
+        pending = None
+        if ctx.needs_input_grad[0]:
+            gx = mine.mm(w).view(full.shape)
+            pending = _launch_all_reduce(gx, ctx.group) if ctx.dim is None else \
+                _launch_reduce_scatter(gx, ctx.dim, ctx.group)
+        gw = mine.t().mm(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[3] else None
+        gb = mine.sum(0) if ctx.bias and ctx.needs_input_grad[4] else None
+        gx = _c10d.wait_tensor(pending) if pending is not None else None
+        return gx, None, None, gw, gb, None
+
+
+def colwise_head(x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
+                 b: torch.Tensor | None, dtype: torch.dtype | None = None) -> tuple:
+    """``(gather(linear(enter(x)).to(dtype), -1),)`` (``dim`` None; ``dtype`` None: no
+    cast) or the same after ``sp_gather(x, dim)``, pipelined and overlapped
+    (``_ColwiseHead``); a 1-tuple, whose item in the graph holds the gather's site."""
+    return (_ColwiseHead.apply(x, dim, group, w, b, dtype),)
 
 
 def enter(x: torch.Tensor, group: str) -> torch.Tensor:
@@ -407,7 +484,10 @@ COLLECTIVES: dict[Any, tuple[str | None, str | None]] = {
 
 def collectives_of(node: Any) -> tuple[str | None, str | None]:
     """(forward, backward) collective of a node of a rewritten graph calling one of the
-    functions above; ``colwise_linears`` has those of the conversion it holds."""
-    if node.target is colwise_linears:
+    functions above; ``colwise_linears`` and ``colwise_head`` have those of the conversion
+    they hold, the item of ``colwise_head`` those of its output's gather."""
+    if node.target in (colwise_linears, colwise_head):
         return COLLECTIVES[enter if node.args[1] is None else sp_gather]
+    if node.target is operator.getitem and getattr(node.args[0], "target", None) is colwise_head:
+        return COLLECTIVES[gather]  # the head's output gathered
     return COLLECTIVES[node.target]
