@@ -77,3 +77,19 @@ def test_predicted_collectives_match_a_real_run(pool, exp):
     counted = pool.run(jobs_plans.counted_collectives, TP, B, S)[0]
     predicted = sorted((c.kind, c.bytes // F32) for c in exp.collectives for _ in range(c.count))
     assert counted == predicted
+
+
+def test_parameter_memory_counts_shared_kv_heads_whole():
+    """One kv head at tp 4: wk and wv are held whole on every rank (each rank slices its
+    group's rows), so explain counts them replicated, as the placements are."""
+    from models.llama2 import Transformer, config
+    from tpcompile.cli.explain import param_memory
+    from tpcompile.planning import compile_model
+    model = Transformer(config("debug", n_kv_heads=1))
+    sharded, replicated, total = param_memory(compile_model(model, tp=4), model, 1)
+    kv = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+             if n.endswith(("attention.wk.weight", "attention.wv.weight")))
+    whole = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if "norm" in n)
+    assert replicated == kv + whole, (replicated, kv, whole)
+    assert sharded == (total - kv - whole) // 4

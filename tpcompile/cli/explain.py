@@ -220,12 +220,14 @@ def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
 def param_memory(c: Compiled, model: nn.Module, dp: int) -> tuple[int, int, int]:
     """(sharded, replicated, total) parameter bytes on one rank; FSDP divides by dp."""
     styles, tp = c.plan.layer_styles(), c.plan.tp
+    shared = {f"{m}.{rel}" if m else rel for mp in c.plan.modules for m in mp.members
+              for rel in mp.grouped}  # kv heads shared by groups of ranks: held whole
     sharded = replicated = total = 0
     for name, p in model.named_parameters():
         owner, pn = param_role(name)
         b = p.numel() * p.dtype.itemsize
         total += b
-        if (styles.get(owner), pn) in PLACEMENTS:
+        if (styles.get(owner), pn) in PLACEMENTS and owner not in shared:
             sharded += b // tp
         else:
             replicated += b

@@ -134,73 +134,85 @@ def _unit(f: ModelFacts, u: UnitFacts, c: Candidate, s: Setup) -> _Unit:
 
 
 def price(f: ModelFacts, c: Candidate, s: Setup) -> Suggestion:
-    mode = f.modes[c.sp and c.tp > 1]
-    d = s.device
-    units = [(u, _unit(f, u, c, s)) for u in mode.units]
-    blocks = [(u, x) for u, x in units if u.path]
-    root = [(u, x) for u, x in units if not u.path]
-    n_blocks = max(f.blocks, 1)
-    frac = c.ckpt / n_blocks
-    accum = max(s.global_batch // c.dp // c.mb, 1)
+    """One candidate's peak memory and step time, as a :class:`Suggestion`."""
+    units = [(u, _unit(f, u, c, s)) for u in f.modes[c.sp and c.tp > 1].units]
+    memory = _memory(f, c, s, units)
+    time = _time(f, c, s, units, memory)
+    feasible = memory.total <= s.device.usable_bytes
+    return Suggestion(
+        mesh_shape=(c.dp, c.tp), sequence_parallel=c.sp and c.tp > 1,
+        activation_checkpointing="block" if c.ckpt else "none", checkpoint_blocks=c.ckpt,
+        blocks=f.blocks, micro_batch=c.mb, grad_accumulation=max(s.global_batch // c.dp // c.mb, 1),
+        global_batch=s.global_batch, seq_len=s.seq_len, dtype=s.dtype, device=s.device.name,
+        feasible=feasible, reason="" if feasible else over_memory(memory),
+        step_time_s=time.step, tokens_per_s_per_device=s.global_batch * s.seq_len / time.step / s.world,
+        memory=memory, time=time, replicate=sorted(c.replicate))
 
-    # ---- memory
+
+def _memory(f: ModelFacts, c: Candidate, s: Setup, units: list[tuple[UnitFacts, _Unit]]
+            ) -> MemoryBreakdown:
+    blocks = [(u, x) for u, x in units if u.path]
+    frac = c.ckpt / max(f.blocks, 1)
     numel = sum(local_numel(p, c.tp, c.dp, p.layer in c.replicate and not u.path) * u.members
-                for u in mode.units for p in u.params)
-    params, grads, opt = numel * MASTER, numel * MASTER, numel * MASTER * s.states
+                for u, _ in units for p in u.params)
     block_saved = sum(x.saved * u.members for u, x in blocks)
     ckpt_kept = sum(x.inputs * u.members for u, x in blocks if u.top_block)
     rebuild = max((x.saved for u, x in blocks if u.top_block), default=0.0) if c.ckpt else 0.0
-    logits = sum(scale(t, 1, c.mb, s.seq_len, f.s0) for u in mode.units for t in u.outputs)
-    loss = logits / f.dtype.itemsize * LOSS_BYTES
-    acts = sum(x.saved for _, x in root) + block_saved * (1 - frac) + ckpt_kept * frac + loss
+    acts = (sum(x.saved for u, x in units if not u.path) + block_saved * (1 - frac)
+            + ckpt_kept * frac + _logits(f, c, s) * LOSS_BYTES)
     # FSDP2 (or the mixed-precision cast) holds the root's parameters unsharded through
     # forward, its gradients through backward (its reduce-scatter comes last), and a
     # block's while it runs with the next one prefetched
     held = c.dp > 1 or f.dtype.itemsize < MASTER
-    gathered_root = sum(x.gathered for _, x in root) if held else 0.0
+    root = sum(x.gathered for u, x in units if not u.path) if held else 0.0
     biggest = max((x.gathered for _, x in blocks), default=0.0)
-    transient = 2 * gathered_root + (3 * biggest if held else biggest) + rebuild + f.buffers_bytes
-    total = params + grads + opt + acts + transient
-    memory = MemoryBreakdown(params=int(params), grads=int(grads), optimizer=int(opt),
-                             activations=int(acts), transient=int(transient), total=int(total),
-                             available=d.usable_bytes)
+    transient = 2 * root + (3 * biggest if held else biggest) + rebuild + f.buffers_bytes
+    state = numel * MASTER
+    total = state * (2 + s.states) + acts + transient
+    return MemoryBreakdown(params=int(state), grads=int(state), optimizer=int(state * s.states),
+                           activations=int(acts), transient=int(transient), total=int(total),
+                           available=s.device.usable_bytes)
 
-    # ---- time, per micro-batch
-    compute = sum((x.fwd + x.bwd) * u.members for u, x in units)
-    compute += d.loss_seconds(loss / LOSS_BYTES)
+
+def _logits(f: ModelFacts, c: Candidate, s: Setup) -> float:
+    """Values of the model's floating outputs (the logits) per micro-batch, on every rank."""
+    return sum(scale(t, 1, c.mb, s.seq_len, f.s0) for u in f.modes[True].units
+               for t in u.outputs) / f.dtype.itemsize
+
+
+def _time(f: ModelFacts, c: Candidate, s: Setup, units: list[tuple[UnitFacts, _Unit]],
+          memory: MemoryBreakdown) -> TimeBreakdown:
+    d = s.device
+    frac = c.ckpt / max(f.blocks, 1)
+    blocks = [(u, x) for u, x in units if u.path]
+    compute = sum((x.fwd + x.bwd) * u.members for u, x in units) + d.loss_seconds(_logits(f, c, s))
     recompute = frac * sum(x.fwd * u.members for u, x in blocks)
     tp_comm = sum((x.tp_fwd + x.tp_bwd) * u.members for u, x in units)
-    tp_comm += frac * sum(x.tp_fwd * u.members for u, x in blocks)
+    tp_comm += frac * sum(x.tp_fwd * u.members for u, x in blocks)  # rebuilt blocks talk again
     fsdp = hidden = 0.0
     level = _level(c.dp * c.tp, s.gpus_per_node)
     per_node = max(s.gpus_per_node // c.tp, 1)  # the dp group's ranks on one node
     for i, (u, x) in enumerate(units):
-        grads = x.gathered / f.dtype.itemsize * MASTER  # unsharded, in the reduce dtype
+        unsharded = x.gathered / f.dtype.itemsize * MASTER  # gradients, in the reduce dtype
         ag = d.collective_seconds("all_gather", level, c.dp, x.gathered, per_node)
-        rs = d.collective_seconds("reduce_scatter", level, c.dp, grads, per_node)
+        rs = d.collective_seconds("reduce_scatter", level, c.dp, unsharded, per_node)
         comm = 2 * ag + rs
         # FSDP2's copies into and out of its flat buffers (both all-gathers, the
         # reduce-scatter), and a few ops per parameter: on the critical path
-        host = (4 * x.gathered + 2 * grads) / d.memory_bandwidth + 4 * len(u.params) * d.op_overhead
+        host = (4 * x.gathered + 2 * unsharded) / d.memory_bandwidth + 4 * len(u.params) * d.op_overhead
         under = x.fwd + x.bwd + (frac * x.fwd if u.path else 0.0)
+        # the first unit's forward all-gather has nothing to hide under
         h = min(comm, d.fsdp_overlap * under) if i else min(comm - ag, d.fsdp_overlap * under)
         fsdp += (comm + host) * u.members
         hidden += max(h, 0.0) * u.members
-    optimizer = numel * MASTER * (3 + 2 * s.states + (2 if s.states else 0)) / d.memory_bandwidth
+    # AdamW: read the parameter, its gradient and states, write the parameter and states
+    optimizer = memory.params * (3 + 2 * s.states + (2 if s.states else 0)) / d.memory_bandwidth
+    accum = max(s.global_batch // c.dp // c.mb, 1)
     step = accum * (compute + recompute + tp_comm + fsdp - hidden) + optimizer
-    time = TimeBreakdown(compute=accum * compute + optimizer, recompute=accum * recompute,
+    return TimeBreakdown(compute=accum * compute + optimizer, recompute=accum * recompute,
                          tp_comm=accum * tp_comm, fsdp_comm=accum * fsdp,
                          fsdp_comm_hidden=accum * hidden, fsdp_comm_exposed=accum * (fsdp - hidden),
                          step=step)
-    feasible = total <= d.usable_bytes
-    return Suggestion(
-        mesh_shape=(c.dp, c.tp), sequence_parallel=c.sp and c.tp > 1,
-        activation_checkpointing="block" if c.ckpt else "none", checkpoint_blocks=c.ckpt,
-        blocks=f.blocks, micro_batch=c.mb, grad_accumulation=accum, global_batch=s.global_batch,
-        seq_len=s.seq_len, dtype=s.dtype, device=d.name, feasible=feasible,
-        reason="" if feasible else over_memory(memory),
-        step_time_s=step, tokens_per_s_per_device=s.global_batch * s.seq_len / step / s.world,
-        memory=memory, time=time, replicate=sorted(c.replicate))
 
 
 def over_memory(m: MemoryBreakdown) -> str:
