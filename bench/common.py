@@ -228,14 +228,17 @@ def hf_hand_plan(block_count: int, sp: bool) -> dict[str, Any]:
     residual stream stay DTensors (global shapes); each attention and MLP gets its input
     replicated and returns sequence shards. Its views use -1 heads: no head counts to
     divide."""
-    head = ColwiseParallel(output_layouts=Replicate()) if not LOSS_PARALLEL else \
-        ColwiseParallel(use_local_output=False)
+    seq = {"input_layouts": Shard(1)} if sp else {}
+    head = ColwiseParallel(output_layouts=Replicate(), **seq) if not LOSS_PARALLEL else \
+        ColwiseParallel(use_local_output=False, **seq)
     plan: dict[str, Any] = {"lm_head": head}
     if sp:
         plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(),
                                                      output_layouts=Shard(1),
                                                      use_local_output=False)
-        plan["model.norm"] = SequenceParallel()
+        # local output: the model slices it before the head (logits_to_keep), and a
+        # compiled backward cannot replay a view of a DTensor (as_strided)
+        plan["model.norm"] = SequenceParallel(use_local_output=True)
     else:
         plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate())
     for i in range(block_count):

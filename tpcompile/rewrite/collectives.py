@@ -247,11 +247,13 @@ class _ColwiseHead(torch.autograd.Function):
         start = 0
         for launched in pending:  # each (n * r, cols): rank after rank, r rows each
             got = _c10d.wait_tensor(launched)
-            if out is None:  # made in its final shape: Inductor must not see the output
-                out = got.new_empty(*full.shape[:-1], n * cols)  # as a view of a buffer
+            if out is None:  # made in its final shape: returned as a view of a 2-D buffer,
+                # Inductor (torch 2.13) let the compiled backward overwrite it in place
+                out = got.new_empty(*full.shape[:-1], n * cols)
                 flat = out.view(-1, n * cols)
             r = got.shape[0] // n
-            flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))  # type: ignore[index]
+            into = flat[start:start + r].view(r, n, cols)  # type: ignore[index]
+            into.copy_(got.view(n, r, cols).transpose(0, 1))
             start += r
         return out  # type: ignore[return-value]
 
