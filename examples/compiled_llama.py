@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0, help="weights and data")
+    ap.add_argument("--activation-checkpointing", default="none",
+                    help="'none', 'block' (every block) or a number of blocks: recompute "
+                    "their forward in backward instead of keeping their activations")
     ap.add_argument("--checkpoint-dir", default=None, help="save DCP checkpoints here")
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="save every K steps (0: only after the last step)")
@@ -102,7 +105,10 @@ def build(args: argparse.Namespace, mesh: DeviceMesh) -> Transformer:
     margs = config(args.config, max_seq_len=max(args.seq_len, CONFIGS[args.config].max_seq_len))
     with torch.device("meta"):  # no rank ever holds the whole model
         model = Transformer(margs)
-    model = tpcompile.auto_parallelize(model, mesh, seed=args.seed)
+    ckpt = args.activation_checkpointing
+    model = tpcompile.auto_parallelize(
+        model, mesh, seed=args.seed,
+        activation_checkpointing=int(ckpt) if ckpt.isdigit() else ckpt)
     plan = tpcompile.plan_of(model)
     for mp in plan.modules:
         by_style: dict[str, list[str]] = {}

@@ -100,6 +100,22 @@ def _model_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
                   if torch.is_tensor(v) and k != "step"))
 
 
+def test_a_checkpointing_suggestion_applies_in_two_lines(fake_world):
+    """A suggestion with every block checkpointed: ``kwargs()`` passes it on and
+    ``auto_parallelize`` wraps each block; a training step runs."""
+    s = suggest(_debug_llama(), fake_world, device="cpu-gloo", global_batch=8, seq_len=32,
+                dtype="fp32", activation_checkpointing="block")[0]
+    assert s.feasible and s.checkpoint_blocks == s.blocks == 2, s
+    kw = s.kwargs()
+    assert kw["activation_checkpointing"] == "block", kw
+    model = tpcompile.auto_parallelize(_debug_llama(), s.device_mesh("cpu"), **kw)
+    wrapped = [n for n, m in model.named_modules()
+               if getattr(m.__dict__.get("forward"), "_tpcompile_checkpointed", False)]
+    assert wrapped == ["layers.0", "layers.1"], wrapped
+    ids = torch.randint(0, 500, (4, 32))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
 def test_model_state_equals_the_applied_plans_local_shards(fake_world):
     """On a (dp 2, tp 4) mesh: parameters, gradients and AdamW states summed over this
     rank's local shards after a real step, against the prediction, with and without the

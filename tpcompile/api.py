@@ -90,6 +90,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                      tracer: str = "auto", init_fn: Callable[[nn.Module], None] | None = None,
                      seed: int = 0, loss_parallel: bool = False, materialize: bool = True,
                      dynamic: bool | None = None, compile: bool | dict = False,
+                     activation_checkpointing: str | int | bool | None = None,
                      **fsdp_kwargs: Any) -> nn.Module:
     """Make ``model`` tensor parallel on ``mesh`` (in place; returns it).
 
@@ -115,6 +116,11 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             1-D mesh the whole forward, on a 2-D mesh each FSDP block's forward (FSDP2's
             hooks stay outside, as torchtitan does). A dict is passed to ``torch.compile``
             (``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``).
+        activation_checkpointing: ``"block"`` (or ``True``) runs every block (the layers of
+            the model's ModuleLists) under non-reentrant ``torch.utils.checkpoint``: it keeps
+            its inputs, and backward runs its forward again, collectives included; ``k``
+            checkpoints the first k blocks (``Suggestion.checkpoint_blocks``); ``None`` or
+            ``"none"``: off. Dropout inside sharded regions draws the same masks again.
         **fsdp_kwargs: passed to FSDP2 ``fully_shard`` on a 2-D mesh.
 
     The returned module takes the same inputs as ``model`` (full tensors on every rank)
@@ -161,6 +167,11 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                 f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
                 "loss_parallel, or end the model with a Linear head.")
         programs = _programs(compiled, sk, tp, group, loss_parallel)
+        from .runtime.checkpointing import blocks_to_checkpoint, top_blocks
+        to_checkpoint = blocks_to_checkpoint(
+            activation_checkpointing,
+            top_blocks(model, [m for u in compiled.units for m in u.members]),
+            type(model).__name__)
         placements: dict[str, list[Placement]] = {}
         for unit in compiled.units:
             for member in unit.members:
@@ -217,9 +228,12 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if init is not None:
             materialize_sharded(model, mesh.device_type, init)
             follow_devices(sk, model)
-        if compile:
-            _compile(model, compiled, programs, dp_mesh is not None,
+        if compile:  # per block where a block is checkpointed: the checkpoint wraps it
+            _compile(model, compiled, programs, dp_mesh is not None or bool(to_checkpoint),
                      compile if isinstance(compile, dict) else {})
+        if to_checkpoint:
+            from .runtime.checkpointing import apply_checkpointing
+            apply_checkpointing(model, to_checkpoint)
     except BaseException:
         snapshot.restore()
         raise

@@ -89,13 +89,15 @@ class Suggestion(_M):
         return init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=self.mesh_dim_names)
 
     def kwargs(self) -> dict[str, Any]:
-        """``auto_parallelize`` arguments: sequence parallelism, bf16 compute on fp32
-        master weights (FSDP2's mixed precision) and, when the cost model keeps a layer
-        replicated, the plan saying so. Activation checkpointing is not an
-        ``auto_parallelize`` option yet: wrap the first ``checkpoint_blocks`` blocks'
-        forward in ``torch.utils.checkpoint`` in the model itself."""
+        """``auto_parallelize`` arguments: sequence parallelism, activation checkpointing
+        of the first ``checkpoint_blocks`` blocks (``"block"``: every one), bf16 compute
+        on fp32 master weights (FSDP2's mixed precision) and, when the cost model keeps a
+        layer replicated, the plan saying so."""
         import torch
         out: dict[str, Any] = {"sequence_parallel": self.sequence_parallel}
+        if self.checkpoint_blocks:
+            out["activation_checkpointing"] = "block" if self.checkpoint_blocks >= self.blocks \
+                else self.checkpoint_blocks
         if self.dtype in ("bf16", "fp16"):
             from torch.distributed.fsdp import MixedPrecisionPolicy
             param = torch.bfloat16 if self.dtype == "bf16" else torch.float16

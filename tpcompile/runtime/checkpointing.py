@@ -1,0 +1,114 @@
+"""Activation checkpointing of the parallel model's blocks.
+
+A checkpointed block keeps only its inputs in forward and runs its program again in
+backward (``torch.utils.checkpoint``, non-reentrant), collectives included: the same
+trade as torchtitan's per-block checkpointing, fewer saved activations for one more
+forward per block. Two things the rewritten program needs on the recompute, which
+torch's checkpoint does not know of, go through its ``context_fn``:
+
+* the tp rank's own random stream (``on_rank_rng``, dropout inside sharded regions):
+  the recompute draws from the state the block started with, and leaves the live stream
+  where the forward left it, so the masks (and gradients) are the ones of the forward;
+* which variant (with or without sequence parallelism) the root program ran: a block
+  runs its parent's variant, and in backward no root program is running.
+
+torch's checkpoint already replays the global CPU and device random streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import TPCompileError
+from ..rewrite import collectives as C
+from . import program as P
+
+class CheckpointingError(TPCompileError):
+    """An ``activation_checkpointing`` setting that names no blocks of the model."""
+
+
+def blocks_to_checkpoint(setting: Any, blocks: list[str], model_name: str) -> list[str]:
+    """The blocks (module paths, in model order) that ``setting`` checkpoints: ``None``,
+    ``False``, ``"none"`` or 0: none; ``True`` or ``"block"``: every block; ``k``: the
+    first k (what ``Suggestion.checkpoint_blocks`` says)."""
+    if setting is None or setting is False or setting == "none" or setting == 0:
+        return []
+    if setting is True or setting == "block":
+        count = len(blocks)
+    elif isinstance(setting, int) and 0 < setting <= len(blocks):
+        count = setting
+    else:
+        raise CheckpointingError(
+            f"activation_checkpointing={setting!r}: use 'none', 'block' (every block) or a "
+            f"number of blocks from 1 to {len(blocks)} ({model_name} has {len(blocks)} "
+            "blocks: the layers of its ModuleLists)")
+    if not blocks:
+        raise CheckpointingError(
+            f"activation_checkpointing={setting!r}: {model_name} has no blocks (repeated "
+            "layers in an nn.ModuleList) to checkpoint; drop the option or checkpoint inside "
+            "the model")
+    return blocks[:count]
+
+
+def top_blocks(model: nn.Module, members: list[str]) -> list[str]:
+    """The members inside no other member (a decoder layer, not the experts inside it),
+    in the model's module order."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    outer = [m for m in members if m and not any(
+        o and o != m and m.startswith(o + ".") for o in members)]
+    return sorted(set(outer), key=order.__getitem__)
+
+
+def _program_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` of one checkpointed call: the forward remembers the tp ranks'
+    random streams and the running variant; the recompute runs from them."""
+    streams: dict = {}
+    variant: list[bool] = []
+
+    @contextlib.contextmanager
+    def forward() -> Iterator[None]:
+        streams.update(C._RANK_RNG)
+        variant.extend(P._VARIANT[-1:])
+        yield
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        live = dict(C._RANK_RNG)
+        C._RANK_RNG.clear()
+        C._RANK_RNG.update(streams)
+        P._VARIANT.extend(variant)
+        try:
+            yield
+        finally:
+            del P._VARIANT[len(P._VARIANT) - len(variant):]
+            C._RANK_RNG.clear()
+            C._RANK_RNG.update(live)
+
+    return forward(), recompute()
+
+
+def checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` run under non-reentrant activation checkpointing while autograd
+    records (in ``no_grad`` and inference there is nothing to save, so it runs as is)."""
+    import torch
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False,
+                          context_fn=_program_contexts, **kwargs)
+
+    run.__wrapped__ = forward  # type: ignore[attr-defined]
+    run._tpcompile_checkpointed = True  # type: ignore[attr-defined]
+    return run
+
+
+def apply_checkpointing(model: nn.Module, paths: list[str]) -> None:
+    """Wrap each block's (already installed, possibly compiled) ``forward``."""
+    for path in paths:
+        module = model.get_submodule(path)
+        module.forward = checkpointed(module.__dict__["forward"])  # type: ignore[method-assign]
