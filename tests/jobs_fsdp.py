@@ -144,6 +144,32 @@ def meta_generic_init(rank: int) -> dict:
     return {n: bool(torch.equal(full(pars[n]), p)) for n, p in ref.named_parameters()}
 
 
+def meta_hf(rank: int, seed: int = 3) -> dict:
+    """A Hugging Face Llama built on the meta device, no init_fn: its own
+    ``_init_weights`` per module (its ``init_weights()`` takes no seed), parameters and
+    the rotary buffers equal to the same loop on the full model, and so is the loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tpcompile.runtime.distribute import by_module
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    m = mesh2d()
+    with torch.device("meta"):
+        meta_model = LlamaForCausalLM(cfg)
+    ids = tokens(5, 512)
+    par = tpcompile.auto_parallelize(meta_model, m, example_kwargs={"input_ids": my_rows(ids, m)},
+                                     seed=seed)
+    with torch.device("meta"):
+        ref = LlamaForCausalLM(cfg)
+    ref.to_empty(device="cpu")
+    by_module(ref, seed, ref._init_weights, buffers=True)
+    pars, bufs = dict(par.named_parameters()), dict(par.named_buffers())
+    loss = par(input_ids=my_rows(ids, m), labels=my_rows(ids, m)).loss
+    return {"params": {n: bool(torch.equal(full(pars[n]), p)) for n, p in ref.named_parameters()},
+            "buffers": {n: bool(torch.equal(bufs[n], b)) for n, b in ref.named_buffers()},
+            "std": float(ref.model.layers[0].mlp.up_proj.weight.std()),
+            "losses": (dp_mean(loss, m), ref(input_ids=ids, labels=ids).loss.item())}
+
 def mixed_precision(rank: int) -> dict:
     """FSDP's mp_policy passes through: blocks compute in bf16, the optimizer keeps f32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -77,6 +77,17 @@ def test_meta_init_without_init_weights(pool):
     assert all(res[0].values()) and len(res[0]) == 18, res[0]
 
 
+def test_meta_init_of_a_hugging_face_model(pool):
+    """transformers' ``init_weights()`` takes no seed: its ``_init_weights`` runs per
+    module instead (std 0.02 here), parameters and rotary buffers equal to the same loop
+    on the full model."""
+    for r in pool.run(J.meta_hf):
+        assert len(r["params"]) == 21 and all(r["params"].values()), r["params"]
+        assert len(r["buffers"]) == 2 and all(r["buffers"].values()), r["buffers"]
+        assert abs(r["std"] - 0.02) < 0.002, r["std"]
+        assert abs(r["losses"][0] - r["losses"][1]) <= 1e-5 * abs(r["losses"][1]), r["losses"]
+
+
 def test_meta_init_errors(pool):
     res = pool.run(J.meta_errors)
     for r in res:

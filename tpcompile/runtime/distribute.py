@@ -109,12 +109,16 @@ def on_meta(model: nn.Module) -> bool:
 
 def choose_init(model: nn.Module, init_fn: InitFn | None, seed: int) -> InitFn:
     """The function that fills a materialised model, decided before anything changes:
-    ``init_fn`` if given, else ``model.init_weights(seed)``, else ``reset_parameters``
-    of every module (one module at a time, full size, then sharded)."""
+    ``init_fn`` if given, else ``model.init_weights(seed)``, else a Hugging Face model's
+    own ``_init_weights`` per module, else ``reset_parameters`` of every module (module
+    by module at full size, then sharded)."""
     if init_fn is not None:
         return init_fn
-    if callable(getattr(model, "init_weights", None)):
+    if callable(getattr(model, "init_weights", None)) and _takes_seed(model.init_weights):
         return lambda m: m.init_weights(seed)  # type: ignore[operator]
+    if callable(getattr(model, "_init_weights", None)) and hasattr(model, "config"):
+        hf = model._init_weights  # a transformers PreTrainedModel: init_weights() takes no seed
+        return lambda m: by_module(m, seed, lambda mod: hf(mod), buffers=True)
     orphans = [f"{mn}.{pn}".strip(".") for mn, m in model.named_modules()
                for pn, _ in m.named_parameters(recurse=False)
                if not callable(getattr(m, "reset_parameters", None))]
@@ -125,39 +129,73 @@ def choose_init(model: nn.Module, init_fn: InitFn | None, seed: int) -> InitFn:
         raise TPCompileError(
             f"auto_parallelize: cannot initialise the meta-device model {type(model).__name__}: "
             f"{what}. Give it an init_weights(seed) method or pass init_fn=.")
-    return lambda m: reset_by_module(m, seed)
+    return lambda m: by_module(m, seed, _reset_parameters)
+
+
+def _takes_seed(fn: Any) -> bool:
+    try:
+        inspect.signature(fn).bind(0)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _reset_parameters(mod: nn.Module) -> None:
+    if callable(getattr(mod, "reset_parameters", None)):
+        mod.reset_parameters()  # type: ignore[operator]
 
 
 @torch.no_grad()
-def reset_by_module(model: nn.Module, seed: int) -> None:
-    """``reset_parameters`` of every module in ``model.modules()`` order, from one RNG
-    seeded with ``seed``. Each module's parameters are drawn at full size on a plain
-    copy (one module at a time, never the whole model) and each rank keeps its shard, so
-    the values equal those of running the same loop on the unsharded model."""
+def by_module(model: nn.Module, seed: int, fill: Callable[[nn.Module], None],
+              buffers: bool = False) -> None:
+    """``fill(module)`` for every module in ``model.modules()`` order, from one RNG seeded
+    with ``seed``: each module's own parameters (and buffers) swapped for plain full-size
+    tensors (one module at a time, never the whole model), then each rank keeps its shard
+    of what ``fill`` wrote, so the values equal those of the same loop on the unsharded
+    model."""
     torch.manual_seed(seed)
     for mod in model.modules():
-        params = dict(mod.named_parameters(recurse=False))
-        if not params or not callable(getattr(mod, "reset_parameters", None)):
+        slots = {("p", n): t for n, t in mod.named_parameters(recurse=False)}
+        if buffers:
+            slots.update({("b", n): t for n, t in mod.named_buffers(recurse=False)})
+        if not slots:
             continue
-        full = {n: torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
-                for n, p in params.items()}
-        _reset_plain(mod, full)
-        for n, p in params.items():
-            copy_full_into(p, full[n])
+        full = {k: torch.empty(t.shape, dtype=t.dtype, device=_local(t).device)
+                for k, t in slots.items()}
+        for k, t in slots.items():  # what fill leaves alone stays as it was (NaN: found)
+            if not isinstance(t, DTensor):
+                full[k].copy_(t)
+            elif t.is_floating_point():
+                full[k].fill_(float("nan"))
+        _fill_plain(mod, full, fill)
+        for k, t in slots.items():
+            copy_full_into(t, full[k])
 
 
-def _reset_plain(mod: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Run ``mod.reset_parameters`` with its parameters temporarily swapped for ``full``."""
-    saved = dict(mod._parameters)
+def reset_by_module(model: nn.Module, seed: int) -> None:
+    """``reset_parameters`` of every module, as ``by_module`` runs it."""
+    by_module(model, seed, _reset_parameters)
+
+
+def _fill_plain(mod: nn.Module, full: dict[tuple[str, str], torch.Tensor],
+                fill: Callable[[nn.Module], None]) -> None:
+    """Run ``fill(mod)`` with its parameters and buffers temporarily swapped for ``full``."""
+    params, bufs = dict(mod._parameters), dict(mod._buffers)
     try:
-        for n, t in full.items():
-            mod._parameters[n] = nn.Parameter(t, requires_grad=False)
-        mod.reset_parameters()  # type: ignore[operator]
-        for n in full:
-            full[n] = mod._parameters[n].detach()  # type: ignore[union-attr]
+        for (kind, n), t in full.items():
+            if kind == "p":
+                mod._parameters[n] = nn.Parameter(t, requires_grad=False)
+            else:
+                mod._buffers[n] = t
+        fill(mod)
+        for kind, n in full:
+            now = mod._parameters[n] if kind == "p" else mod._buffers[n]
+            full[(kind, n)] = now.detach()  # type: ignore[union-attr]
     finally:
         mod._parameters.clear()
-        mod._parameters.update(saved)
+        mod._parameters.update(params)
+        mod._buffers.clear()
+        mod._buffers.update(bufs)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
