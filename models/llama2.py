@@ -41,6 +41,8 @@ CONFIGS: dict[str, ModelArgs] = {
 
 
 def config(name: str, **overrides: object) -> ModelArgs:
+    if name not in CONFIGS:
+        raise KeyError(f"no config {name!r}; the configs are {', '.join(CONFIGS)}")
     return replace(CONFIGS[name], **overrides)  # type: ignore[arg-type]
 
 

@@ -266,10 +266,12 @@ def replicated(c: Compiled, model: nn.Module) -> list[Replicated]:
 def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int = 2048,
             sequence_parallel: bool = True, example_inputs: tuple | None = None,
             example_kwargs: dict | None = None, name: str = "", plan: object = None,
-            tracer: str = "auto", device: str | None = None) -> tuple[Explanation, Compiled]:
+            tracer: str = "auto", device: str | None = None,
+            checkpointing: int | str = "none") -> tuple[Explanation, Compiled]:
     """Plan ``model`` (meta device is fine) at ``tp`` and say what the rewrite would do for
     inputs of ``batch`` x ``seq`` (or ``example_inputs``); with ``device`` (a preset name or
-    file) also the cost model's predicted memory and step time (``predicted``)."""
+    file) also the cost model's predicted memory and step time (``predicted``), with
+    ``checkpointing`` blocks (``"block"``: every one) under activation checkpointing."""
     from ..api import load_plan
     from ..planning.build import compile_model, synthesize_inputs
     for what, value in (("dp", dp), ("batch", batch), ("seq", seq)):
@@ -308,12 +310,12 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
                         megatron_min_wire_bytes=megatron_min(c), dp_wire_bytes=dp_wire),
         replicated=replicated(c, model),
         predicted=None if plan is not None or device is None else _predict(
-            model, tp, dp, batch, seq, sequence_parallel, dtype, device)), c
+            model, tp, dp, batch, seq, sequence_parallel, dtype, device, checkpointing)), c
 
 
 def _predict(model: nn.Module, tp: int, dp: int, batch: int, seq: int, sp: bool,
-             dtype: torch.dtype, device: str) -> Suggestion | None:
+             dtype: torch.dtype, device: str, checkpointing: int | str = "none") -> Suggestion | None:
     from ..suggest.search import price_mesh
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     return price_mesh(model, dp=dp, tp=tp, batch=batch, seq_len=seq, sequence_parallel=sp,
-                      dtype=name, device=device)
+                      dtype=name, device=device, checkpoint_blocks=checkpointing)

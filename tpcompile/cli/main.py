@@ -118,7 +118,11 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, tuple | None, str, dict 
         raise ModelFileError(f"--config {args.config} given, but {fn.__name__}() takes no "
                              "config_name argument")
     with torch.device("meta"):
-        model = fn(**kwargs)
+        try:
+            model = fn(**kwargs)
+        except Exception as e:  # noqa: BLE001 - the user's builder; named, not a traceback
+            call = f"{fn.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+            raise ModelFileError(f"{args.model_file}: {call} raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"{fn.__name__}() returned {type(model).__name__}, not an nn.Module")
     model = model.to(DTYPES[args.dtype])
@@ -131,6 +135,14 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, tuple | None, str, dict 
     return model, inputs, label, None
 
 
+def _checkpointing(text: str) -> int | str:
+    if text in ("none", "block"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: use none, block or a number of blocks")
+
+
 def cmd_explain(args: argparse.Namespace) -> str:
     from . import render as R
     from .explain import explain
@@ -138,7 +150,7 @@ def cmd_explain(args: argparse.Namespace) -> str:
     e, c = explain(model, tp=args.tp, dp=args.dp, batch=args.batch, seq=args.seq,
                    sequence_parallel=not args.no_sp, example_inputs=inputs,
                    example_kwargs=kwargs, name=label, plan=args.plan, tracer=args.tracer,
-                   device=args.device)
+                   device=args.device, checkpointing=args.checkpointing)
     if args.format == "json":
         return e.model_dump_json(indent=2) + "\n"
     if args.format == "dot":
@@ -224,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--plan", help="explain this plan file instead of the detected plan")
             p.add_argument("--device", default="h100-80gb", help="device preset (or preset "
                            "file) for the predicted memory and step time (default h100-80gb)")
+            p.add_argument("--checkpointing", type=_checkpointing, default="none",
+                           help="activation checkpointing the prediction assumes: none, block "
+                           "(every block) or a number of blocks (default none)")
         else:
             p.add_argument("--on-indivisible", choices=("error", "replicate"), default="error")
     p = sub.add_parser("suggest", help="how to split the model over N GPUs: the mesh, sequence "

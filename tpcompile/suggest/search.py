@@ -188,9 +188,11 @@ def _fits_with_checkpointing(module: Any, name: str, s: Setup, inputs: Inputs | 
 
 def price_mesh(model: Any, *, dp: int, tp: int, batch: int, seq_len: int,
                sequence_parallel: bool, dtype: str = "bf16", device: str | DevicePreset = "h100-80gb",
-               optimizer: str = "adamw", checkpoint_blocks: int = 0) -> Suggestion | None:
+               optimizer: str = "adamw", checkpoint_blocks: int | str = 0) -> Suggestion | None:
     """The price of one given mesh (``batch`` sequences per dp rank, one micro-batch):
-    what ``explain`` prints. None when the model cannot be planned for it."""
+    what ``explain`` prints (``checkpoint_blocks``: a number, ``"block"`` for every block,
+    as ``auto_parallelize(activation_checkpointing=...)`` takes it). None when the model
+    cannot be planned for it."""
     dev = load_device(device)
     module, name = as_module(model)
     setup = Setup(dp * tp, max(dev.gpus_per_node or tp, tp), batch * dp, seq_len, dtype,
@@ -201,8 +203,10 @@ def price_mesh(model: Any, *, dp: int, tp: int, batch: int, seq_len: int,
         return None
     if tp not in facts:
         return None
-    return price(facts[tp], Candidate(dp, tp, sequence_parallel and tp > 1, checkpoint_blocks,
-                                      batch), setup)
+    n = facts[tp].blocks
+    ckpt = (n if checkpoint_blocks is True or checkpoint_blocks == "block" else
+            0 if checkpoint_blocks in (None, False, "none") else min(int(checkpoint_blocks), n))
+    return price(facts[tp], Candidate(dp, tp, sequence_parallel and tp > 1, ckpt, batch), setup)
 
 
 __all__ = ["SuggestError", "price_mesh", "suggest"]

@@ -65,13 +65,17 @@ def predicted(s: Suggestion | None) -> str:
         return ""
     m, t = s.memory, s.time
     fits = "fits" if s.feasible else "does not fit"
+    ckpt = "no checkpointing" if not s.checkpoint_blocks else (
+        "every block checkpointed" if s.checkpoint_blocks >= s.blocks else
+        f"{s.checkpoint_blocks} of {s.blocks} blocks checkpointed")
+    recompute = f" + recompute {t.recompute:.4g} s" if t.recompute else ""
     return "\n".join([
         "", f"Predicted on {s.device} (tpcompile.suggest's cost model; AdamW, fp32 master "
-        f"weights, no checkpointing, {s.micro_batch} sequence(s) per dp rank)",
+        f"weights, {ckpt}, {s.micro_batch} sequence(s) per dp rank)",
         f"  memory per device {g(m.total)} of {g(m.available)} ({fits}): parameters "
         f"{g(m.params)}, gradients {g(m.grads)}, optimizer {g(m.optimizer)}, activations "
         f"{g(m.activations)}, transient {g(m.transient)}",
-        f"  step time {s.step_time_s:.4g} s: compute {t.compute:.4g} s, tensor-parallel "
+        f"  step time {s.step_time_s:.4g} s: compute {t.compute:.4g} s{recompute}, tensor-parallel "
         f"communication {t.tp_comm:.4g} s, FSDP communication {t.fsdp_comm:.4g} s "
         f"({t.fsdp_comm_hidden:.4g} s hidden under compute, {t.fsdp_comm_exposed:.4g} s exposed); "
         f"{s.tokens_per_s_per_device:,.0f} tokens/s per device", ""])
