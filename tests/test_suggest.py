@@ -247,7 +247,7 @@ def test_explain_predicts_with_checkpointing(capsys):
     recompute = [seen[c]["time"]["recompute"] for c in ("none", "1", "block")]
     assert recompute[0] == 0 < recompute[1] < recompute[2], recompute
     assert [seen[c]["checkpoint_blocks"] for c in ("none", "1", "block")] == [0, 1, 2]
-    assert main(["explain", "models/llama2.py", "--config", "debug", "--tp", "2",
+    assert main(["explain", "models/llama2.py", "--config", "debug", "--tp", "2", "--seq", "64",
                  "--checkpointing", "block"]) == 0
     assert "every block checkpointed" in capsys.readouterr().out
     with pytest.raises(SystemExit):
