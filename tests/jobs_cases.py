@@ -132,6 +132,8 @@ def build(name: str) -> tuple[nn.Module, tuple]:
         "tied_module": lambda: (TiedByModule(), (ids,)),
         "tied_function": lambda: (TiedByFunction(), (ids,)),
         "function_attrs": lambda: (Stack([Block(F.gelu), Block(F.relu), Block(F.gelu)]), (x,)),
+        # activation modules with equal settings (inplace=False), told apart by class only
+        "module_classes": lambda: (Stack([Block(nn.ReLU()), Block(nn.SiLU()), Block(nn.ReLU())]), (x,)),
         "freq_scaled": lambda: (FreqScaled(), (ids,)),
         "list_index": lambda: (ListIndexHead(), (x,)),
         "torch_unflatten": lambda: (Stack([UnflattenAttention()]), (x,)),

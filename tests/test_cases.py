@@ -10,7 +10,7 @@ from tests.test_numerics import check as matches
 
 
 @pytest.mark.parametrize("name", ["raw_weight", "tied_module", "tied_function",
-                                  "function_attrs", "freq_scaled", "list_index",
+                                  "function_attrs", "module_classes", "freq_scaled", "list_index",
                                   "torch_unflatten"])
 @pytest.mark.parametrize("sp", [False, True])
 def test_review_case_matches_the_unsharded_model(pool, name, sp):

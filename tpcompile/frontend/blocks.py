@@ -49,14 +49,16 @@ def _is_torch_leaf(m: nn.Module) -> bool:
 
 
 def block_signature(block: nn.Module) -> tuple:
-    """Blocks with equal signatures trace to the same graph (same class, same parameter and
-    buffer shapes, same plain Python settings, the very same other attribute objects: an
-    activation function held as an attribute is baked into the traced graph), so one
-    analysis serves them all."""
+    """Blocks with equal signatures trace to the same graph (the same class for the block
+    and every submodule, same parameter and buffer shapes, same plain Python settings,
+    the very same other attribute objects: an activation function held as an attribute is
+    baked into the traced graph), so one analysis serves them all. Submodule classes
+    count on their own: ``nn.ReLU()`` and ``nn.SiLU()`` hold the same settings."""
     params = tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
     buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in block.named_buffers())
     settings = []
     for path, sub in block.named_modules():
+        settings.append((path, "__class__", type(sub)))
         for k, v in sorted(vars(sub).items()):
             if k in ("training", "_tpcompile_devices") or k.startswith("_") and k != "_forward_hooks":
                 continue
