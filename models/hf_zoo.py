@@ -37,6 +37,9 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
     "granite": ("GraniteConfig", "GraniteForCausalLM"),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "falcon": ("FalconConfig", "FalconForCausalLM"),
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -47,7 +50,7 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 1
 # (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
 # num_key_value_heads= for the GQA layout of Phi-3-medium)
 _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
-        "starcoder2"}
+        "starcoder2", "qwen2_moe"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
 _HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}
 
@@ -89,6 +92,16 @@ def _common(family: str) -> dict[str, Any]:
         cfg.update(sliding_window=POSITIONS)
     elif family == "starcoder2":
         cfg.update(residual_dropout=0.0, embedding_dropout=0.0, sliding_window=POSITIONS)
+    elif family == "gpt_neox":  # fused query_key_value, rotary on a quarter of each head
+        cfg.update(hidden_dropout=0.0, attention_dropout=0.0, rotary_pct=0.25)
+    elif family == "falcon":  # FalconLinear: x @ W.T; Falcon-40B's layout (GQA, parallel attn)
+        cfg.update(new_decoder_architecture=True, num_kv_heads=KV_HEADS, parallel_attn=True,
+                   bias=False, hidden_dropout=0.0, attention_dropout=0.0)
+        cfg.pop("intermediate_size")  # its MLP is 4 x hidden, fixed
+    elif family == "qwen2_moe":  # 4 routed experts, top 2, a shared expert with a 1-wide gate
+        cfg.update(attention_dropout=0.0, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                   router_aux_loss_coef=0.0)
     return cfg
 
 

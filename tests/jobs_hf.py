@@ -129,6 +129,8 @@ def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None =
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                      example_kwargs=kwargs, sequence_parallel=sp)
     ref64 = copy.deepcopy(ref).double()
+    if getattr(getattr(ref64, "config", None), "_experts_implementation", None) not in (None, "eager"):
+        ref64.config._experts_implementation = "eager"  # grouped_mm takes no float64
     out = []
     for batch, seq in shapes or [(4, 8)]:
         kw = _inputs(family, kwargs, batch, seq, padding)

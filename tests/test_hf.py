@@ -10,7 +10,7 @@ import pytest
 from tests import jobs_hf as J
 
 HELD_IN = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "bert"]
-OTHERS = ["qwen3", "gemma2", "olmo2", "granite", "starcoder2"]
+OTHERS = ["qwen3", "gemma2", "olmo2", "granite", "starcoder2", "gpt_neox", "falcon"]
 # share of parameters sharded at tp 2 the issue asks for (BERT: its position embeddings)
 MIN_SHARDED = {"bert": 0.5}
 
@@ -46,6 +46,25 @@ def test_phi3_with_gqa_keeps_attention_replicated_and_says_why(pool):
 def test_other_family_matches_the_unsharded_model(pool, family):
     """Families not on the issue's list: right numbers always; sharding as it can."""
     check(pool.run(J.numerics, family, 2, True), None)
+
+
+def test_falcon_linears_written_as_matmuls_are_sharded(pool):
+    """transformers' FalconLinear computes ``x @ W.T``: planned as the Linear it is, so
+    attention and MLP are sharded (it was 15 %, with no note saying why)."""
+    check(pool.run(J.numerics, "falcon", 2, True), 0.95)
+
+
+def test_moe_with_a_one_wide_shared_expert_gate(pool):
+    """Qwen2-MoE: ``mlp.shared_expert_gate`` (out_features 1) sits beside the shared
+    expert ``mlp.shared_expert.*`` and the router ``mlp.gate``. It is a layer of its own,
+    kept replicated with a note naming it alone; the shared expert and attention stay
+    sharded (it was taken as part of their segments by name prefix: IndivisibleError)."""
+    res = pool.run(J.numerics, "qwen2_moe", 2, True)
+    check(res, 0.5)
+    for r in res:
+        gate = [n for n in r[0]["notes"] if "shared_expert_gate" in n]
+        assert gate == ["mlp.shared_expert_gate: replicated (head): out_features = 1 not "
+                        "divisible by tp = 2"], r[0]["notes"]
 
 
 @pytest.mark.parametrize("family", ["reference_llama", "nanogpt"])

@@ -220,3 +220,40 @@ def test_a_materialised_meta_model_is_traced_on_its_new_device():
     model.to_empty(device="cpu")
     follow_devices(sk, model)
     assert {d.type for d in sk.__dict__["_tpcompile_devices"].values()} == {"cpu"}
+
+
+class _MatmulLinear(nn.Linear):
+    """A Linear written as a matmul, as transformers' FalconLinear is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T if self.bias is None else x @ self.weight.T + self.bias
+
+
+class _MatmulMLP(nn.Module):
+    def __init__(self, d: int = 32, bias: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up, self.down = _MatmulLinear(d, 4 * d, bias=bias), _MatmulLinear(4 * d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_linear_written_as_a_matmul_is_a_layer(bias):
+    """``x @ w.T (+ b)`` on a Linear's own weight is planned as that Linear: the MLP is
+    colwise/rowwise as with nn.Linear (numerics: Falcon in tests/test_hf.py)."""
+    x = torch.randn(2, 8, 32)
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([_MatmulMLP(bias=bias) for _ in range(2)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    styles = tpcompile.plan(Stack(), tp=2, example_inputs=(x,)).layer_styles()
+    assert styles.get("layers.0.up") == "colwise" and styles.get("layers.0.down") == "rowwise", styles

@@ -39,6 +39,7 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
     between an embedding and a Linear head (export keeps one placeholder, named after
     the first) gives two layers, each named after the module that calls it; a weight
     used by two Linears makes neither a layer: they stay replicated."""
+    canonical_linears(t)
     found: dict[fx.Node, Layer] = {}
     uses: dict[fx.Node, int] = defaultdict(int)
     for n in t.gm.graph.nodes:
@@ -95,6 +96,63 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
         n.meta["tpc_layer"] = layer
         out.setdefault(layer.name, layer)
     return out
+
+
+# a 2-D weight transposed: ``w.T``, ``w.t()``, ``w.transpose(0, 1)``, ``w.permute(1, 0)``
+def _transposed_param(n: Any, params: dict[fx.Node, str]) -> fx.Node | None:
+    if not isinstance(n, fx.Node) or n.op != "call_function" or not n.args:
+        return None
+    w = n.args[0]
+    if not isinstance(w, fx.Node) or w not in params or not params[w].endswith("weight"):
+        return None
+    val = w.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return None
+    if n.target in (aten.numpy_T.default, aten.t.default):
+        return w
+    if n.target is aten.transpose.int and {a % 2 for a in n.args[1:3]} == {0, 1}:  # type: ignore[operator]
+        return w
+    if n.target is aten.permute.default and [d % 2 for d in n.args[1]] == [1, 0]:  # type: ignore[union-attr]
+        return w
+    return None
+
+
+def canonical_linears(t: Traced) -> int:
+    """Rewrite ``x @ w.T`` (and ``x @ w.T + b``) on a parameter ``w`` into the
+    ``aten.linear`` it is, so a Linear written as a matmul (transformers' FalconLinear,
+    hand-written reference code) is a layer like any other. Returns how many."""
+    graph, count = t.gm.graph, 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not aten.matmul.default or len(n.args) != 2:
+            continue
+        w = _transposed_param(n.args[1], t.params)
+        x = n.args[0]
+        xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if w is None or not isinstance(xv, torch.Tensor) or xv.dim() < 1 or \
+                xv.shape[-1] != w.meta["val"].shape[1]:
+            continue
+        replaced, bias = n, None
+        users = list(n.users)
+        if len(users) == 1 and users[0].op == "call_function" and \
+                users[0].target is aten.add.Tensor and users[0].args[0] is n and \
+                not users[0].kwargs:
+            b = users[0].args[1]
+            bv = b.meta.get("val") if isinstance(b, fx.Node) else None
+            if b in t.params and t.params[b].endswith("bias") and isinstance(bv, torch.Tensor) \
+                    and tuple(bv.shape) == (w.meta["val"].shape[0],):
+                replaced, bias = users[0], b
+        with graph.inserting_before(replaced):
+            lin = graph.call_function(aten.linear.default, (x, w) if bias is None else (x, w, bias))
+        lin.meta = {**n.meta, "val": replaced.meta.get("val")}
+        transpose = n.args[1]
+        replaced.replace_all_uses_with(lin)
+        for dead in dict.fromkeys([replaced, n, transpose]):  # in order, each once
+            if not dead.users:
+                graph.erase_node(dead)
+        count += 1
+    if count:
+        t.gm.recompile()
+    return count
 
 
 # a Parameter a module uses as a Linear weight itself (nn.MultiheadAttention's

@@ -171,7 +171,7 @@ def check_divisibility(gm: fx.GraphModule, styles: dict[str, str], segments: lis
             if on_indivisible != "replicate" and not _lone(styles, segments, layer):
                 raise IndivisibleError(prefix + layer, what, size, tp) from None
             reason = f"{what} = {size} not divisible by tp = {tp}"
-            if layer not in styles and not any(_owns(s, layer) for s in segments):
+            if layer not in styles and not any(_owns(s, layer, styles) for s in segments):
                 # named after an op, not a layer (an fx-traced forward): the segment that
                 # feeds the op goes, so every round removes something
                 seg = _segment_reaching(gm, segments, layer)
@@ -201,7 +201,7 @@ def replicate_layer(styles: dict[str, str], segments: list[Segment], layer: str,
                     reason: str) -> Note:
     """Keep ``layer`` replicated, and with it the whole segment it belongs to (a segment
     is all sharded or not at all). Updates ``styles`` and ``segments`` in place."""
-    seg = next((s for s in segments if _owns(s, layer)), None)
+    seg = next((s for s in segments if _owns(s, layer, styles)), None)
     if seg is None:  # a lone layer (e.g. an embedding)
         styles.pop(layer, None)
         return Note(layer, f"replicated: {reason}")
@@ -214,12 +214,20 @@ def replicate_layer(styles: dict[str, str], segments: list[Segment], layer: str,
 def _lone(styles: dict[str, str], segments: list[Segment], layer: str) -> bool:
     """``layer`` is a segment by itself: a colwise head with no rowwise partner, or a
     vocab-parallel embedding (in no segment)."""
-    seg = next((s for s in segments if _owns(s, layer)), None)
+    seg = next((s for s in segments if _owns(s, layer, styles)), None)
     if seg is None:
         return layer in styles
     return len(seg.colwise) + len(seg.rowwise) == 1
 
 
-def _owns(seg: Segment, layer: str) -> bool:
-    return layer in seg.colwise or layer in seg.rowwise or any(
-        layer.startswith(c.rsplit(".", 1)[0]) for c in seg.colwise)
+def _owns(seg: Segment, layer: str, styles: dict[str, str]) -> bool:
+    """Whether ``seg`` holds ``layer``: a layer by name (a layer with a style of its own
+    belongs to no other segment: ``mlp.shared_expert_gate`` is not part of
+    ``mlp.shared_expert.*`` nor of ``mlp.gate``'s); an op or module scope by sitting
+    inside the module of one of the segment's colwise layers."""
+    if layer in seg.colwise or layer in seg.rowwise:
+        return True
+    if layer in styles:
+        return False
+    scopes = {c.rsplit(".", 1)[0] for c in seg.colwise if "." in c}
+    return any(layer == p or layer.startswith(p + ".") for p in scopes)
