@@ -40,6 +40,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "falcon": ("FalconConfig", "FalconForCausalLM"),
+    "bloom": ("BloomConfig", "BloomForCausalLM"),
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -55,7 +56,7 @@ _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "grani
 _HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}
 
 # families that cannot take "sdpa" (transformers raises at construction)
-_DEFAULT_ATTN = {"gemma2": "eager"}
+_DEFAULT_ATTN = {"gemma2": "eager", "bloom": "eager"}
 
 # GPT-2 spells the common fields its own way
 _GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
@@ -98,6 +99,11 @@ def _common(family: str) -> dict[str, Any]:
         cfg.update(new_decoder_architecture=True, num_kv_heads=KV_HEADS, parallel_attn=True,
                    bias=False, hidden_dropout=0.0, attention_dropout=0.0)
         cfg.pop("intermediate_size")  # its MLP is 4 x hidden, fixed
+    elif family == "bloom":  # ALiBi; each block also returns its attention weights
+        cfg.update(hidden_dropout=0.0, attention_dropout=0.0, n_layer=LAYERS, n_head=HEADS)
+        for k in ("num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings"):
+            cfg.pop(k)
     elif family == "qwen2_moe":  # 4 routed experts, top 2, a shared expert with a 1-wide gate
         cfg.update(attention_dropout=0.0, moe_intermediate_size=32,
                    shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,

@@ -54,6 +54,16 @@ def test_falcon_linears_written_as_matmuls_are_sharded(pool):
     check(pool.run(J.numerics, "falcon", 2, True), 0.95)
 
 
+def test_blocks_that_return_more_than_hidden_states_are_traced_inline(pool):
+    """BLOOM's blocks also return their attention weights ([B, H, S, S], shaped like no
+    input): the parent traces them inline instead of refusing; the MLPs are sharded,
+    attention stays replicated with the reason (its ALiBi baddbmm has no rule yet)."""
+    res = pool.run(J.numerics, "bloom", 2, True)
+    check(res, 0.5)
+    notes = " ".join(res[0][0]["notes"])
+    assert "baddbmm" in notes and "self_attention.query_key_value" in notes, notes
+
+
 def test_moe_with_a_one_wide_shared_expert_gate(pool):
     """Qwen2-MoE: ``mlp.shared_expert_gate`` (out_features 1) sits beside the shared
     expert ``mlp.shared_expert.*`` and the router ``mlp.gate``. It is a layer of its own,

@@ -127,7 +127,10 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
                 continue
             except _NeedBlock as need:
                 _unpatch(blocks)
-                known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
+                try:
+                    known[sigs[need.member]] = _on_need(need, blocks, on_block, mode, requested)
+                except OpaqueBlockError:  # returns more than hidden states: traced inline
+                    _inline(blocks, sigs, need.member)
                 continue
             except TPCompileError:
                 _unpatch(blocks)
@@ -157,6 +160,11 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
         f"{said}. Make the forward free of "
         "Python control flow on tensor values, or pass example_inputs=(...) / "
         "example_kwargs={...} that the model accepts.")
+
+
+class OpaqueBlockError(UnsupportedError):
+    """A block whose outputs its parent cannot describe from its inputs' shapes: the
+    parent traces it (and every block of its signature) inline instead."""
 
 
 class _InlineBlock(Exception):
@@ -292,10 +300,11 @@ def shapes_of(t: Traced) -> BlockShapes:
         j = next((j for j, p in enumerate(tensor_inputs)
                   if tuple(p.meta["val"].shape) == tuple(o.shape)), None)
         if j is None:
-            raise UnsupportedError(
-                f"a block output of shape {list(o.shape)} is shaped like none of the block's "
-                "inputs; tpcompile keeps blocks opaque in their parent only when each output "
-                "has the shape of an input (hidden states in, hidden states out)")
+            raise OpaqueBlockError(
+                f"output {len(leaves)} of the block, of shape {list(o.shape)}, is shaped like "
+                "none of its inputs (attention weights, a position bias); a block stays one "
+                "opaque call in its parent only when each output has the shape of an input "
+                "(hidden states in, hidden states out)")
         leaves.append(TENSOR)
         like.append((j, o.dtype))
     return BlockShapes(leaves, t.out_spec, like)
