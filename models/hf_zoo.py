@@ -41,6 +41,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "falcon": ("FalconConfig", "FalconForCausalLM"),
     "bloom": ("BloomConfig", "BloomForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -51,7 +52,7 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 1
 # (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
 # num_key_value_heads= for the GQA layout of Phi-3-medium)
 _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
-        "starcoder2", "qwen2_moe"}
+        "starcoder2", "qwen2_moe", "mixtral"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
 _HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}
 
@@ -104,6 +105,9 @@ def _common(family: str) -> dict[str, Any]:
         for k in ("num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings"):
             cfg.pop(k)
+    elif family == "mixtral":  # experts as 3-D Parameters (transformers 5), top 2 of 4
+        cfg.update(attention_dropout=0.0, num_local_experts=4, num_experts_per_tok=2,
+                   router_aux_loss_coef=0.0)
     elif family == "qwen2_moe":  # 4 routed experts, top 2, a shared expert with a 1-wide gate
         cfg.update(attention_dropout=0.0, moe_intermediate_size=32,
                    shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,

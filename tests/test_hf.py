@@ -64,6 +64,17 @@ def test_blocks_that_return_more_than_hidden_states_are_traced_inline(pool):
     assert "baddbmm" in notes and "self_attention.query_key_value" in notes, notes
 
 
+def test_moe_experts_as_3d_parameters_stay_replicated_and_say_so(pool):
+    """Mixtral in transformers 5: the experts are 3-D Parameters read by a grouped
+    matmul, no Linear: right numbers, attention sharded, and a note for each expert
+    weight naming its shape and what reads it (there was no note at all)."""
+    res = pool.run(J.numerics, "mixtral", 2, True)
+    check(res, 0.1)
+    notes = res[0][0]["notes"]
+    experts = [n for n in notes if "experts." in n]
+    assert len(experts) == 2 and all("3-D weight" in n and "grouped_mm" in n for n in experts), notes
+
+
 def test_moe_with_a_one_wide_shared_expert_gate(pool):
     """Qwen2-MoE: ``mlp.shared_expert_gate`` (out_features 1) sits beside the shared
     expert ``mlp.shared_expert.*`` and the router ``mlp.gate``. It is a layer of its own,

@@ -217,6 +217,50 @@ def layer_of(node: fx.Node) -> Layer | None:
     return node.meta.get("tpc_layer")
 
 
+_PASS_THROUGH = {"transpose", "t", "numpy_T", "permute", "view", "reshape", "_unsafe_view",
+                 "select", "slice", "unsqueeze", "squeeze", "expand", "contiguous", "clone",
+                 "_to_copy", "to", "alias", "detach", "index", "chunk", "split", "getitem"}
+
+
+def _readers(node: fx.Node, depth: int = 4) -> set[str]:
+    """The ops that compute with ``node``, past the views and indexing that pick from it."""
+    out: set[str] = set()
+    for u in node.users:
+        if u.op != "call_function":
+            continue
+        name = getattr(u.target, "__name__", str(u.target)).split(".")[0]
+        if name in _PASS_THROUGH and depth > 0:
+            out |= _readers(u, depth - 1) or {name}
+        else:
+            out.add(name)
+    return out
+
+
+def unlayered_weights(t: Traced) -> list[Note]:
+    """A note for each parameter of two or more dims that no Linear, Embedding or norm
+    of the graph reads (transformers 5's 3-D expert weights read by index and a batched
+    matmul, a Parameter multiplied in by hand): it stays replicated, and the plan says so
+    instead of leaving the user to wonder. Weights shared by two layers have their own
+    note already."""
+    read: set[fx.Node] = set()
+    for n in t.gm.graph.nodes:
+        layer = layer_of(n)
+        if layer is not None:
+            read.add(layer.weight)
+        elif n.meta.get("tpc_shared") is not None and isinstance(n.args[1], fx.Node):
+            read.update(a for a in n.args if isinstance(a, fx.Node) and a in t.params)
+    out = []
+    for ph, name in t.params.items():
+        val = ph.meta.get("val")
+        if ph in read or not isinstance(val, torch.Tensor) or val.dim() < 2 or not ph.users:
+            continue
+        ops = sorted(_readers(ph))
+        out.append(Note(name, f"replicated: a {val.dim()}-D weight {list(val.shape)} that no "
+                              f"Linear or Embedding reads (read by {', '.join(ops)}); only "
+                              "the weights of Linears, Embeddings and norms are sharded"))
+    return out
+
+
 def is_block(node: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is BLOCK_OP
 

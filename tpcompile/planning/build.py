@@ -245,6 +245,11 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         for n in more:
             warn(f"tpcompile: {prefix}{n.layer} {n.reason}")
         notes += more
+        loose = A.unlayered_weights(t)
+        if tp > 1:
+            for n in loose:
+                warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
+        notes += loose
         prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
     SQ.apply_block_needs(gm, prop, contracts)
     params = set(t.params) | set(t.buffers)
