@@ -206,8 +206,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                     "serve both")
             progs = _programs(again, sk, tp, group, loss_parallel)
             for unit, prog in zip(again.units, progs):
-                for member in unit.members:
-                    install(model.get_submodule(member), prog)
+                for member in unit.members:  # into the model called (a deepcopy's own)
+                    install(root.get_submodule(member), prog)
             top = next(p for u, p in zip(again.units, progs) if "" in u.members)
             if top.fits(root.training, spec, flat) is None:
                 return
@@ -234,6 +234,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if to_checkpoint:
             from .runtime.checkpointing import apply_checkpointing
             apply_checkpointing(model, to_checkpoint)
+        model.__dict__["_tpcompile_runtime"].inline = [
+            (n or type(model).__name__, m) for n, m in model.named_modules()
+            if "_tpcompile_runtime" not in m.__dict__]
     except BaseException:
         snapshot.restore()
         raise

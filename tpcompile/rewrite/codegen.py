@@ -137,7 +137,7 @@ class _Builder:
         grouped = {p for n in self.gm.graph.nodes if (l := layer_of(n)) is not None
                    and l.name in self.prop.grouped for p in (l.weight, l.bias) if p is not None}
         for ph, fqn in t.params.items():
-            self.env[ph] = g.call_function(C.local, (g.get_attr(fqn),))
+            self.env[ph] = g.call_function(C.local, (g.get_attr(fqn), fqn))
             if self._placement(ph) is None and (ph in grouped or any(u in self.q for u in ph.users)):
                 sync.append(ph)
         for ph, fqn in t.buffers.items():

@@ -172,6 +172,7 @@ class _ColwiseLinears(torch.autograd.Function):
         full = x if dim is None else _all_gather(x, dim, group)
         ctx.dim, ctx.group, ctx.n = dim, group, n
         ctx.bias = [b is not None for b in bs]
+        ctx.bias_dtype = [b.dtype if b is not None else None for b in bs]
         ctx.save_for_backward(full, *ws)
         return tuple(torch.nn.functional.linear(full, w, b) for w, b in zip(ws, bs))
 
@@ -180,19 +181,21 @@ class _ColwiseLinears(torch.autograd.Function):
         full, *ws = ctx.saved_tensors
         n, live = ctx.n, [(i, g) for i, g in enumerate(gys) if g is not None]
         pending = None
+        low = live[0][1].dtype if live else full.dtype  # what autocast ran forward in
         if ctx.needs_input_grad[0] and live:
-            gx = sum((g.matmul(ws[i]) for i, g in live[1:]), live[0][1].matmul(ws[live[0][0]]))
+            gx = sum((g.matmul(ws[i].to(low)) for i, g in live[1:]),
+                     live[0][1].matmul(ws[live[0][0]].to(low))).to(full.dtype)
             pending = _launch_all_reduce(gx, ctx.group) if ctx.dim is None else \
                 _launch_reduce_scatter(gx, ctx.dim, ctx.group)
         gws: list[torch.Tensor | None] = [None] * n
         gbs: list[torch.Tensor | None] = [None] * n
-        rows = full.reshape(-1, full.shape[-1])
+        rows = full.reshape(-1, full.shape[-1]).to(low)
         for i, g in live:  # while the input gradient is on the wire
             g2 = g.reshape(-1, g.shape[-1])
             if ctx.needs_input_grad[4 + i]:
-                gws[i] = g2.t().mm(rows)
+                gws[i] = g2.t().mm(rows).to(ws[i].dtype)
             if ctx.bias[i] and ctx.needs_input_grad[4 + n + i]:
-                gbs[i] = g2.sum(0)
+                gbs[i] = g2.sum(0).to(ctx.bias_dtype[i])
         gx = _c10d.wait_tensor(pending) if pending is not None else None
         return (gx, None, None, None, *gws, *gbs)
 
@@ -233,6 +236,7 @@ class _ColwiseHead(torch.autograd.Function):
                 b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
         full = x if dim is None else _all_gather(x, dim, group)
         ctx.dim, ctx.group, ctx.bias, ctx.ydtype = dim, group, b is not None, None
+        ctx.bdtype = b.dtype if b is not None else None
         ctx.save_for_backward(full, w)
         n, cols = _size(group), w.shape[0]
         rows = full.reshape(-1, full.shape[-1])
@@ -263,13 +267,15 @@ class _ColwiseHead(torch.autograd.Function):
         cols = w.shape[0]
         mine = g.reshape(-1, g.shape[-1]).narrow(1, _rank(ctx.group) * cols, cols)
         mine = mine.to(ctx.ydtype)  # back through the cast (a view when there is none)
+        low = ctx.ydtype  # what forward's matmul ran in (autocast: lower than w's dtype)
         pending = None
         if ctx.needs_input_grad[0]:
-            gx = mine.mm(w).view(full.shape)
+            gx = mine.mm(w.to(low)).view(full.shape).to(full.dtype)
             pending = _launch_all_reduce(gx, ctx.group) if ctx.dim is None else \
                 _launch_reduce_scatter(gx, ctx.dim, ctx.group)
-        gw = mine.t().mm(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[3] else None
-        gb = mine.sum(0) if ctx.bias and ctx.needs_input_grad[4] else None
+        gw = mine.t().mm(full.reshape(-1, full.shape[-1]).to(low)).to(w.dtype) \
+            if ctx.needs_input_grad[3] else None
+        gb = mine.sum(0).to(ctx.bdtype) if ctx.bias and ctx.needs_input_grad[4] else None
         gx = _c10d.wait_tensor(pending) if pending is not None else None
         return gx, None, None, gw, gb, None
 
@@ -421,9 +427,21 @@ def call_block(module: torch.nn.Module, key: int, tensors: list[torch.Tensor]) -
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def local(p: torch.Tensor) -> torch.Tensor:
-    """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor."""
-    return p.to_local() if isinstance(p, DTensor) else p
+def local(p: torch.Tensor, name: str = "") -> torch.Tensor:
+    """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor. A
+    plain tensor here is a parameter replaced after ``auto_parallelize`` (a full weight the
+    program would read as its shard: wrong numbers), refused by name."""
+    if isinstance(p, DTensor):
+        return p.to_local()
+    raise UnsupportedError(
+        f"parameter {name or '?'} (in the module whose program reads it: the root or a "
+        f"block) is a plain {type(p).__name__} of shape {list(p.shape)}, not "
+        "the DTensor auto_parallelize made: it was replaced after parallelizing "
+        "(load_state_dict(..., assign=True), or a new nn.Parameter), and the program would "
+        "read the full weight as its shard. Load full weights with torch.distributed."
+        "checkpoint.state_dict.set_model_state_dict(model, state_dict, options="
+        "StateDictOptions(full_state_dict=True)) or tpcompile.checkpoint, or change them "
+        "before auto_parallelize")
 
 
 def group_chunk(x: torch.Tensor, dim: int, groups: int, group: str) -> torch.Tensor:

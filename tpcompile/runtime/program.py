@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import RuntimeShapeError
+from ..errors import RuntimeShapeError, UnsupportedError
 from ..frontend.blocks import canonical_call, signature_of
 
 
@@ -118,6 +118,8 @@ class Runtime:
     replan: Callable[[nn.Module, tuple, dict], None] | None = None
     name: str = ""
     check: Callable[[list[Any], pytree.TreeSpec, bool], None] | None = None  # rank agreement
+    inline: list[tuple[str, nn.Module]] = field(default_factory=list)  # (root) modules its
+    #   programs compute inline: hooks on them would never run
     signature: Any = None  # the module's own forward's, read once (torch.compile traces
     #                        a lookup keyed by a decorated function badly)
 
@@ -138,6 +140,8 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
     args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs, rt.signature)
     flat, spec = pytree.tree_flatten((args, kwargs))
+    if rt.inline and not torch.compiler.is_compiling():
+        _refuse_late_hooks(rt.inline)
     if rt.check is not None:
         rt.check(flat, spec, self.training)
     prog, why = rt.find(self.training, spec, flat)
@@ -169,6 +173,20 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if cls is not None and type(out) is not cls and isinstance(out, dict) and issubclass(cls, dict):
         out = cls(out)  # an OrderedDict subclass pytree flattened as a dict
     return out
+
+
+def _refuse_late_hooks(inline: list[tuple[str, nn.Module]]) -> None:
+    """A hook added after ``auto_parallelize`` to a module the program computes inline
+    (a Linear, a norm, an attention module inside a block) would never run: refused."""
+    for name, m in inline:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
+                m._backward_pre_hooks:
+            raise UnsupportedError(
+                f"{name} ({type(m).__name__}) has a hook added after auto_parallelize; the "
+                "parallel program computes it inline, so the hook would never run. Register "
+                "hooks before auto_parallelize (tpcompile then refuses or keeps what it can), "
+                "or on a block or the root, which still run their hooks (a block's hooks see "
+                "sequence-sharded activations under sequence parallelism)")
 
 
 def _eager(fn: Callable) -> Callable:

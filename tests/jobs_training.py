@@ -1,0 +1,96 @@
+"""Everyday training-loop use of a parallel model (jobs): autocast, a deep copy, weights
+replaced after parallelizing, hooks added after parallelizing."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import tpcompile
+from tests.harness import tp_mesh
+from tests.jobs_fsdp import llama, next_token_loss, tokens
+from tpcompile.verify import full
+
+BF16_TOL = 5e-2  # relative to each gradient's largest entry: a few bf16 ulps (8 bits)
+
+
+def autocast(rank: int) -> dict:
+    """Forward under ``torch.autocast(bfloat16)``, backward outside it, against the
+    unsharded model doing the same: the loss, and every gradient (fp32, as the
+    parameters) relative to its largest entry."""
+    ref = llama()
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
+    x = tokens(3, 512, 2, 16)
+    out = {}
+    for name, model in (("ref", ref), ("par", par)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = next_token_loss(model, x)
+        loss.backward()
+        out[name] = loss.item()
+    pars = dict(par.named_parameters())
+    errs = {n: float((full(pars[n].grad) - p.grad).abs().max() / p.grad.abs().max())
+            for n, p in ref.named_parameters()}
+    dtypes = sorted({str(p.grad.dtype) for p in par.parameters()})
+    return {"losses": (out["ref"], out["par"]), "errs": errs, "dtypes": dtypes}
+
+
+def deep_copy(rank: int) -> dict:
+    """A deep copy of a parallel model, scaled, then called at a size neither was planned
+    for: its numbers are the scaled reference's, and the original gets no new program."""
+    ref = llama()
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_inputs=(tokens(1, 512, 2, 16),))
+    cp, ref2 = copy.deepcopy(par), copy.deepcopy(ref)
+    with torch.no_grad():
+        for a, b in zip(cp.parameters(), ref2.parameters()):
+            a.mul_(1.5)
+            b.mul_(1.5)
+    x = tokens(2, 512, 3, 24)
+    with torch.no_grad():
+        err = float((cp(x) - ref2(x)).abs().max() / ref2(x).abs().max())
+        err_orig = float((par(tokens(1, 512, 2, 16)) - ref(tokens(1, 512, 2, 16))).abs().max())
+    return {"err": err, "err_orig": err_orig,
+            "programs": (len(par.__dict__["_tpcompile_runtime"].programs),
+                         len(cp.__dict__["_tpcompile_runtime"].programs))}
+
+
+def _raised(fn: Any) -> tuple[str, str] | None:
+    try:
+        fn()
+    except tpcompile.TPCompileError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def replaced_weights(rank: int) -> dict:
+    """Full weights put back as plain tensors after parallelizing (``load_state_dict(...,
+    assign=True)``, a new nn.Parameter): the program would read them as shards, so the
+    next call is refused, naming the parameter."""
+    ref = llama()
+    x = tokens(3, 512, 2, 16)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
+    par.load_state_dict(ref.state_dict(), assign=True)
+    assigned = _raised(lambda: par(x))
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
+    par.layers[0].attention.wq.weight = nn.Parameter(ref.layers[0].attention.wq.weight.detach().clone())
+    one = _raised(lambda: par(x))
+    return {"assigned": assigned, "one": one}
+
+
+def late_hooks(rank: int) -> dict:
+    """A hook added after parallelizing to a module the program computes inline would
+    never run: the call is refused, naming it; removed, the model runs again. A hook on
+    a block still runs."""
+    ref = llama()
+    x = tokens(3, 512, 2, 16)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
+    handle = par.layers[0].attention.wq.register_forward_hook(lambda m, a, o: o * 2)
+    refused = _raised(lambda: par(x))
+    handle.remove()
+    seen: list[tuple[int, ...]] = []
+    par.layers[1].register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    with torch.no_grad():
+        err = float((par(x) - ref(x)).abs().max())
+    return {"refused": refused, "block_hook_calls": len(seen), "err": err}
