@@ -149,7 +149,10 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if rt.replan is None:
             raise RuntimeShapeError(
                 f"{rt.name or type(self).__name__} was called in a way its parent's program "
-                f"did not plan for ({why}); call the model at its root")
+                f"did not plan for ({why}). Call the model at its root; if you did, the model "
+                "changed after auto_parallelize (its parameters' dtype, e.g. .to(torch."
+                "bfloat16)): convert it before auto_parallelize, or let FSDP2's "
+                "MixedPrecisionPolicy cast (mp_policy=...)")
         _eager(rt.replan)(self, args, kwargs)  # tracing and planning: never compiled
         prog, why = rt.find(self.training, spec, flat)
         if prog is None:
