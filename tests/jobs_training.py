@@ -94,3 +94,20 @@ def late_hooks(rank: int) -> dict:
     with torch.no_grad():
         err = float((par(x) - ref(x)).abs().max())
     return {"refused": refused, "block_hook_calls": len(seen), "err": err}
+
+
+def clip_norm(rank: int) -> dict:
+    """``clip_grad_norm_`` over the parallel model's DTensor parameters (sharded and
+    replicated on the tp mesh): the total norm and the clipped gradients of the
+    unsharded model."""
+    ref = llama()
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
+    x = tokens(3, 512, 2, 16)
+    next_token_loss(ref, x).backward()
+    next_token_loss(par, x).backward()
+    n_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    n_par = torch.nn.utils.clip_grad_norm_(par.parameters(), 0.1)
+    pars = dict(par.named_parameters())
+    worst = max(float((full(pars[n].grad) - p.grad).abs().max() / p.grad.abs().max())
+                for n, p in ref.named_parameters())
+    return {"norms": (float(n_ref), float(full(n_par))), "worst": worst}

@@ -38,3 +38,10 @@ def test_hooks_added_after_parallelizing(pool):
     for r in pool.run(J.late_hooks):
         assert r["refused"] is not None and "layers.0.attention.wq (Linear)" in r["refused"][1]
         assert r["block_hook_calls"] == 1 and r["err"] < 1e-5, r
+
+
+def test_clip_grad_norm_over_dtensor_parameters(pool):
+    for r in pool.run(J.clip_norm):
+        a, b = r["norms"]
+        assert abs(a - b) <= 1e-5 * a, r["norms"]
+        assert r["worst"] <= 5e-5, r["worst"]
