@@ -234,9 +234,10 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if to_checkpoint:
             from .runtime.checkpointing import apply_checkpointing
             apply_checkpointing(model, to_checkpoint)
-        model.__dict__["_tpcompile_runtime"].inline = [
+        from .runtime.program import watch_hooks
+        watch_hooks(model.__dict__["_tpcompile_runtime"], [
             (n or type(model).__name__, m) for n, m in model.named_modules()
-            if "_tpcompile_runtime" not in m.__dict__]
+            if "_tpcompile_runtime" not in m.__dict__])
     except BaseException:
         snapshot.restore()
         raise

@@ -120,6 +120,7 @@ class Runtime:
     check: Callable[[list[Any], pytree.TreeSpec, bool], None] | None = None  # rank agreement
     inline: list[tuple[str, nn.Module]] = field(default_factory=list)  # (root) modules its
     #   programs compute inline: hooks on them would never run
+    hook_dicts: list[dict] = field(default_factory=list)  # their hook dicts, for one any()
     signature: Any = None  # the module's own forward's, read once (torch.compile traces
     #                        a lookup keyed by a decorated function badly)
 
@@ -140,7 +141,7 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
     args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs, rt.signature)
     flat, spec = pytree.tree_flatten((args, kwargs))
-    if rt.inline and not torch.compiler.is_compiling():
+    if rt.hook_dicts and not torch.compiler.is_compiling() and any(rt.hook_dicts):
         _refuse_late_hooks(rt.inline)
     if rt.check is not None:
         rt.check(flat, spec, self.training)
@@ -176,6 +177,14 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if cls is not None and type(out) is not cls and isinstance(out, dict) and issubclass(cls, dict):
         out = cls(out)  # an OrderedDict subclass pytree flattened as a dict
     return out
+
+
+def watch_hooks(rt: Runtime, inline: list[tuple[str, nn.Module]]) -> None:
+    """Remember the modules a root's programs compute inline, and their hook dicts (one
+    ``any()`` over them per call: about 30 us for 1000 modules)."""
+    rt.inline = inline
+    rt.hook_dicts = [d for _, m in inline for d in (
+        m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
 
 
 def _refuse_late_hooks(inline: list[tuple[str, nn.Module]]) -> None:
