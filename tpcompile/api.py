@@ -24,7 +24,7 @@ from .frontend import cast_floats, follow_devices, skeleton
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
 from .runtime import Program, guards_for, install
-from .runtime.program import UNSPLITTABLE
+from .runtime.program import UNSPLITTABLE, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
 
 
@@ -234,7 +234,6 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if to_checkpoint:
             from .runtime.checkpointing import apply_checkpointing
             apply_checkpointing(model, to_checkpoint)
-        from .runtime.program import watch_hooks
         watch_hooks(model.__dict__["_tpcompile_runtime"], [
             (n or type(model).__name__, m) for n, m in model.named_modules()
             if "_tpcompile_runtime" not in m.__dict__])
@@ -339,9 +338,9 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 ", e.g. weight_norm), which tpcompile cannot shard yet. Remove the "
                 "parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
                 "before auto_parallelize.")
-        if layer._forward_hooks or layer._forward_pre_hooks:
+        if any(hook_dicts(layer)):
             raise UnsupportedError(
-                f"{name} has forward hooks, which tpcompile's rewrite would not run "
+                f"{name} has hooks, which tpcompile's rewrite would not run "
                 "(it computes this layer inline on local shards). Remove the hooks "
                 "before auto_parallelize, or fold what they do into the forward.")
 

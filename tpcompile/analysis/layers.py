@@ -39,7 +39,6 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
     between an embedding and a Linear head (export keeps one placeholder, named after
     the first) gives two layers, each named after the module that calls it; a weight
     used by two Linears makes neither a layer: they stay replicated."""
-    canonical_linears(t)
     found: dict[fx.Node, Layer] = {}
     uses: dict[fx.Node, int] = defaultdict(int)
     for n in t.gm.graph.nodes:
@@ -247,7 +246,7 @@ def unlayered_weights(t: Traced) -> list[Note]:
         layer = layer_of(n)
         if layer is not None:
             read.add(layer.weight)
-        elif n.meta.get("tpc_shared") is not None and isinstance(n.args[1], fx.Node):
+        elif n.meta.get("tpc_shared") is not None:
             read.update(a for a in n.args if isinstance(a, fx.Node) and a in t.params)
     out = []
     for ph, name in t.params.items():

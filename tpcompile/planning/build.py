@@ -131,6 +131,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         used_tracer.append(t.tracer)
         dump(f"{path or 'root'}.1-traced.txt", t.gm.code)
         FE.annotate(t)
+        A.canonical_linears(t)  # x @ w.T (+ b) -> linear: FalconLinear and the like
         A.mark_layers(t, module)
         for rel in FE.find_blocks(module):
             parent = _join(path, rel).rsplit(".", 1)[0]

@@ -171,8 +171,7 @@ class _ColwiseLinears(torch.autograd.Function):
         ws, bs = wb[:n], wb[n:]
         full = x if dim is None else _all_gather(x, dim, group)
         ctx.dim, ctx.group, ctx.n = dim, group, n
-        ctx.bias = [b is not None for b in bs]
-        ctx.bias_dtype = [b.dtype if b is not None else None for b in bs]
+        ctx.bias = [None if b is None else b.dtype for b in bs]  # None: no bias
         ctx.save_for_backward(full, *ws)
         return tuple(torch.nn.functional.linear(full, w, b) for w, b in zip(ws, bs))
 
@@ -194,8 +193,8 @@ class _ColwiseLinears(torch.autograd.Function):
             g2 = g.reshape(-1, g.shape[-1])
             if ctx.needs_input_grad[4 + i]:
                 gws[i] = g2.t().mm(rows).to(ws[i].dtype)
-            if ctx.bias[i] and ctx.needs_input_grad[4 + n + i]:
-                gbs[i] = g2.sum(0).to(ctx.bias_dtype[i])
+            if ctx.bias[i] is not None and ctx.needs_input_grad[4 + n + i]:
+                gbs[i] = g2.sum(0).to(ctx.bias[i])
         gx = _c10d.wait_tensor(pending) if pending is not None else None
         return (gx, None, None, None, *gws, *gbs)
 
@@ -235,8 +234,8 @@ class _ColwiseHead(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
                 b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
         full = x if dim is None else _all_gather(x, dim, group)
-        ctx.dim, ctx.group, ctx.bias, ctx.ydtype = dim, group, b is not None, None
-        ctx.bdtype = b.dtype if b is not None else None
+        ctx.dim, ctx.group, ctx.ydtype = dim, group, None
+        ctx.bias = None if b is None else b.dtype  # None: no bias
         ctx.save_for_backward(full, w)
         n, cols = _size(group), w.shape[0]
         rows = full.reshape(-1, full.shape[-1])
@@ -275,7 +274,7 @@ class _ColwiseHead(torch.autograd.Function):
                 _launch_reduce_scatter(gx, ctx.dim, ctx.group)
         gw = mine.t().mm(full.reshape(-1, full.shape[-1]).to(low)).to(w.dtype) \
             if ctx.needs_input_grad[3] else None
-        gb = mine.sum(0).to(ctx.bdtype) if ctx.bias and ctx.needs_input_grad[4] else None
+        gb = mine.sum(0).to(ctx.bias) if ctx.bias is not None and ctx.needs_input_grad[4] else None
         gx = _c10d.wait_tensor(pending) if pending is not None else None
         return gx, None, None, gw, gb, None
 

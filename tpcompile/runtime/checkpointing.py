@@ -31,27 +31,34 @@ class CheckpointingError(TPCompileError):
     """An ``activation_checkpointing`` setting that names no blocks of the model."""
 
 
-def blocks_to_checkpoint(setting: Any, blocks: list[str], model_name: str) -> list[str]:
-    """The blocks (module paths, in model order) that ``setting`` checkpoints: ``None``,
-    ``False``, ``"none"`` or 0: none; ``True`` or ``"block"``: every block; ``k``: the
-    first k (what ``Suggestion.checkpoint_blocks`` says)."""
-    if setting is None or setting is False or setting == "none" or setting == 0:
-        return []
+def checkpoint_count(setting: Any, blocks: int, model_name: str) -> int:
+    """How many blocks ``setting`` checkpoints: ``None``, ``False``, ``"none"`` or 0:
+    none; ``True`` or ``"block"``: every one; ``k``: the first k (what
+    ``Suggestion.checkpoint_blocks`` says). Anything else is refused. (``1 in ("block",
+    True)`` is True in Python: the cases are told apart by identity and type.)"""
+    if setting is None or setting is False or setting == "none" or \
+            type(setting) is int and setting == 0:
+        return 0
     if setting is True or setting == "block":
-        count = len(blocks)
-    elif isinstance(setting, int) and 0 < setting <= len(blocks):
+        count = blocks
+    elif type(setting) is int and 0 < setting <= blocks:
         count = setting
     else:
         raise CheckpointingError(
             f"activation_checkpointing={setting!r}: use 'none', 'block' (every block) or a "
-            f"number of blocks from 1 to {len(blocks)} ({model_name} has {len(blocks)} "
+            f"number of blocks from 1 to {blocks} ({model_name} has {blocks} "
             "blocks: the layers of its ModuleLists)")
     if not blocks:
         raise CheckpointingError(
             f"activation_checkpointing={setting!r}: {model_name} has no blocks (repeated "
             "layers in an nn.ModuleList) to checkpoint; drop the option or checkpoint inside "
             "the model")
-    return blocks[:count]
+    return count
+
+
+def blocks_to_checkpoint(setting: Any, blocks: list[str], model_name: str) -> list[str]:
+    """The blocks (module paths, in model order) that ``setting`` checkpoints."""
+    return blocks[:checkpoint_count(setting, len(blocks), model_name)]
 
 
 def top_blocks(model: nn.Module, members: list[str]) -> list[str]:

@@ -118,7 +118,7 @@ def choose_init(model: nn.Module, init_fn: InitFn | None, seed: int) -> InitFn:
         return lambda m: m.init_weights(seed)  # type: ignore[operator]
     if callable(getattr(model, "_init_weights", None)) and hasattr(model, "config"):
         hf = model._init_weights  # a transformers PreTrainedModel: init_weights() takes no seed
-        return lambda m: by_module(m, seed, lambda mod: hf(mod), buffers=True)
+        return lambda m: by_module(m, seed, hf, buffers=True)
     orphans = [f"{mn}.{pn}".strip(".") for mn, m in model.named_modules()
                for pn, _ in m.named_parameters(recurse=False)
                if not callable(getattr(m, "reset_parameters", None))]
@@ -170,11 +170,6 @@ def by_module(model: nn.Module, seed: int, fill: Callable[[nn.Module], None],
         _fill_plain(mod, full, fill)
         for k, t in slots.items():
             copy_full_into(t, full[k])
-
-
-def reset_by_module(model: nn.Module, seed: int) -> None:
-    """``reset_parameters`` of every module, as ``by_module`` runs it."""
-    by_module(model, seed, _reset_parameters)
 
 
 def _fill_plain(mod: nn.Module, full: dict[tuple[str, str], torch.Tensor],

@@ -179,20 +179,24 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
+def hook_dicts(m: nn.Module) -> tuple[dict, ...]:
+    """The module's own hooks around forward and backward (what a program computing it
+    inline would skip)."""
+    return (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+
+
 def watch_hooks(rt: Runtime, inline: list[tuple[str, nn.Module]]) -> None:
     """Remember the modules a root's programs compute inline, and their hook dicts (one
     ``any()`` over them per call: about 30 us for 1000 modules)."""
     rt.inline = inline
-    rt.hook_dicts = [d for _, m in inline for d in (
-        m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
+    rt.hook_dicts = [d for _, m in inline for d in hook_dicts(m)]
 
 
 def _refuse_late_hooks(inline: list[tuple[str, nn.Module]]) -> None:
     """A hook added after ``auto_parallelize`` to a module the program computes inline
     (a Linear, a norm, an attention module inside a block) would never run: refused."""
     for name, m in inline:
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
-                m._backward_pre_hooks:
+        if any(hook_dicts(m)):
             raise UnsupportedError(
                 f"{name} ({type(m).__name__}) has a hook added after auto_parallelize; the "
                 "parallel program computes it inline, so the hook would never run. Register "

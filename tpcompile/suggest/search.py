@@ -203,9 +203,8 @@ def price_mesh(model: Any, *, dp: int, tp: int, batch: int, seq_len: int,
         return None
     if tp not in facts:
         return None
-    n = facts[tp].blocks
-    ckpt = (n if checkpoint_blocks is True or checkpoint_blocks == "block" else
-            0 if checkpoint_blocks in (None, False, "none") else min(int(checkpoint_blocks), n))
+    from ..runtime.checkpointing import checkpoint_count
+    ckpt = checkpoint_count(checkpoint_blocks, facts[tp].blocks, name)
     return price(facts[tp], Candidate(dp, tp, sequence_parallel and tp > 1, ckpt, batch), setup)
 
 
