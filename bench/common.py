@@ -293,7 +293,7 @@ def tpc_parallelize(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module
 def tpc_serial(model: Transformer, mesh: DeviceMesh, sp: bool) -> nn.Module:
     """tpcompile's program without the backward overlap (each input-gradient reduction
     waited on at once, before the weight gradients): what the overlap buys."""
-    from tpcompile.rewrite.codegen import overlapping
+    from tpcompile.rewrite.overlap import overlapping
     with overlapping(False):
         return tpc_parallelize(model, mesh, sp)
 

@@ -11,9 +11,7 @@ included) stay exactly the user's.
 
 from __future__ import annotations
 
-import contextlib
 import operator
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +27,7 @@ from ..frontend.blocks import TensorInfo
 from ..frontend.export import Traced
 from ..planning.value import placement
 from . import collectives as C
+from .overlap import OVERLAP, overlap_input_grads
 
 aten = torch.ops.aten
 
@@ -389,100 +388,6 @@ def _impure(n: fx.Node) -> bool:
                              isinstance(n.target, torch._ops.HigherOrderOperator))
 
 
-# Backward input-gradient reductions overlapped with the weight-gradient matmuls: on by
-# default; TPCOMPILE_OVERLAP=0 (or ``overlapping(False)`` around auto_parallelize) builds
-# the programs without it, to measure what it buys (bench/step_time.py --overlap).
-OVERLAP = {"enabled": os.environ.get("TPCOMPILE_OVERLAP", "1") != "0"}
-
-
-def overlapping(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    return ops.toggled(OVERLAP, enabled)
-
-
-def _overlap_input_grads(graph: fx.Graph) -> None:
-    """An input entering colwise layers (``enter``/``sp_gather``) whose every user is one
-    of those Linears becomes one ``colwise_linears`` call: the same collectives, with the
-    input gradient's reduction overlapped with the weight-gradient matmuls in backward."""
-    for conv in [n for n in graph.nodes if n.target in (C.enter, C.sp_gather)]:
-        users = list(conv.users)
-        if not users or any(u.target is not aten.linear.default or u.args[0] is not conv or
-                            u.kwargs for u in users):
-            continue
-        pos = _position(graph)
-        first = min(users, key=pos)
-        params = [a for u in users for a in u.args[1:3] if isinstance(a, fx.Node)]
-        late = [p for p in params if pos(p) > pos(first)]
-        if any(pos(a) > pos(first) for p in late for a in p.all_input_nodes):
-            continue  # a weight computed from something only ready later: left as it is
-        for p in sorted(late, key=pos):
-            first.prepend(p)  # this rank's rows of a shared kv weight, moved up
-        dim = None if conv.target is C.enter else conv.args[1]
-        gather = _gathered_head(conv, users)
-        if gather is not None:
-            _head(graph, conv, users[0], gather, dim)
-            continue
-        with graph.inserting_before(first):
-            call = graph.call_function(C.colwise_linears, (
-                conv.args[0], dim, conv.args[-1], [u.args[1] for u in users],
-                [u.args[2] if len(u.args) > 2 else None for u in users]))
-            call.meta.update(conv.meta)  # its tpc_site: what explain reports
-            for i, u in enumerate(users):
-                y = graph.call_function(operator.getitem, (call, i))
-                y.meta.update(u.meta)
-                u.replace_all_uses_with(y)
-        for u in users:
-            graph.erase_node(u)
-        graph.erase_node(conv)
-
-
-def _gathered_head(conv: fx.Node, users: list[fx.Node]) -> fx.Node | None:
-    """One Linear on the entered input whose output, through at most one dtype cast (a
-    ``.float()`` of the logits), is read by nothing but a gather on its last dim: a head
-    whose logits are read replicated (by the model's output or its loss). The gather."""
-    site = conv.meta.get("tpc_site")
-    if len(users) != 1 or site is None:
-        return None
-    y = users[0]
-    while len(y.users) == 1:
-        (u,) = y.users
-        if u.target is aten.to.dtype and len(u.args) == 2 and not u.kwargs and \
-                u.args[0] is y is users[0]:  # one cast at most
-            y = u
-            continue
-        rank = len(site.tensor.shape)
-        if u.target is C.gather and u.args[0] is y and u.args[1] in (-1, rank - 1):
-            return u
-        return None
-    return None
-
-
-def _head(graph: fx.Graph, conv: fx.Node, linear: fx.Node, gather: fx.Node,
-          dim: int | None) -> None:
-    """conversion + Linear (+ cast) + gather of a head as one ``colwise_head`` call (its
-    item takes the gather's place and site): the gather pipelined with the matmul in
-    chunks, the input gradient's reduction overlapped with the weight gradient."""
-    chain, y = [], linear
-    while y is not gather:
-        chain.append(y)
-        (y,) = y.users
-    dtype = chain[1].args[1] if len(chain) > 1 else None
-    with graph.inserting_before(linear):
-        call = graph.call_function(C.colwise_head, (
-            conv.args[0], dim, conv.args[-1], linear.args[1],
-            linear.args[2] if len(linear.args) > 2 else None, dtype))
-        call.meta.update(conv.meta)  # the conversion's site
-        out = graph.call_function(operator.getitem, (call, 0))
-        out.meta.update(gather.meta)  # the gather's site
-    gather.replace_all_uses_with(out)
-    for n in [gather, *reversed(chain), conv]:
-        graph.erase_node(n)
-
-
-def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
-
-
 def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[fx.Node],
             tp: int, group: str, contracts: dict[fx.Node, Contract],
             loss_parallel: bool = False) -> Rewritten:
@@ -493,7 +398,7 @@ def rewrite(t: Traced, prop: Propagation, styles: dict[str, str], q_nodes: set[f
     graph = _Builder(t, prop, styles, q_nodes, tp, group, contracts, loss_parallel).build()
     graph.eliminate_dead_code(is_impure_node=_impure)
     if OVERLAP["enabled"]:
-        _overlap_input_grads(graph)
+        overlap_input_grads(graph)
     graph.lint()
     code = graph.python_code(root_module="self")
     scope: dict[str, Any] = dict(code.globals)
