@@ -7,7 +7,9 @@ Rank 0 writes a Llama folder with transformers (hidden 256, 2 layers, 16 heads, 
 32000, random weights; nothing downloaded). Both programs load it: transformers with
 ``from_pretrained(dir, distributed_config=DistributedConfig(tp_size=world))`` (its
 ``base_model_tp_plan``, ``tp_plan="auto"``), tpcompile with ``tpcompile.from_pretrained(dir,
-mesh)``. Each is checked against the unsharded model (loss, logits and every gradient)
+mesh)`` (its cross-entropy vocab-parallel; a second copy planned with
+``vocab_losses(False)`` computes it on gathered logits, as before that existed). Each is
+checked against the unsharded model (loss, logits and every gradient)
 before anything is timed; then training steps (forward with labels, backward, AdamW)
 ALTERNATE between them. A step's time is the slowest rank's; the table gives medians and
 the ratio tpcompile / transformers. The unsharded model's step is timed too, for scale.
@@ -29,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 import tpcompile  # noqa: E402
 from bench import common as C  # noqa: E402
+from tpcompile.analysis.ops import vocab_losses  # noqa: E402
 from tpcompile.verify import full  # noqa: E402
 
 
@@ -64,6 +67,13 @@ def check(ref, par, ids) -> float:
     return max(errs.values())
 
 
+def _switched(forward):
+    def call(*args, **kwargs):
+        with vocab_losses(False):
+            return forward(*args, **kwargs)
+    return call
+
+
 def step(model, opt, ids) -> None:
     opt.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -76,6 +86,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per program")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--loss-parallel", action="store_true",
+                    help="tpcompile returns the logits vocab-sharded (loss_parallel=True)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     from transformers.distributed.configuration_utils import DistributedConfig
@@ -93,15 +105,20 @@ def main() -> None:
     ref.train()
     hf = AutoModelForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_size=world))
     hf.train()
-    ours = tpcompile.from_pretrained(folder, mesh)
-    progs = {"tpcompile": ours, "transformers": hf, "unsharded": copy.deepcopy(ref)}
+    ours = tpcompile.from_pretrained(folder, mesh, loss_parallel=args.loss_parallel)
+    # the same, its loss computed on gathered logits (each call under the switch: a new
+    # input size is planned at its first call)
+    gathered = tpcompile.from_pretrained(folder, mesh, loss_parallel=args.loss_parallel)
+    gathered.forward = _switched(gathered.forward)
+    progs = {"tpcompile": ours, "tpcompile_gathered": gathered, "transformers": hf,
+             "unsharded": copy.deepcopy(ref)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in progs.items()}
     rows = []
     batches = {}
     for batch, seq in C.sizes(args.sizes):  # every size checked before any step trains
         g = torch.Generator().manual_seed(batch * 1000 + seq)
         ids = torch.randint(0, 32000, (batch, seq), generator=g)
-        errs = {k: check(ref, progs[k], ids) for k in ("tpcompile", "transformers")}
+        errs = {k: check(ref, progs[k], ids) for k in ("tpcompile", "tpcompile_gathered", "transformers")}
         for k, e in errs.items():
             if not e <= 1e-4:
                 raise SystemExit(f"{k} differs from the unsharded model by {e:.2e}")
@@ -124,15 +141,18 @@ def main() -> None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             med[k] = C.median(t.tolist())
         rows.append({"batch": batch, "seq": seq, "tpcompile_ms": 1e3 * med["tpcompile"],
+                     "gathered_ms": 1e3 * med["tpcompile_gathered"],
                      "transformers_ms": 1e3 * med["transformers"],
                      "unsharded_ms": 1e3 * med["unsharded"],
                      "ratio": med["tpcompile"] / med["transformers"],
                      "err_tpcompile": errs["tpcompile"], "err_transformers": errs["transformers"]})
     cols = [("batch", "batch", ""), ("seq", "seq", ""), ("tpcompile_ms", "tpcompile ms", ".1f"),
+            ("gathered_ms", "tpcompile, loss on gathered logits ms", ".1f"),
             ("transformers_ms", "transformers TP ms", ".1f"), ("unsharded_ms", "unsharded ms", ".1f"),
             ("ratio", "tpcompile/transformers", ".3f"), ("err_tpcompile", "err tpc", ".1e"),
             ("err_transformers", "err HF", ".1e")]
     C.emit({"what": "hf_tp", "model": "LlamaForCausalLM h256 L2 heads16 vocab32000",
+            "loss_parallel": args.loss_parallel,
             "steps": args.steps, **C.machine()}, rows, cols, args.json)
     dist.destroy_process_group()
 

@@ -280,6 +280,7 @@ class Propagation:
     found_rowwise: set[str] = field(default_factory=set)
     gathered_outputs: list[fx.Node] = field(default_factory=list)
     heads: set[str] = field(default_factory=set)  # colwise heads gathered right at the layer
+    losses: list[fx.Node] = field(default_factory=list)  # losses computed over sharded classes
     packed: dict[str, int] = field(default_factory=dict)  # fused colwise layer -> parts
     # colwise layer -> n < tp: its output cut into n chunks, each computed by tp // n ranks
     # (n kv heads at a larger tp); its weight stays replicated, its gradient summed over tp

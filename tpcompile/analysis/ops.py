@@ -677,6 +677,42 @@ def triangle(node: fx.Node, ctx: Ctx) -> Layout:
     return lay
 
 
+@register(aten.cross_entropy_loss.default)
+def cross_entropy(node: fx.Node, ctx: Ctx) -> Layout:
+    """Class scores sharded on their class dim (a colwise head's logits): the rewrite
+    computes the loss vocab-parallel (each rank its classes' log-sum-exp and target logit,
+    one small all-gather of those per row), so the loss is whole on every rank and the
+    logits are never gathered for it. Class-index targets only, without class weights."""
+    if not VOCAB_LOSS["enabled"]:
+        raise Unsafe(f"{node.name}: vocab-parallel losses turned off")
+    x, target = node.args[0], node.args[1]
+    lay, tx, tt = ctx.of(x), info(x), info(target)
+    if tx is None or tt is None or tx.rank < 2 or lay.kind != "S" or lay.dim != 1 or \
+            not lay.standard or ctx.of(target).sharded:
+        raise Unsafe(f"{node.name}: cross_entropy on scores sharded on dim {lay.dim}, not "
+                     "their class dim")
+    if tt.dtype.is_floating_point:
+        raise Unsafe(f"{node.name}: cross_entropy with class-probability targets over "
+                     "sharded classes")
+    if arg(node, 2, "weight") is not None:
+        raise Unsafe(f"{node.name}: cross_entropy with class weights over sharded classes")
+    return R
+
+
+# The rule above on (default) or off (``vocab_losses(False)`` around auto_parallelize: the
+# logits are gathered for the loss, as before; bench/hf_tp.py measures the difference).
+VOCAB_LOSS = {"enabled": True}
+
+
+def vocab_losses(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    return toggled(VOCAB_LOSS, enabled)
+
+
+# ops whose rule takes scores sharded on their classes to a whole loss (the rewrite runs
+# them vocab-parallel): a segment may end in one, as in a rowwise Linear or an output
+LOSSES = {aten.cross_entropy_loss.default}
+
+
 # Ops that never receive a sharded tensor in any segment tpcompile builds: they make new
 # tensors, compute losses or index arithmetic. Listed so the table is explicit about them;
 # a sharded input reaching one is refused like any op without a rule.
@@ -687,7 +723,7 @@ REPLICATED_ONLY = {
     aten.new_full.default, aten.tensor.default, aten.linspace.default, aten.rand.default,
     aten.randn.default, aten.randint.low, aten.embedding.default, aten.linear.default,
     aten.layer_norm.default, aten.rms_norm.default, aten.group_norm.default,
-    aten.cross_entropy_loss.default, aten.nll_loss_nd.default, aten.nll_loss.default,
+    aten.nll_loss_nd.default, aten.nll_loss.default,
     aten.mse_loss.default, aten.binary_cross_entropy_with_logits.default,
     aten.index.Tensor, aten.index_select.default, aten.gather.default, aten.diff.default,
     aten.pad.default, aten.constant_pad_nd.default, aten.one_hot.default,

@@ -94,10 +94,13 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
             if not u.reason.startswith(f"{at}: "):
                 u.reason = f"{at}: {u.reason}"
             raise
+        if node.target in ops.LOSSES:
+            res.losses.append(node)
         # A replicated operand of a sharded op gets a partial gradient on each rank (each
         # computes only its slice of the output): it enters as E, summed over tp in backward.
+        # Integer operands (indices, class targets) have no gradient to sum.
         for p in ins:
-            res.need[node][p] = lay[p] if lay[p].sharded else E
+            res.need[node][p] = lay[p] if lay[p].sharded else E if _differentiable(p) else R
     return res
 
 
@@ -143,6 +146,11 @@ def _same_spread(node: fx.Node, lays: list[Layout]) -> None:
         raise Unsafe(f"{node.name}: operands spread differently over tp ({lays}): kv heads "
                      "shared by groups of ranks, or heads folded into the batch, meet "
                      "per-rank heads")
+
+
+def _differentiable(p: fx.Node) -> bool:
+    t = info(p)
+    return t is None or t.dtype.is_floating_point or t.dtype.is_complex
 
 
 def _gatherable(p: fx.Node, lay: Layout) -> None:

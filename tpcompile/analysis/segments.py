@@ -77,10 +77,11 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | Non
                     styles[lin] = "colwise"
                     segments.append(_segment(gm, g, res, entries, order))
                 break
-            if res.found_rowwise and res.gathered_outputs:
+            ends = res.gathered_outputs or res.losses  # read whole, or by a vocab-parallel loss
+            if res.found_rowwise and ends:
                 reason = "its output leaves the block both through a Linear and directly"
-            elif not res.found_rowwise and not res.gathered_outputs:
-                reason = "no Linear or output consumes it"
+            elif not res.found_rowwise and not ends:
+                reason = "no Linear, loss or output consumes it"
             else:
                 styles.update({e: "colwise" for e in sorted(entries, key=order.get)})
                 styles.update({r: "rowwise" for r in sorted(res.found_rowwise, key=order.get)})
@@ -121,7 +122,7 @@ def _segment(gm: fx.GraphModule, g: nx.DiGraph, res: Propagation, entries: set[s
     attention_ops = {aten.scaled_dot_product_attention.default, aten._softmax.default,
                      aten.softmax.int, aten.matmul.default, aten.bmm.default}
     attention = any(n.target in attention_ops for n in nodes)
-    if res.gathered_outputs or entries & res.heads:
+    if res.gathered_outputs or res.losses or entries & res.heads:
         kind = "head"
     elif attention:
         kind = "attention"

@@ -54,8 +54,8 @@ def text(e: Explanation) -> str:
     lines += ["", "Communication per step, per rank",
               f"  forward {_gb(k.forward_wire_bytes)}, backward {_gb(k.backward_wire_bytes)}, "
               f"total {_gb(k.total_wire_bytes)}; Megatron minimum {_gb(k.megatron_min_wire_bytes)} "
-              f"(x{ratio:.2f}: the rest is the gathered logits of the drop-in output and "
-              "norm-weight gradient sums)"]
+              f"(x{ratio:.2f}: the rest is the gathered logits of the drop-in output, a "
+              "vocab-parallel loss's per-row statistics and norm-weight gradient sums)"]
     if e.dp > 1:
         lines.append(f"  FSDP over dp={e.dp}: {_gb(k.dp_wire_bytes)} (params gathered forward and "
                      "backward, gradients reduce-scattered)")

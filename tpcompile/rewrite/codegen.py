@@ -27,6 +27,7 @@ from ..frontend.blocks import TensorInfo
 from ..frontend.export import Traced
 from ..planning.value import placement
 from . import collectives as C
+from .loss import vocab_cross_entropy
 from .overlap import OVERLAP, overlap_input_grads
 
 aten = torch.ops.aten
@@ -241,6 +242,8 @@ class _Builder:
         if lay.sharded and _draws_random(n):  # each rank's shard its own mask
             a, k = self.args(n)
             return g.call_function(C.on_rank_rng, (C.keep_constant(n.target), self.group, *a), k)
+        if n.target in ops.LOSSES and src_lay is not None:
+            return self._loss(n)
         if lay.kind == "S" and n.target in ops.SIZED:
             return self._sized(n, lay)
         if n.target is aten.repeat_interleave.self_int and src_lay is not None and \
@@ -269,6 +272,37 @@ class _Builder:
         start, end = (b // self.tp for b in bounds)
         return self.g.create_node("call_function", aten.slice.Tensor, (a[0], lay.dim, start, end),
                                   {}, n.name)
+
+    def _loss(self, n: fx.Node) -> fx.Node:
+        """``cross_entropy_loss`` over scores sharded on their classes: vocab-parallel."""
+        a, _ = self.args(n)
+        smoothing = ops.arg(n, 5, "label_smoothing", 0.0)
+        out = self.g.call_function(vocab_cross_entropy, (
+            a[0], a[1], ops.arg(n, 3, "reduction", 1), ops.arg(n, 4, "ignore_index", -100),
+            smoothing, self.group))
+        scores = info(n.args[0])
+        rows = _numel(scores.shape) // scores.shape[1]  # type: ignore[union-attr]
+        out.meta["tpc_site"] = Site(
+            self._feeding_layer(n) or where(n), "vocab-parallel cross-entropy: each row's "
+            "log-sum-exp and target logit gathered", TensorInfo((rows, (3 if smoothing else 2) * self.tp),
+                                                                torch.float32), None, n.name)
+        return out
+
+    def _feeding_layer(self, n: fx.Node) -> str | None:
+        """The colwise layer whose sharded output reaches ``n``."""
+        todo, seen = [n], set()
+        while todo:
+            m = todo.pop()
+            layer = layer_of(m)
+            if m is not n and layer is not None:
+                if self.styles.get(layer.name) == "colwise":
+                    return layer.name
+                continue
+            for p in m.all_input_nodes:
+                if p not in seen and self.prop.layouts.get(p, R).sharded:
+                    seen.add(p)
+                    todo.append(p)
+        return None
 
     def _output(self, n: fx.Node) -> fx.Node:
         values = list(self.t.outputs) + [v for v, _ in self.t.mutations]

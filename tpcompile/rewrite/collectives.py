@@ -221,30 +221,51 @@ def _chunks(rows: int, cols: int, itemsize: int) -> int:
 
 class _ColwiseHead(torch.autograd.Function):
     """A colwise layer whose output is gathered to full on its last dim (a head whose
-    logits a loss reads), with its input's conversion (``dim`` None: enter; else
+    logits the model returns), with its input's conversion (``dim`` None: enter; else
     sp_gather). Forward: the rows in chunks, each chunk's all-gather launched right after
     its matmul and waited on only once every chunk is computed, then written into its
-    rows of the output (the one copy a gather along the last dim costs anyway). Backward:
-    this rank's columns of the output gradient as a strided view (no copy), the input
-    gradient's reduction launched, the weight and bias gradients computed while it runs,
-    then waited on. The same collectives as enter/sp_gather + linear + gather, the
-    head's all-gather split into chunks when it is large."""
+    rows of the output (the one copy a gather along the last dim costs anyway); with
+    ``keep``, this rank's columns are returned too (for a vocab-parallel loss), each chunk
+    computed into its rows of them. Backward: this rank's columns of the output gradient
+    as a strided view (no copy), plus the local columns' gradient, the input gradient's
+    reduction launched, the weight and bias gradients computed while it runs, then waited
+    on. The same collectives as enter/sp_gather + linear + gather, the head's all-gather
+    split into chunks when it is large."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
-                b: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+                b: torch.Tensor | None, dtype: torch.dtype | None, keep: bool) -> Any:
         full = x if dim is None else _all_gather(x, dim, group)
         ctx.dim, ctx.group, ctx.ydtype = dim, group, None
         ctx.bias = None if b is None else b.dtype  # None: no bias
         ctx.save_for_backward(full, w)
+        ctx.set_materialize_grads(False)
         n, cols = _size(group), w.shape[0]
         rows = full.reshape(-1, full.shape[-1])
-        pending = []
+        # kept columns computed straight into their rows (no cast, no autocast: the matmul
+        # runs in w's dtype); else each chunk is copied there
+        direct = keep and dtype in (None, w.dtype) and full.dtype == w.dtype and \
+            not torch.is_autocast_enabled(full.device.type)
+        mine = full.new_empty(*full.shape[:-1], cols, dtype=dtype or w.dtype) if direct else None
+        pending, start = [], 0
         for part in rows.tensor_split(_chunks(rows.shape[0], cols, full.element_size())):
-            y = torch.nn.functional.linear(part, w, b)
+            if direct:
+                y = mine.view(-1, cols)[start:start + part.shape[0]]  # type: ignore[union-attr]
+                torch.mm(part, w.t(), out=y)
+                if b is not None:
+                    y.add_(b)
+            else:
+                y = torch.nn.functional.linear(part, w, b)
             ctx.ydtype = y.dtype
-            if dtype is not None:  # the model's cast of its logits (``.float()``)
+            if dtype is not None and not direct:  # the model's cast of its logits (``.float()``)
                 y = y.to(dtype)
+            if keep and not direct:
+                if mine is None:
+                    mine = y.new_empty(*full.shape[:-1], cols)
+                into = mine.view(-1, cols)[start:start + y.shape[0]]
+                into.copy_(y)
+                y = into
+            start += part.shape[0]
             pending.append(_c10d.all_gather_into_tensor(y.contiguous(), n, group))
         out = flat = None
         start = 0
@@ -258,13 +279,19 @@ class _ColwiseHead(torch.autograd.Function):
             into = flat[start:start + r].view(r, n, cols)  # type: ignore[index]
             into.copy_(got.view(n, r, cols).transpose(0, 1))
             start += r
-        return out  # type: ignore[return-value]
+        return (out, mine) if keep else out
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+    def backward(ctx: Any, g: torch.Tensor | None, g_mine: torch.Tensor | None = None) -> tuple:
         full, w = ctx.saved_tensors
         cols = w.shape[0]
-        mine = g.reshape(-1, g.shape[-1]).narrow(1, _rank(ctx.group) * cols, cols)
+        mine = None
+        if g is not None:
+            mine = g.reshape(-1, g.shape[-1]).narrow(1, _rank(ctx.group) * cols, cols)
+        if g_mine is not None:
+            mine = g_mine.reshape(-1, cols) if mine is None else mine + g_mine.reshape(-1, cols)
+        if mine is None:
+            return (None,) * 7
         mine = mine.to(ctx.ydtype)  # back through the cast (a view when there is none)
         low = ctx.ydtype  # what forward's matmul ran in (autocast: lower than w's dtype)
         pending = None
@@ -276,15 +303,18 @@ class _ColwiseHead(torch.autograd.Function):
             if ctx.needs_input_grad[3] else None
         gb = mine.sum(0).to(ctx.bias) if ctx.bias is not None and ctx.needs_input_grad[4] else None
         gx = _c10d.wait_tensor(pending) if pending is not None else None
-        return gx, None, None, gw, gb, None
+        return gx, None, None, gw, gb, None, None
 
 
 def colwise_head(x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
-                 b: torch.Tensor | None, dtype: torch.dtype | None = None) -> tuple:
+                 b: torch.Tensor | None, dtype: torch.dtype | None = None,
+                 keep: bool = False) -> tuple:
     """``(gather(linear(enter(x)).to(dtype), -1),)`` (``dim`` None; ``dtype`` None: no
     cast) or the same after ``sp_gather(x, dim)``, pipelined and overlapped
-    (``_ColwiseHead``); a 1-tuple, whose item in the graph holds the gather's site."""
-    return (_ColwiseHead.apply(x, dim, group, w, b, dtype),)
+    (``_ColwiseHead``); with ``keep``, this rank's columns (before the gather) as a second
+    item. The first item in the graph holds the gather's site."""
+    out = _ColwiseHead.apply(x, dim, group, w, b, dtype, keep)
+    return out if keep else (out,)
 
 
 def enter(x: torch.Tensor, group: str) -> torch.Tensor:
@@ -508,5 +538,6 @@ def collectives_of(node: Any) -> tuple[str | None, str | None]:
     if node.target in (colwise_linears, colwise_head):
         return COLLECTIVES[enter if node.args[1] is None else sp_gather]
     if node.target is operator.getitem and getattr(node.args[0], "target", None) is colwise_head:
-        return COLLECTIVES[gather]  # the head's output gathered
+        # item 0: the head's output gathered; item 1: this rank's columns of it
+        return COLLECTIVES[gather] if node.args[1] == 0 else (None, None)
     return COLLECTIVES[node.target]

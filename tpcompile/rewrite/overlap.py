@@ -3,7 +3,8 @@
 The colwise Linears that read one entered input (q, k, v; gate and up) become one
 ``colwise_linears`` call, whose backward launches the input gradient's reduction and
 computes the weight gradients under it; a colwise head whose logits are gathered becomes
-one ``colwise_head`` call, its gather pipelined with the matmul in row chunks. Same
+one ``colwise_head`` call, its gather pipelined with the matmul in row chunks (and its
+local logits kept for a vocab-parallel loss that reads them too). Same
 collectives, same count; ``TPCOMPILE_OVERLAP=0`` (or ``overlapping(False)``) leaves the
 graph as the builder made it.
 """
@@ -52,9 +53,9 @@ def overlap_input_grads(graph: fx.Graph) -> None:
         for p in sorted(late, key=pos):
             first.prepend(p)  # this rank's rows of a shared kv weight, moved up
         dim = None if conv.target is C.enter else conv.args[1]
-        gather = _gathered_head(conv, users)
-        if gather is not None:
-            _head(graph, conv, users[0], gather, dim)
+        head = _gathered_head(conv, users)
+        if head is not None:
+            _head(graph, conv, *head, dim)
             continue
         with graph.inserting_before(first):
             call = graph.call_function(C.colwise_linears, (
@@ -70,44 +71,47 @@ def overlap_input_grads(graph: fx.Graph) -> None:
         graph.erase_node(conv)
 
 
-def _gathered_head(conv: fx.Node, users: list[fx.Node]) -> fx.Node | None:
+def _gathered_head(conv: fx.Node, users: list[fx.Node]
+                   ) -> tuple[list[fx.Node], fx.Node, list[fx.Node]] | None:
     """One Linear on the entered input whose output, through at most one dtype cast (a
-    ``.float()`` of the logits), is read by nothing but a gather on its last dim: a head
-    whose logits are read replicated (by the model's output or its loss). The gather."""
+    ``.float()`` of the logits), is gathered on its last dim: a head whose logits are read
+    replicated (the model's output). The Linear (and cast), the gather, and the other
+    readers of the logits (a vocab-parallel loss), which read this rank's columns."""
     site = conv.meta.get("tpc_site")
     if len(users) != 1 or site is None:
         return None
-    y = users[0]
-    while len(y.users) == 1:
-        (u,) = y.users
-        if u.target is aten.to.dtype and len(u.args) == 2 and not u.kwargs and \
-                u.args[0] is y is users[0]:  # one cast at most
-            y = u
-            continue
-        rank = len(site.tensor.shape)
-        if u.target is C.gather and u.args[0] is y and u.args[1] in (-1, rank - 1):
-            return u
+    chain = [users[0]]
+    if len(chain[0].users) == 1:
+        (u,) = chain[0].users
+        if u.target is aten.to.dtype and len(u.args) == 2 and not u.kwargs:
+            chain.append(u)  # one cast at most
+    y, rank = chain[-1], len(site.tensor.shape)
+    gathers = [u for u in y.users if u.target is C.gather and u.args[0] is y and
+               u.args[1] in (-1, rank - 1)]
+    if len(gathers) != 1:
         return None
-    return None
+    return chain, gathers[0], [u for u in y.users if u is not gathers[0]]
 
 
-def _head(graph: fx.Graph, conv: fx.Node, linear: fx.Node, gather: fx.Node,
-          dim: int | None) -> None:
+def _head(graph: fx.Graph, conv: fx.Node, chain: list[fx.Node], gather: fx.Node,
+          readers: list[fx.Node], dim: int | None) -> None:
     """conversion + Linear (+ cast) + gather of a head as one ``colwise_head`` call (its
-    item takes the gather's place and site): the gather pipelined with the matmul in
-    chunks, the input gradient's reduction overlapped with the weight gradient."""
-    chain, y = [], linear
-    while y is not gather:
-        chain.append(y)
-        (y,) = y.users
+    item 0 takes the gather's place and site, item 1 the local logits' for ``readers``):
+    the gather pipelined with the matmul in chunks, the input gradient's reduction
+    overlapped with the weight gradient."""
+    linear = chain[0]
     dtype = chain[1].args[1] if len(chain) > 1 else None
     with graph.inserting_before(linear):
         call = graph.call_function(C.colwise_head, (
             conv.args[0], dim, conv.args[-1], linear.args[1],
-            linear.args[2] if len(linear.args) > 2 else None, dtype))
+            linear.args[2] if len(linear.args) > 2 else None, dtype, bool(readers)))
         call.meta.update(conv.meta)  # the conversion's site
         out = graph.call_function(operator.getitem, (call, 0))
         out.meta.update(gather.meta)  # the gather's site
+        if readers:
+            mine = graph.call_function(operator.getitem, (call, 1))
+            for u in readers:
+                u.replace_input_with(chain[-1], mine)
     gather.replace_all_uses_with(out)
     for n in [gather, *reversed(chain), conv]:
         graph.erase_node(n)
