@@ -118,6 +118,22 @@ def test_unknown_tracer():
         tpcompile.plan(GatedMLPStack(), tp=2, tracer="jit")
 
 
+def test_example_inputs_of_the_wrong_kind():
+    """A dict of keyword inputs passed as ``example_inputs`` (a mistake that once reached
+    torch.export and came back as its dynamic-shapes error) is refused naming its keys
+    and where they go; a lone tensor is the one positional argument."""
+    from models import hf_zoo
+    model = hf_zoo.build("llama")
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(tpcompile.ExampleInputsError, match=r"keys input_ids, labels\): keyword "
+                       r"inputs go in example_kwargs"):
+        tpcompile.plan(model, tp=2, example_inputs={"input_ids": ids, "labels": ids})
+    with pytest.raises(tpcompile.ExampleInputsError, match="is a str"):
+        tpcompile.plan(GatedMLPStack(), tp=2, example_inputs="x")
+    p = tpcompile.plan(GatedMLPStack(), tp=2, example_inputs=torch.randn(2, 4, 32))
+    assert any(s == "colwise" for s in p.layer_styles().values())
+
+
 def test_both_front_ends_failing_say_what_each_said():
     class DataDependent(torch.nn.Module):
         def __init__(self) -> None:

@@ -7,8 +7,8 @@
 
 from .api import auto_parallelize, plan_of
 from .counting import CollectiveCounter
-from .errors import (IndivisibleError, PlanError, RuntimeShapeError, TPCompileError, TraceError,
-                     UnsupportedError)
+from .errors import (ExampleInputsError, IndivisibleError, PlanError, RuntimeShapeError,
+                     TPCompileError, TraceError, UnsupportedError)
 from .generate import generate
 from .hf import from_pretrained, save_pretrained
 from .launch import init_distributed, init_mesh
@@ -23,7 +23,7 @@ __all__ = [
     "init_distributed", "init_mesh", "Plan", "ModulePlan", "SegmentPlan",
     "save_plan", "load_plan", "to_parallelize_plan", "to_hf_tp_plan", "from_hf_tp_plan",
     "TPCompileError", "TraceError", "IndivisibleError", "PlanError", "UnsupportedError",
-    "RuntimeShapeError", "CollectiveCounter", "suggest", "Suggestion", "calibrate",
-    "DevicePreset",
+    "RuntimeShapeError", "ExampleInputsError", "CollectiveCounter", "suggest", "Suggestion",
+    "calibrate", "DevicePreset",
 ]
 __version__ = "0.1.0"

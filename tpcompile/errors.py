@@ -44,6 +44,10 @@ class UnsupportedError(TPCompileError):
     use instead."""
 
 
+class ExampleInputsError(TPCompileError, TypeError):
+    """``example_inputs`` / ``example_kwargs`` of a kind a call cannot be made from."""
+
+
 class RuntimeShapeError(TPCompileError):
     """An input at run time cannot be split the way the compiled program needs."""
 

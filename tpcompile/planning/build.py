@@ -20,7 +20,8 @@ from ..analysis import Contract, Propagation, ops
 from ..analysis import sequence as SQ
 from ..analysis.layout import Unsafe
 from ..debug import dump
-from ..errors import IndivisibleError, PlanError, TraceError, UnsupportedError, warn
+from ..errors import (ExampleInputsError, IndivisibleError, PlanError, TraceError,
+                      UnsupportedError, warn)
 from ..frontend import BlockShapes, Traced, TracerName
 from ..frontend.fake import cast_floats
 from .bind import bind, check_graph, check_written_for
@@ -68,6 +69,27 @@ def _join(base: str, rel: str) -> str:
     return f"{base}.{rel}" if base and rel else base or rel
 
 
+def _positional(example_inputs: Any, example_kwargs: Any) -> tuple | None:
+    """``example_inputs`` as the tuple of positional arguments it stands for: a lone
+    tensor is the one argument; a dict is refused (keyword inputs are example_kwargs)."""
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, dict):
+        keys = ", ".join(map(str, example_inputs))
+        raise ExampleInputsError(
+            f"example_inputs is a dict (keys {keys}): keyword inputs go in "
+            f"example_kwargs={{...}}{' (example_kwargs is given too)' if example_kwargs else ''}; "
+            "a dict the forward takes as its one positional argument goes in "
+            "example_inputs=(d,)")
+    raise ExampleInputsError(f"example_inputs is a {type(example_inputs).__name__}: pass a tuple of the "
+                     "forward's positional arguments (example_inputs=(x,)) or keyword inputs "
+                     "as example_kwargs={...}")
+
+
 def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                   example_inputs: tuple | None = None, example_kwargs: dict | None = None,
                   on_indivisible: str = "error", given: Plan | None = None,
@@ -95,6 +117,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         mine.training = theirs.training
     if example_inputs is None and example_kwargs is None:
         example_inputs = synthesize_inputs(model, batch=2, seq=2 * max(tp, 2))
+    example_inputs = _positional(example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
