@@ -111,3 +111,14 @@ def clip_norm(rank: int) -> dict:
     worst = max(float((full(pars[n].grad) - p.grad).abs().max() / p.grad.abs().max())
                 for n, p in ref.named_parameters())
     return {"norms": (float(n_ref), float(full(n_par))), "worst": worst}
+
+
+def pickled(rank: int) -> dict:
+    """``torch.save`` of the whole parallel module: refused naming what to save instead
+    (it was a raw PicklingError on the generated forward); its state_dict saves."""
+    import io
+    par = tpcompile.auto_parallelize(llama(), tp_mesh(2))
+    whole = _raised(lambda: torch.save(par, io.BytesIO()))
+    buf = io.BytesIO()
+    torch.save(par.state_dict(), buf)
+    return {"whole": whole, "state_dict_bytes": buf.tell()}

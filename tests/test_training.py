@@ -45,3 +45,10 @@ def test_clip_grad_norm_over_dtensor_parameters(pool):
         a, b = r["norms"]
         assert abs(a - b) <= 1e-5 * a, r["norms"]
         assert r["worst"] <= 5e-5, r["worst"]
+
+
+def test_pickling_the_whole_module_is_refused_clearly(pool):
+    for r in pool.run(J.pickled):
+        assert r["whole"] is not None and r["whole"][0] == "UnsupportedError", r["whole"]
+        assert "model.state_dict()" in r["whole"][1] and "checkpoint" in r["whole"][1]
+        assert r["state_dict_bytes"] > 0

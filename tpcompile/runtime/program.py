@@ -12,8 +12,9 @@ the same styles, and the new programs join the old ones.
 
 from __future__ import annotations
 
+import copy
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import sympy
@@ -123,6 +124,25 @@ class Runtime:
     hook_dicts: list[dict] = field(default_factory=list)  # their hook dicts, for one any()
     signature: Any = None  # the module's own forward's, read once (torch.compile traces
     #                        a lookup keyed by a decorated function badly)
+
+    def __deepcopy__(self, memo: dict) -> Runtime:  # field by field (pickling is refused)
+        new = Runtime.__new__(Runtime)
+        memo[id(self)] = new
+        for f in fields(self):
+            setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        return new
+
+    def __copy__(self) -> Runtime:
+        new = Runtime.__new__(Runtime)
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise UnsupportedError(
+            "a module made by tpcompile.auto_parallelize cannot be pickled whole (torch.save(model)): its forward is a program generated for this "
+            "process's mesh. Save the weights instead, torch.save(model.state_dict()) or "
+            "tpcompile.checkpoint.save(dir, model, optimizer) (torch.distributed.checkpoint), and "
+            "rebuild the module with auto_parallelize before loading them")
 
     def find(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> tuple[Program | None, str]:
         why = "no program yet"
