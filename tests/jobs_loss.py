@@ -34,14 +34,30 @@ def loss_function(rank: int, case: dict) -> dict:
     t = torch.randint(masked, classes, t_shape)
     ignore = case.get("ignore_index", -100)
     t = t.masked_fill(torch.rand(t_shape) < case.get("ignored", 0.0), ignore)
+    if "bad_target" in case:
+        t[0] = case["bad_target"]
     opts = {"reduction": case.get("reduction", "mean"), "ignore_index": ignore,
             "label_smoothing": case.get("smoothing", 0.0)}
-    ref = F.cross_entropy(x, t, **opts)
-    g = torch.randn(ref.shape).to(dtype) if ref.dim() else torch.tensor(1.7, dtype=dtype)
-    ref.backward(g)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.get("autocast", False))
     mine = x.detach().chunk(2, 1)[mesh.get_local_rank()].clone().requires_grad_()
-    out = vocab_cross_entropy(mine, t, REDUCTIONS[opts["reduction"]], ignore,
-                              opts["label_smoothing"], mesh.get_group().group_name)
+    raised = []
+    for fn in (lambda: F.cross_entropy(x, t, **opts),
+               lambda: vocab_cross_entropy(mine, t, REDUCTIONS[opts["reduction"]], ignore,
+                                           opts["label_smoothing"], mesh.get_group().group_name)):
+        try:
+            with amp:
+                fn()
+        except Exception as e:  # noqa: BLE001 - the two must fail alike
+            raised.append((type(e).__name__, str(e)))
+    if raised:
+        return {"raised": raised}
+    with amp:
+        ref = F.cross_entropy(x, t, **opts)
+    g = torch.randn(ref.shape).to(ref.dtype) if ref.dim() else torch.tensor(1.7, dtype=ref.dtype)
+    ref.backward(g)
+    with amp:
+        out = vocab_cross_entropy(mine, t, REDUCTIONS[opts["reduction"]], ignore,
+                                  opts["label_smoothing"], mesh.get_group().group_name)
     out.backward(g)
     out, ref = out.detach(), ref.detach()
     want = x.grad.chunk(2, 1)[mesh.get_local_rank()]
@@ -49,7 +65,8 @@ def loss_function(rank: int, case: dict) -> dict:
     return {"loss": (out.float().tolist(), ref.float().tolist()),
             "loss_err": float((out.float() - ref.float()).abs().max()) / scale(ref.float()),
             "grad_err": float((mine.grad.float() - want.float()).abs().max()) / scale(want.float()),
-            "dtypes": (str(out.dtype), str(mine.grad.dtype))}
+            "dtypes": (str(out.dtype), str(mine.grad.dtype)), "ref_dtype": str(ref.dtype),
+            "grad_zero": (bool((mine.grad == 0).all()), bool((want == 0).all()))}
 
 
 class LossGPT(nn.Module):

@@ -25,6 +25,9 @@ CASES = {
     "classes second, mean": {"shape": (3, 10, 5), "ignored": 0.2},
     "bf16": {"shape": (16, 32), "dtype": torch.bfloat16, "smoothing": 0.1},
     "masked classes (-inf)": {"shape": (12, 10), "masked": 3, "ignored": 0.2},
+    # every class of rank 0 masked: its log-softmax is nan, the loss must not be
+    "one rank's classes all -inf": {"shape": (12, 10), "masked": 5, "smoothing": 0.0},
+    "autocast": {"shape": (16, 32), "dtype": torch.bfloat16, "autocast": True},
 }
 
 
@@ -33,14 +36,25 @@ def test_loss_function_matches_cross_entropy(pool, name):
     tol = 2e-2 if CASES[name].get("dtype") is torch.bfloat16 else 1e-5
     for r in pool.run(J.loss_function, CASES[name]):
         assert r["loss_err"] <= tol and r["grad_err"] <= tol, r
-        if "dtype" in CASES[name]:
-            assert r["dtypes"] == ("torch.bfloat16", "torch.bfloat16"), r["dtypes"]
+        if "dtype" in CASES[name]:  # under autocast torch's loss is float32
+            loss_dtype = "torch.float32" if CASES[name].get("autocast") else "torch.bfloat16"
+            assert r["dtypes"] == (loss_dtype, "torch.bfloat16") == (r["ref_dtype"], r["dtypes"][1]), r
 
 
 def test_every_target_ignored_gives_nan_as_torch_does(pool):
+    """The mean over no targets is nan, as torch's; the gradient is zero, as torch's (a
+    nan there would spoil the parameters of a micro-batch that is all padding)."""
     for r in pool.run(J.loss_function, {"shape": (6, 10), "ignored": 1.0}):
         got, want = r["loss"]
         assert math.isnan(got) and math.isnan(want), r["loss"]
+        assert r["grad_zero"] == (True, True), r
+
+
+def test_target_out_of_range_raises_as_torch_does(pool):
+    for bad in (10, -3):
+        for r in pool.run(J.loss_function, {"shape": (6, 10), "bad_target": bad}):
+            (ref_type, ref_msg), (got_type, got_msg) = r["raised"]
+            assert got_type == ref_type == "IndexError" and f"Target {bad}" in got_msg, r
 
 
 MODELS = {

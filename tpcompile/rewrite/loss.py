@@ -33,14 +33,14 @@ def _rows(x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 class _VocabCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, target: torch.Tensor, reduction: int,
-                ignore_index: int, smoothing: float, group: str) -> torch.Tensor:
+                ignore_index: int, smoothing: float, group: str,
+                out_dtype: torch.dtype) -> torch.Tensor:
         n, r = _size(group), _rank(group)
         scores, t = _rows(x, target)
         cols = scores.shape[1]
         classes = cols * n
         valid = t != ignore_index
-        torch._assert_async(((t >= 0) & (t < classes) | ~valid).all(),
-                            f"cross_entropy: a target is out of bounds [0, {classes})")
+        _check_targets(t, valid, classes)
         mine = valid & (t >= r * cols) & (t < (r + 1) * cols)
         at = torch.where(mine, t - r * cols, 0)
         s32 = scores.float()
@@ -49,7 +49,10 @@ class _VocabCrossEntropy(torch.autograd.Function):
         # at the row's largest score (finite where any is, as masked -inf scores are not)
         logp = torch.log_softmax(s32, 1)
         top, where = s32.max(1, keepdim=True)
-        local = (top - logp.gather(1, where)).squeeze(1)
+        dead = top == float("-inf")  # every class of this rank masked: log-softmax nan
+        if _unconditional(s32) or bool(dead.any()):
+            logp.masked_fill_(dead, float("-inf"))  # those classes' probability is 0
+        local = torch.where(dead, float("-inf"), top - logp.gather(1, where)).squeeze(1)
         stats = [local, torch.where(mine, s32.gather(1, at[:, None]).squeeze(1), 0.0)]
         if smoothing:
             stats.append(s32.sum(1))
@@ -66,9 +69,9 @@ class _VocabCrossEntropy(torch.autograd.Function):
         ctx.reduction, ctx.smoothing, ctx.classes = reduction, smoothing, classes
         ctx.dtype, ctx.xshape = x.dtype, x.shape
         if reduction == _NONE:
-            return loss.view(target.shape).to(x.dtype)
+            return loss.view(target.shape).to(out_dtype)
         total = loss.sum()
-        return (total / count if reduction == _MEAN else total).to(x.dtype)
+        return (total / count if reduction == _MEAN else total).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
@@ -77,7 +80,8 @@ class _VocabCrossEntropy(torch.autograd.Function):
             per = g.reshape(-1).float()
         else:
             per = (g.float() / count if ctx.reduction == _MEAN else g.float()).expand(shift.shape)
-        per = per * valid  # (rows,): each row's share of the loss
+        per = torch.where(valid, per, 0.0)  # (rows,): each row's share of the loss (no
+        # target: 0, also where the mean over no targets made it inf, as torch's gradient)
         grad = (logp - shift[:, None]).exp_().mul_(per[:, None])  # the softmax, times the share
         if ctx.smoothing:
             grad.sub_((per * (ctx.smoothing / ctx.classes))[:, None])
@@ -85,14 +89,32 @@ class _VocabCrossEntropy(torch.autograd.Function):
         grad = grad.to(ctx.dtype)
         if len(ctx.xshape) > 2:  # back to (N, C, d1, ...)
             grad = grad.view(ctx.xshape[0], *ctx.xshape[2:], ctx.xshape[1]).movedim(-1, 1)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def _unconditional(x: torch.Tensor) -> bool:
+    """Whether a fix-up runs without first asking (on the host) if it is needed: compiled
+    (no data-dependent branch) and on accelerators (asking would synchronise)."""
+    return torch.compiler.is_compiling() or x.device.type != "cpu"
+
+
+def _check_targets(t: torch.Tensor, valid: torch.Tensor, classes: int) -> None:
+    """Targets outside ``[0, classes)`` (other than ``ignore_index``): torch's IndexError
+    on the CPU, a device-side assertion elsewhere (as torch's own kernels do)."""
+    bad = valid & ((t < 0) | (t >= classes))
+    if _unconditional(t):
+        torch._assert_async(~bad.any(), f"cross_entropy: a target is out of bounds [0, {classes})")
+    elif bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
 
 
 def vocab_cross_entropy(x: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int,
                         smoothing: float, group: str) -> torch.Tensor:
     """``aten.cross_entropy_loss(x, target, None, reduction, ignore_index, smoothing)`` on
     this rank's block of ``x``'s classes (dim 1); the whole loss, equal on every rank."""
-    return _VocabCrossEntropy.apply(x, target, reduction, ignore_index, smoothing, group)
+    # under autocast torch runs cross_entropy in float32 and returns float32
+    out = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return _VocabCrossEntropy.apply(x, target, reduction, ignore_index, smoothing, group, out)
 
 
 COLLECTIVES[vocab_cross_entropy] = ("all_gather", None)
