@@ -64,6 +64,26 @@ def test_blocks_that_return_more_than_hidden_states_are_traced_inline(pool):
     assert "baddbmm" in notes and "self_attention.query_key_value" in notes, notes
 
 
+def test_blocks_traced_inline_plan_again_from_the_trace_cache():
+    """Planning BLOOM a second time in one process replays the first trace from the cache:
+    it replayed the request for a block that had been traced inline too, and raised the
+    OpaqueBlockError the first planning had caught (found planning with and without SP)."""
+    import warnings
+
+    import tpcompile
+    from models import hf_zoo
+    from tpcompile.frontend import clear_cache
+    clear_cache()
+    styles = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sp in (False, True):
+            p = tpcompile.plan(hf_zoo.build("bloom"), tp=2, sequence_parallel=sp,
+                               example_kwargs=hf_zoo.example_inputs("bloom"))
+            styles.append({k: v for k, v in p.layer_styles().items() if v != "sequence_parallel"})
+    assert styles[0] == styles[1] and "colwise" in styles[0].values(), styles
+
+
 def test_moe_experts_as_3d_parameters_stay_replicated_and_say_so(pool):
     """Mixtral in transformers 5: the experts are 3-D Parameters read by a grouped
     matmul, no Linear: right numbers, attention sharded, and a note for each expert

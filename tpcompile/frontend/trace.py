@@ -181,11 +181,12 @@ def _inline(blocks: dict[str, nn.Module], sigs: dict[str, Any], member: str) -> 
 
 def _on_need(need: _NeedBlock, blocks: dict[str, nn.Module], on_block: Callable,
              mode: FakeTensorMode, requested: list | None) -> BlockShapes:
-    if requested is not None:
-        requested.append((need.member, need.args, need.kwargs))
     a, k = pytree.tree_map(lambda x: fake_like(mode, x), (need.args, need.kwargs),
                            is_leaf=lambda x: isinstance(x, _Described))
-    return on_block(need.member, blocks[need.member], a, k)
+    shapes = on_block(need.member, blocks[need.member], a, k)
+    if requested is not None:  # replayed on a cached trace: only the blocks kept opaque
+        requested.append((need.member, need.args, need.kwargs))
+    return shapes
 
 
 @contextlib.contextmanager
