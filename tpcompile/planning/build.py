@@ -85,9 +85,9 @@ def _positional(example_inputs: Any, example_kwargs: Any) -> tuple | None:
             f"example_kwargs={{...}}{' (example_kwargs is given too)' if example_kwargs else ''}; "
             "a dict the forward takes as its one positional argument goes in "
             "example_inputs=(d,)")
-    raise ExampleInputsError(f"example_inputs is a {type(example_inputs).__name__}: pass a tuple of the "
-                     "forward's positional arguments (example_inputs=(x,)) or keyword inputs "
-                     "as example_kwargs={...}")
+    raise ExampleInputsError(
+        f"example_inputs is a {type(example_inputs).__name__}: pass a tuple of the forward's "
+        "positional arguments (example_inputs=(x,)) or keyword inputs as example_kwargs={...}")
 
 
 def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,

@@ -282,10 +282,10 @@ class _Builder:
             smoothing, self.group))
         scores = info(n.args[0])
         rows = _numel(scores.shape) // scores.shape[1]  # type: ignore[union-attr]
+        stats = TensorInfo((rows, (3 if smoothing else 2) * self.tp), torch.float32)
         out.meta["tpc_site"] = Site(
             self._feeding_layer(n) or where(n), "vocab-parallel cross-entropy: each row's "
-            "log-sum-exp and target logit gathered", TensorInfo((rows, (3 if smoothing else 2) * self.tp),
-                                                                torch.float32), None, n.name)
+            "log-sum-exp and target logit gathered", stats, None, n.name)
         return out
 
     def _feeding_layer(self, n: fx.Node) -> str | None:

@@ -236,7 +236,7 @@ class _ColwiseHead(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
                 b: torch.Tensor | None, dtype: torch.dtype | None, keep: bool) -> Any:
         full = x if dim is None else _all_gather(x, dim, group)
-        ctx.dim, ctx.group, ctx.ydtype = dim, group, None
+        ctx.dim, ctx.group, ctx.ydtype = dim, group, w.dtype  # the matmul's (autocast: lower)
         ctx.bias = None if b is None else b.dtype  # None: no bias
         ctx.save_for_backward(full, w)
         ctx.set_materialize_grads(False)
@@ -256,15 +256,13 @@ class _ColwiseHead(torch.autograd.Function):
                     y.add_(b)
             else:
                 y = torch.nn.functional.linear(part, w, b)
-            ctx.ydtype = y.dtype
-            if dtype is not None and not direct:  # the model's cast of its logits (``.float()``)
-                y = y.to(dtype)
-            if keep and not direct:
-                if mine is None:
-                    mine = y.new_empty(*full.shape[:-1], cols)
-                into = mine.view(-1, cols)[start:start + y.shape[0]]
-                into.copy_(y)
-                y = into
+                ctx.ydtype = y.dtype
+                if dtype is not None:  # the model's cast of its logits (``.float()``)
+                    y = y.to(dtype)
+                if keep:
+                    if mine is None:
+                        mine = y.new_empty(*full.shape[:-1], cols)
+                    y = mine.view(-1, cols)[start:start + part.shape[0]].copy_(y)
             start += part.shape[0]
             pending.append(_c10d.all_gather_into_tensor(y.contiguous(), n, group))
         out = flat = None
