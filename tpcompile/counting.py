@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 _KINDS = {
     "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
     "all_gather_into_tensor": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
+    "all_gather_into_tensor_out": "all_gather",
     "reduce_scatter_tensor": "reduce_scatter",
     "reduce_scatter_tensor_coalesced": "reduce_scatter",
     "all_to_all_single": "all_to_all", "broadcast": "broadcast",
@@ -79,6 +80,8 @@ class OpTimeline(TorchDispatchMode):
     """
 
     events: list[tuple[str, float, float]] = field(default_factory=list)
+    # per event: the storage a collective writes (its output) or a wait_tensor waits on
+    buffers: list[int | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -89,17 +92,24 @@ class OpTimeline(TorchDispatchMode):
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         self.events.append((f"{func.namespace}.{func._opname}", t0, time.perf_counter()))
+        key = None
+        if func.namespace == "_c10d_functional":
+            t = args[0] if func._opname == "wait_tensor" else out
+            key = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+        self.buffers.append(key)
         return out
 
     def in_flight(self, kinds: tuple[str, ...] = ("all_reduce", "reduce_scatter_tensor")
                   ) -> list[list[str]]:
-        """For each collective launched (of ``kinds``), the ops run between its launch and
-        the next ``wait_tensor``: what computed while it was on the wire."""
+        """For each collective launched (of ``kinds``, op names), the ops run between its
+        launch and its own ``wait_tensor`` (the first wait on its output's storage): what
+        computed while it was on the wire."""
         out: list[list[str]] = []
         names = [e[0] for e in self.events]
         for i, name in enumerate(names):
             if name.startswith("_c10d_functional.") and name.split(".", 1)[1] in kinds:
                 j = next((k for k in range(i + 1, len(names))
-                          if names[k] == "_c10d_functional.wait_tensor"), len(names))
+                          if names[k] == "_c10d_functional.wait_tensor"
+                          and self.buffers[k] == self.buffers[i]), len(names))
                 out.append(names[i + 1:j])
         return out

@@ -208,11 +208,12 @@ def colwise_linears(x: torch.Tensor, dim: int | None, group: str, ws: Sequence[t
 
 # A colwise head's gathered output (the logits a loss reads on every rank) is computed
 # in chunks of rows, each chunk's all-gather launched as soon as its matmul is done, so
-# the gathers run while the next chunks compute (micro-pipelining). A chunk holds at least
+# the gather runs while the next chunk computes (micro-pipelining). A chunk holds at least
 # ``bytes`` of this rank's output and there are at most ``max`` of them: an output under
 # ``bytes`` (every test model, batch 2 x seq 64 of a 32000-word vocabulary) is one chunk,
-# one all-gather, exactly as without it.
-HEAD_CHUNKS = {"bytes": 16 << 20, "max": 8}
+# one all-gather, exactly as without it. ``depth`` gathers are in flight at once, each in
+# a buffer of its own, reused by the chunk ``depth`` places later.
+HEAD_CHUNKS = {"bytes": 16 << 20, "max": 8, "depth": 2}
 
 
 def _chunks(rows: int, cols: int, itemsize: int) -> int:
@@ -222,15 +223,18 @@ def _chunks(rows: int, cols: int, itemsize: int) -> int:
 class _ColwiseHead(torch.autograd.Function):
     """A colwise layer whose output is gathered to full on its last dim (a head whose
     logits the model returns), with its input's conversion (``dim`` None: enter; else
-    sp_gather). Forward: the rows in chunks, each chunk's all-gather launched right after
-    its matmul and waited on only once every chunk is computed, then written into its
-    rows of the output (the one copy a gather along the last dim costs anyway); with
-    ``keep``, this rank's columns are returned too (for a vocab-parallel loss), each chunk
-    computed into its rows of them. Backward: this rank's columns of the output gradient
-    as a strided view (no copy), plus the local columns' gradient, the input gradient's
-    reduction launched, the weight and bias gradients computed while it runs, then waited
-    on. The same collectives as enter/sp_gather + linear + gather, the head's all-gather
-    split into chunks when it is large."""
+    sp_gather). Forward: the rows in chunks; each chunk's matmul writes straight into this
+    rank's slot of a gather buffer, gathered in place while the next chunk computes, then
+    written into its rows of the output (the one copy a gather along the last dim costs
+    anyway). The gather buffers are a ring of ``HEAD_CHUNKS["depth"]``: memory for two
+    chunks, not for every chunk's output and its gather, and on the CPU none of the page
+    faults of fresh buffers that size (~0.4 ms per MiB here). With ``keep``, this rank's
+    columns are returned too (for a vocab-parallel loss), each chunk computed into its
+    rows of them. Backward: this rank's columns of the output gradient as a strided view
+    (no copy), plus the local columns' gradient, the input gradient's reduction launched,
+    the weight and bias gradients computed while it runs, then waited on. The same
+    collectives as enter/sp_gather + linear + gather, the head's all-gather split into
+    chunks when it is large."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
@@ -240,43 +244,45 @@ class _ColwiseHead(torch.autograd.Function):
         ctx.bias = None if b is None else b.dtype  # None: no bias
         ctx.save_for_backward(full, w)
         ctx.set_materialize_grads(False)
-        n, cols = _size(group), w.shape[0]
+        n, me, cols = _size(group), _rank(group), w.shape[0]
         rows = full.reshape(-1, full.shape[-1])
-        # kept columns computed straight into their rows (no cast, no autocast: the matmul
-        # runs in w's dtype); else each chunk is copied there
-        direct = keep and dtype in (None, w.dtype) and full.dtype == w.dtype and \
+        # no cast, no autocast: the matmul runs in w's dtype and writes its result in place
+        # (the gather buffer's slot, or this rank's kept columns); else it is copied there
+        direct = dtype in (None, w.dtype) and full.dtype == w.dtype and \
             not torch.is_autocast_enabled(full.device.type)
-        mine = full.new_empty(*full.shape[:-1], cols, dtype=dtype or w.dtype) if direct else None
-        pending, start = [], 0
-        for part in rows.tensor_split(_chunks(rows.shape[0], cols, full.element_size())):
-            if direct:
-                y = mine.view(-1, cols)[start:start + part.shape[0]]  # type: ignore[union-attr]
+        parts = rows.tensor_split(_chunks(rows.shape[0], cols, full.element_size()))
+        out = flat = mine = None
+        ring: list[torch.Tensor] = []
+        pending: list[tuple[torch.Tensor, int, int]] = []
+        start = 0
+        for i, part in enumerate(parts):
+            r, z = part.shape[0], None
+            if not direct:
+                z = torch.nn.functional.linear(part, w, b)
+                ctx.ydtype = z.dtype
+            if out is None:  # the output's dtype: w's, the autocast's, or the model's cast
+                ydtype = w.dtype if z is None else dtype or z.dtype
+                out = full.new_empty(*full.shape[:-1], n * cols, dtype=ydtype)
+                flat = out.view(-1, n * cols)
+                if keep:
+                    mine = full.new_empty(*full.shape[:-1], cols, dtype=ydtype)
+                size = n * r * cols  # the first chunk is the largest
+                ring = [out.new_empty(size) for _ in range(min(HEAD_CHUNKS["depth"], len(parts)))]
+            if len(pending) == len(ring):  # its buffer is needed again: land the oldest
+                _land(pending.pop(0), flat, n, cols)
+            buf = ring[i % len(ring)][:n * r * cols].view(n * r, cols)
+            y = buf[me * r:(me + 1) * r] if mine is None else \
+                mine.view(-1, cols)[start:start + r]
+            if z is None:
                 torch.mm(part, w.t(), out=y)
                 if b is not None:
                     y.add_(b)
             else:
-                y = torch.nn.functional.linear(part, w, b)
-                ctx.ydtype = y.dtype
-                if dtype is not None:  # the model's cast of its logits (``.float()``)
-                    y = y.to(dtype)
-                if keep:
-                    if mine is None:
-                        mine = y.new_empty(*full.shape[:-1], cols)
-                    y = mine.view(-1, cols)[start:start + part.shape[0]].copy_(y)
-            start += part.shape[0]
-            pending.append(_c10d.all_gather_into_tensor(y.contiguous(), n, group))
-        out = flat = None
-        start = 0
-        for launched in pending:  # each (n * r, cols): rank after rank, r rows each
-            got = _c10d.wait_tensor(launched)
-            if out is None:  # made in its final shape: returned as a view of a 2-D buffer,
-                # Inductor (torch 2.13) let the compiled backward overwrite it in place
-                out = got.new_empty(*full.shape[:-1], n * cols)
-                flat = out.view(-1, n * cols)
-            r = got.shape[0] // n
-            into = flat[start:start + r].view(r, n, cols)  # type: ignore[index]
-            into.copy_(got.view(n, r, cols).transpose(0, 1))
+                y.copy_(z)  # with the model's cast of its logits (``.float()``), if any
+            pending.append((_c10d.all_gather_into_tensor_out(y, n, group, out=buf), start, r))
             start += r
+        for item in pending:
+            _land(item, flat, n, cols)
         return (out, mine) if keep else out
 
     @staticmethod
@@ -302,6 +308,14 @@ class _ColwiseHead(torch.autograd.Function):
         gb = mine.sum(0).to(ctx.bias) if ctx.bias is not None and ctx.needs_input_grad[4] else None
         gx = _c10d.wait_tensor(pending) if pending is not None else None
         return gx, None, None, gw, gb, None, None
+
+
+def _land(item: tuple[torch.Tensor, int, int], flat: torch.Tensor, n: int, cols: int) -> None:
+    """Wait for one chunk's gather, ``(n * r, cols)``: rank after rank, r rows each, and
+    write it into its rows of the output, rank by rank along the columns."""
+    launched, start, r = item
+    got = _c10d.wait_tensor(launched)
+    flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
 
 
 def colwise_head(x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
