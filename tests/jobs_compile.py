@@ -114,6 +114,27 @@ def bf16(rank: int, family: str, dp: int) -> dict:
     return {"errs": errs, "dtypes": dtypes, "computed": str(outs["par"].logits.dtype)}
 
 
+def unplanned_size(rank: int) -> dict:
+    """A program specialised to its example's sizes (``dynamic`` off), compiled with
+    fullgraph=True and called at another size: dynamo stops with tpcompile's message, and
+    without fullgraph the call breaks the graph, is planned eagerly and runs."""
+    _fresh()
+    ref, args, kwargs = H.build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    kw = H._inputs("llama", kwargs, 3, 5, False)
+    try:
+        torch.compile(par, fullgraph=True, backend="eager")(**kw)
+    except Exception as e:  # noqa: BLE001 - dynamo's Unsupported
+        message = f"{type(e).__name__}: {e}"
+    else:
+        message = ""
+    o_par = torch.compile(par, backend="eager")(**kw)
+    o_ref = ref(**kw)
+    H.loss_of(o_ref).backward()
+    H.loss_of(o_par).backward()
+    return {"message": message, "verdict": H.judge(ref, par, o_ref, o_par)}
+
+
 def dropout_refused(rank: int) -> dict:
     """nanoGPT with dropout 0.1 in train mode: compiling its sharded dropouts is refused
     by name, and the eager model still runs."""

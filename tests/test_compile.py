@@ -59,3 +59,16 @@ def test_compiling_a_sharded_dropout_is_refused_by_name(pool):
         assert "torch.compile cannot trace" in r["message"] and "dropout" in r["message"], r
         assert r["refused"].startswith("UnsupportedError: compile=True") and r["untouched"], r
         assert r["eager_ran"]
+
+
+def test_compiling_an_unplanned_size_says_how_to_plan_first(pool):
+    """fullgraph=True on a program specialised to other sizes: dynamo's error carries
+    tpcompile's explanation (dynamic=True, or one eager call), not only "a skipped
+    function"; without fullgraph the call is planned eagerly and matches the unsharded
+    model."""
+    from tests.test_hf import check
+    res = pool.run(J.unplanned_size)
+    for r in res:
+        assert "planning cannot run inside torch.compile's tracing" in r["message"], r["message"]
+        assert "dynamic=True" in r["message"], r["message"]
+    check([r["verdict"] for r in res])

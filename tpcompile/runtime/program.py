@@ -157,6 +157,16 @@ class Runtime:
         return None, why
 
 
+UNPLANNED_UNDER_COMPILE = (
+    "tpcompile: no program of this parallel model fits this call (its first program is "
+    "specialised to the sizes it was planned at, and this call has others or another "
+    "input structure), and planning cannot run inside torch.compile's tracing. Plan before "
+    "compiling: auto_parallelize(..., dynamic=True) (one program for every batch and "
+    "sequence size; compile=True implies it), or call the model once eagerly with inputs "
+    "like these. Without fullgraph=True this is a graph break and the call is planned "
+    "eagerly.")
+
+
 def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
     args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs, rt.signature)
@@ -174,6 +184,8 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
                 "changed after auto_parallelize (its parameters' dtype, e.g. .to(torch."
                 "bfloat16)): convert it before auto_parallelize, or let FSDP2's "
                 "MixedPrecisionPolicy cast (mp_policy=...)")
+        if torch.compiler.is_compiling():  # fullgraph=True stops here, with this message
+            torch._dynamo.graph_break(msg=UNPLANNED_UNDER_COMPILE)
         _eager(rt.replan)(self, args, kwargs)  # tracing and planning: never compiled
         prog, why = rt.find(self.training, spec, flat)
         if prog is None:
