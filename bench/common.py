@@ -337,15 +337,20 @@ def step(p: Program, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------- numerics
 
 def check_numerics(ref: nn.Module, par: nn.Module, tokens: torch.Tensor,
-                   targets: torch.Tensor) -> dict[str, Any]:
+                   targets: torch.Tensor, run: Callable[..., Any] | None = None
+                   ) -> dict[str, Any]:
     """``par`` against ``ref`` with ``tpcompile.verify``, on every rank: the logits and
     every parameter's local gradient (``ref`` is run here too; both get their grads
-    cleared after). The hand plan leaves its sequence-parallel norms' gradients
+    cleared after); ``run``: call that instead of ``par`` (its compiled version, which
+    is what a compiled bench times). The hand plan leaves its sequence-parallel norms' gradients
     ``Partial`` and its embedding's ``Replicate``, for its optimizer step to put right;
     that is done here as the step would (a tpcompile module must need no such help).
     Returns the worst relative errors and every problem found on any rank (empty: the
     numbers match)."""
-    out_ref, out_par = logits_of(ref(tokens)), logits_of(par(tokens))
+    if run is not None:  # planned at this size eagerly first: fullgraph cannot plan
+        with torch.no_grad():
+            par(tokens)
+    out_ref, out_par = logits_of(ref(tokens)), logits_of((par if run is None else run)(tokens))
     loss_of(out_ref, targets).backward()
     loss_backward(out_par, targets)
     ours = "_tpcompile_plan" in par.__dict__

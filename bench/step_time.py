@@ -6,10 +6,11 @@
 
 For each model x mode (eager, torch.compile) x (sequence parallel off/on) x (batch x seq)
 it builds both programs from the same model, checks each against the unsharded model
-(logits and every gradient), then times training steps (forward + cross-entropy +
-backward + AdamW) ALTERNATING the two programs, so machine noise hits both alike. A
-step's time is the slowest rank's; the table gives the median over the timed steps, the
-ratio tpcompile / hand, and the bytes each program hands to collectives in one step.
+(logits and every gradient; compiled, the compiled program), then times training steps
+(forward + cross-entropy + backward + AdamW) ALTERNATING the two programs, so machine
+noise hits both alike. A step's time is the slowest rank's; the table gives the median
+over the timed steps, the ratio tpcompile / hand, and the bytes each program hands to
+collectives in one step.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run_case(mesh, device, args, compiled: bool, sp: bool, batch: int, seq: int)
     tokens, targets = C.make_batch(batch, seq, args.vocab, device)
     errs = {}
     for p in progs:
-        errs[p.name] = C.check_numerics(ref, p.model, tokens, targets)
+        errs[p.name] = C.check_numerics(ref, p.model, tokens, targets, p.run)
         C.require_close(p.name, errs[p.name])
     times = time_pair(progs, tokens, targets, args.warmup, args.steps, device)
     med = {k: C.median(v) for k, v in times.items()}

@@ -19,12 +19,27 @@ def _fresh() -> None:
 
 
 def fullgraph(rank: int, family: str, tp: int, backend: str,
-              shapes: list[tuple[int, int]]) -> list[dict]:
+              shapes: list[tuple[int, int]], head_chunks: int = 0) -> list[dict]:
     """``torch.compile(parallel, fullgraph=True)``: graph breaks counted by
     ``torch._dynamo.explain``, then at each (batch, seq) outputs and every gradient of
-    the compiled model against the unsharded one, and its outputs against eager's."""
+    the compiled model against the unsharded one, and its outputs against eager's. With
+    ``head_chunks``, the head's logits are computed and gathered in that many chunks of
+    rows (the chunk size set from the first shape), as large logits are."""
     _fresh()
+    from tpcompile.rewrite import collectives as C
     ref, args, kwargs = H.build(family)
+    saved = dict(C.HEAD_CHUNKS)
+    if head_chunks:
+        rows = shapes[0][0] * shapes[0][1]
+        C.HEAD_CHUNKS["bytes"] = rows * (ref.config.vocab_size // tp) * 4 // head_chunks
+    try:
+        return _fullgraph(ref, kwargs, family, tp, backend, shapes)
+    finally:
+        C.HEAD_CHUNKS.update(saved)
+
+
+def _fullgraph(ref: torch.nn.Module, kwargs: dict, family: str, tp: int, backend: str,
+               shapes: list[tuple[int, int]]) -> list[dict]:
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_kwargs=kwargs,
                                      dynamic=True)
     explained = torch._dynamo.explain(par)(**kwargs)

@@ -28,7 +28,10 @@ def test_fullgraph_compile_has_no_graph_break_and_matches(pool, family):
 
 
 def test_inductor_compiles_the_hf_llama(pool):
-    res = pool.run(J.fullgraph, "llama", 2, "inductor", [(4, 8)])
+    """Inductor, with the head's logits in 4 chunks of rows as large logits are (Inductor
+    once reused a chunk's gather input for the next chunk's matmul while the gather was
+    in flight: logits off by 9)."""
+    res = pool.run(J.fullgraph, "llama", 2, "inductor", [(4, 8)], 4)
     check(res)
     assert all(r["vs_eager"] <= 1e-4 for per_rank in res for r in per_rank)
 

@@ -211,9 +211,10 @@ def colwise_linears(x: torch.Tensor, dim: int | None, group: str, ws: Sequence[t
 # the gather runs while the next chunk computes (micro-pipelining). A chunk holds at least
 # ``bytes`` of this rank's output and there are at most ``max`` of them: an output under
 # ``bytes`` (every test model, batch 2 x seq 64 of a 32000-word vocabulary) is one chunk,
-# one all-gather, exactly as without it. ``depth`` gathers are in flight at once, each in
-# a buffer of its own, reused by the chunk ``depth`` places later.
-HEAD_CHUNKS = {"bytes": 16 << 20, "max": 8, "depth": 2}
+# one all-gather, exactly as without it. Eager, ``depth`` gathers are in flight at once,
+# each in a buffer of its own, reused by the chunk ``depth`` places later (compiled, the
+# buffers are Inductor's to plan).
+HEAD_CHUNKS = {"bytes": 16 << 20, "max": 8, "depth": 2}  # depth >= 1
 
 
 def _chunks(rows: int, cols: int, itemsize: int) -> int:
@@ -226,7 +227,7 @@ class _ColwiseHead(torch.autograd.Function):
     sp_gather). Forward: the rows in chunks; each chunk's matmul writes straight into this
     rank's slot of a gather buffer, gathered in place while the next chunk computes, then
     written into its rows of the output (the one copy a gather along the last dim costs
-    anyway). The gather buffers are a ring of ``HEAD_CHUNKS["depth"]``: memory for two
+    anyway). The gather buffers (eager) are a ring of ``HEAD_CHUNKS["depth"]``: memory for two
     chunks, not for every chunk's output and its gather, and on the CPU none of the page
     faults of fresh buffers that size (~0.4 ms per MiB here). With ``keep``, this rank's
     columns are returned too (for a vocab-parallel loss), each chunk computed into its
@@ -247,8 +248,12 @@ class _ColwiseHead(torch.autograd.Function):
         n, me, cols = _size(group), _rank(group), w.shape[0]
         rows = full.reshape(-1, full.shape[-1])
         # no cast, no autocast: the matmul runs in w's dtype and writes its result in place
-        # (the gather buffer's slot, or this rank's kept columns); else it is copied there
-        direct = dtype in (None, w.dtype) and full.dtype == w.dtype and \
+        # (the gather buffer's slot, or this rank's kept columns); else it is copied there.
+        # Compiled, the gather is the functional one into a buffer of its own: Inductor
+        # lowers an out= collective as a plain kernel and would give its input to the next
+        # chunk's matmul while the gather is still reading it.
+        compiled = torch.compiler.is_compiling()
+        direct = dtype in (None, w.dtype) and full.dtype == w.dtype and not compiled and \
             not torch.is_autocast_enabled(full.device.type)
         parts = rows.tensor_split(_chunks(rows.shape[0], cols, full.element_size()))
         out = flat = mine = None
@@ -266,13 +271,20 @@ class _ColwiseHead(torch.autograd.Function):
                 flat = out.view(-1, n * cols)
                 if keep:
                     mine = full.new_empty(*full.shape[:-1], cols, dtype=ydtype)
-                size = n * r * cols  # the first chunk is the largest
-                ring = [out.new_empty(size) for _ in range(min(HEAD_CHUNKS["depth"], len(parts)))]
+                if not compiled:
+                    size = n * r * cols  # the first chunk is the largest
+                    depth = min(HEAD_CHUNKS["depth"], len(parts))
+                    ring = [out.new_empty(size) for _ in range(depth)]
+            kept = None if mine is None else mine.view(-1, cols)[start:start + r]
+            if compiled:
+                y = z.to(ydtype) if kept is None else kept.copy_(z)  # type: ignore[union-attr]
+                pending.append((_c10d.all_gather_into_tensor(y.contiguous(), n, group), start, r))
+                start += r
+                continue
             if len(pending) == len(ring):  # its buffer is needed again: land the oldest
                 _land(pending.pop(0), flat, n, cols)
             buf = ring[i % len(ring)][:n * r * cols].view(n * r, cols)
-            y = buf[me * r:(me + 1) * r] if mine is None else \
-                mine.view(-1, cols)[start:start + r]
+            y = buf[me * r:(me + 1) * r] if kept is None else kept
             if z is None:
                 torch.mm(part, w.t(), out=y)
                 if b is not None:
