@@ -26,16 +26,9 @@ def fullgraph(rank: int, family: str, tp: int, backend: str,
     ``head_chunks``, the head's logits are computed and gathered in that many chunks of
     rows (the chunk size set from the first shape), as large logits are."""
     _fresh()
-    from tpcompile.rewrite import collectives as C
     ref, args, kwargs = H.build(family)
-    saved = dict(C.HEAD_CHUNKS)
-    if head_chunks:
-        rows = shapes[0][0] * shapes[0][1]
-        C.HEAD_CHUNKS["bytes"] = rows * (ref.config.vocab_size // tp) * 4 // head_chunks
-    try:
+    with H.head_in_chunks(ref, shapes[0][0] * shapes[0][1], tp, head_chunks):
         return _fullgraph(ref, kwargs, family, tp, backend, shapes)
-    finally:
-        C.HEAD_CHUNKS.update(saved)
 
 
 def _fullgraph(ref: torch.nn.Module, kwargs: dict, family: str, tp: int, backend: str,

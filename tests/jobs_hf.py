@@ -8,8 +8,9 @@ placements checked (nothing left ``Partial``) and no global floor on the error.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,20 @@ from tests.harness import mesh, tp_mesh
 from tpcompile.verify import full
 
 TOL = 5e-5  # float32, relative (see README: numerics)
+
+
+@contextlib.contextmanager
+def head_in_chunks(ref: nn.Module, rows: int, tp: int, chunks: int) -> Iterator[None]:
+    """Inside: a colwise head over ``rows`` rows of ``ref``'s vocabulary computes and
+    gathers its logits in ``chunks`` chunks of rows, as large logits are (0: unchanged)."""
+    from tpcompile.rewrite import collectives as C
+    saved = dict(C.HEAD_CHUNKS)
+    if chunks:
+        C.HEAD_CHUNKS["bytes"] = rows * (ref.config.vocab_size // tp) * 4 // chunks
+    try:
+        yield
+    finally:
+        C.HEAD_CHUNKS.update(saved)
 
 
 def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tuple, dict]:

@@ -28,19 +28,13 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
     this small model's logits make exactly that many): for each piece's all-gather, the
     ops of one forward run between its launch and the next wait; then every output and
     gradient against the unsharded model."""
-    from tpcompile.rewrite import collectives as C
     ref, args, kwargs = jobs_hf.build(family)
-    rows = kwargs["input_ids"].numel()
-    old = dict(C.HEAD_CHUNKS)
-    C.HEAD_CHUNKS["bytes"] = rows * (ref.config.vocab_size // tp) * 4 // chunks
-    try:
+    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), tp, chunks):
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs, sequence_parallel=sp)
         with OpTimeline() as t:
             out = par(*args, **kwargs)
         jobs_hf.loss_of(out).backward()
-    finally:
-        C.HEAD_CHUNKS.update(old)
     o_ref = ref(*args, **kwargs)
     jobs_hf.loss_of(o_ref).backward()
     return {"in_flight": t.in_flight(("all_gather_into_tensor", "all_gather_into_tensor_out")),

@@ -265,7 +265,9 @@ class _ColwiseHead(torch.autograd.Function):
             if not direct:
                 z = torch.nn.functional.linear(part, w, b)
                 ctx.ydtype = z.dtype
-            if out is None:  # the output's dtype: w's, the autocast's, or the model's cast
+            if out is None:  # the output's dtype: w's, the autocast's, or the model's cast;
+                # made in its final shape (returned as a view of a 2-D buffer, Inductor,
+                # torch 2.13, let the compiled backward overwrite it in place)
                 ydtype = w.dtype if z is None else dtype or z.dtype
                 out = full.new_empty(*full.shape[:-1], n * cols, dtype=ydtype)
                 flat = out.view(-1, n * cols)
@@ -278,20 +280,20 @@ class _ColwiseHead(torch.autograd.Function):
             kept = None if mine is None else mine.view(-1, cols)[start:start + r]
             if compiled:
                 y = z.to(ydtype) if kept is None else kept.copy_(z)  # type: ignore[union-attr]
-                pending.append((_c10d.all_gather_into_tensor(y.contiguous(), n, group), start, r))
-                start += r
-                continue
-            if len(pending) == len(ring):  # its buffer is needed again: land the oldest
-                _land(pending.pop(0), flat, n, cols)
-            buf = ring[i % len(ring)][:n * r * cols].view(n * r, cols)
-            y = buf[me * r:(me + 1) * r] if kept is None else kept
-            if z is None:
-                torch.mm(part, w.t(), out=y)
-                if b is not None:
-                    y.add_(b)
+                launched = _c10d.all_gather_into_tensor(y.contiguous(), n, group)
             else:
-                y.copy_(z)  # with the model's cast of its logits (``.float()``), if any
-            pending.append((_c10d.all_gather_into_tensor_out(y, n, group, out=buf), start, r))
+                if len(pending) == len(ring):  # its buffer is needed again: land the oldest
+                    _land(pending.pop(0), flat, n, cols)
+                buf = ring[i % len(ring)][:n * r * cols].view(n * r, cols)
+                y = buf[me * r:(me + 1) * r] if kept is None else kept
+                if z is None:
+                    torch.mm(part, w.t(), out=y)
+                    if b is not None:
+                        y.add_(b)
+                else:
+                    y.copy_(z)  # with the model's cast of its logits (``.float()``), if any
+                launched = _c10d.all_gather_into_tensor_out(y, n, group, out=buf)
+            pending.append((launched, start, r))
             start += r
         for item in pending:
             _land(item, flat, n, cols)
