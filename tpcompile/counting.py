@@ -80,7 +80,9 @@ class OpTimeline(TorchDispatchMode):
     """
 
     events: list[tuple[str, float, float]] = field(default_factory=list)
-    # per event: the storage a collective writes (its output) or a wait_tensor waits on
+    # per event: the address of the tensor a collective is waited on by (its output, or
+    # the in-place all-gather's input) or a wait_tensor waits on; chunks of one buffer
+    # (the head's kept columns) differ
     buffers: list[int | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -92,22 +94,26 @@ class OpTimeline(TorchDispatchMode):
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         self.events.append((f"{func.namespace}.{func._opname}", t0, time.perf_counter()))
-        key = None
+        key, t = None, None
         if func.namespace == "_c10d_functional":
             t = args[0] if func._opname == "wait_tensor" else out
-            key = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+        elif func.namespace == "c10d" and func._opname == "allgather_":
+            t = args[1][0]  # its input: a wait_tensor on it waits for it (_gather_columns)
+        if isinstance(t, torch.Tensor):
+            key = t.data_ptr()
         self.buffers.append(key)
         return out
 
     def in_flight(self, kinds: tuple[str, ...] = ("all_reduce", "reduce_scatter_tensor")
                   ) -> list[list[str]]:
         """For each collective launched (of ``kinds``, op names), the ops run between its
-        launch and its own ``wait_tensor`` (the first wait on its output's storage): what
+        launch and its own ``wait_tensor`` (the first wait on the same tensor): what
         computed while it was on the wire."""
         out: list[list[str]] = []
         names = [e[0] for e in self.events]
         for i, name in enumerate(names):
-            if name.startswith("_c10d_functional.") and name.split(".", 1)[1] in kinds:
+            ns, op = name.split(".", 1)
+            if ns in ("_c10d_functional", "c10d") and op in kinds:
                 j = next((k for k in range(i + 1, len(names))
                           if names[k] == "_c10d_functional.wait_tensor"
                           and self.buffers[k] == self.buffers[i]), len(names))

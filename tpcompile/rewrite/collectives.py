@@ -2,7 +2,9 @@
 
 Each conversion is a pair (forward collective, backward collective), built on
 ``torch.distributed._functional_collectives`` so that every collective is a c10d
-functional op (visible to a ``TorchDispatchMode`` and to compilers). The process group
+functional op (visible to a ``TorchDispatchMode`` and to compilers); the one exception is
+the eager head's all-gather into the output's column blocks (``_gather_columns``), a
+c10d in-place op, which a dispatch mode sees too. The process group
 is named by its c10d group name, a string, so the graphs print and pickle.
 
     conversion          forward             backward        used for
@@ -208,12 +210,12 @@ def colwise_linears(x: torch.Tensor, dim: int | None, group: str, ws: Sequence[t
 
 # A colwise head's gathered output (the logits a loss reads on every rank) is computed
 # in chunks of rows, each chunk's all-gather launched as soon as its matmul is done, so
-# the gather runs while the next chunk computes (micro-pipelining). A chunk holds at least
+# the gather runs while the next chunks compute (micro-pipelining). A chunk holds at least
 # ``bytes`` of this rank's output and there are at most ``max`` of them: an output under
 # ``bytes`` (every test model, batch 2 x seq 64 of a 32000-word vocabulary) is one chunk,
-# one all-gather, exactly as without it. Eager, ``depth`` gathers are in flight at once,
-# each in a buffer of its own, reused by the chunk ``depth`` places later (compiled, the
-# buffers are Inductor's to plan).
+# one all-gather, exactly as without it. Eager, at most ``depth`` gathers are in flight:
+# the oldest is waited on before another is launched (each holds this rank's chunk and,
+# in the process group, a buffer for the gathered one).
 HEAD_CHUNKS = {"bytes": 16 << 20, "max": 8, "depth": 2}  # depth >= 1
 
 
@@ -224,13 +226,13 @@ def _chunks(rows: int, cols: int, itemsize: int) -> int:
 class _ColwiseHead(torch.autograd.Function):
     """A colwise layer whose output is gathered to full on its last dim (a head whose
     logits the model returns), with its input's conversion (``dim`` None: enter; else
-    sp_gather). Forward: the rows in chunks; each chunk's matmul writes straight into this
-    rank's slot of a gather buffer, gathered in place while the next chunk computes, then
-    written into its rows of the output (the one copy a gather along the last dim costs
-    anyway). The gather buffers (eager) are a ring of ``HEAD_CHUNKS["depth"]``: memory for two
-    chunks, not for every chunk's output and its gather, and on the CPU none of the page
-    faults of fresh buffers that size (~0.4 ms per MiB here). With ``keep``, this rank's
-    columns are returned too (for a vocab-parallel loss), each chunk computed into its
+    sp_gather). Forward: the rows in chunks; each chunk's all-gather is launched as soon
+    as its matmul is done and runs while the next chunks compute. Eager, the process
+    group writes every rank's columns straight into their block of the output's rows
+    (``_gather_columns``): no gather buffer of ours and no copy after it (on the CPU a
+    fresh buffer that size costs ~0.4 ms per MiB in page faults, a copy as much again);
+    at most ``HEAD_CHUNKS["depth"]`` gathers are in flight. With ``keep``, this rank's
+    columns are returned too (for a vocab-parallel loss), each chunk copied into its
     rows of them. Backward: this rank's columns of the output gradient as a strided view
     (no copy), plus the local columns' gradient, the input gradient's reduction launched,
     the weight and bias gradients computed while it runs, then waited on. The same
@@ -245,22 +247,24 @@ class _ColwiseHead(torch.autograd.Function):
         ctx.bias = None if b is None else b.dtype  # None: no bias
         ctx.save_for_backward(full, w)
         ctx.set_materialize_grads(False)
-        n, me, cols = _size(group), _rank(group), w.shape[0]
+        n, cols = _size(group), w.shape[0]
         rows = full.reshape(-1, full.shape[-1])
-        # no cast, no autocast: the matmul runs in w's dtype and writes its result in place
-        # (the gather buffer's slot, or this rank's kept columns); else it is copied there.
-        # Compiled, the gather is the functional one into a buffer of its own: Inductor
-        # lowers an out= collective as a plain kernel and would give its input to the next
-        # chunk's matmul while the gather is still reading it.
+        # no cast, no autocast: the matmul runs in w's dtype; else its result is cast.
+        # Eager, each chunk's result has a storage of its own: its gather's work is
+        # registered under it, and a wait waits for every work registered under the
+        # storage it is given (hence kept columns are copied out, not gathered from).
+        # Compiled, each chunk's gather is the functional one into a buffer of its own,
+        # then copied into its rows: Inductor plans the buffers (it lowers an out= or
+        # in-place collective as a plain kernel, and once gave such a gather's input to
+        # the next chunk's matmul while the gather was still reading it).
         compiled = torch.compiler.is_compiling()
         direct = dtype in (None, w.dtype) and full.dtype == w.dtype and not compiled and \
             not torch.is_autocast_enabled(full.device.type)
         parts = rows.tensor_split(_chunks(rows.shape[0], cols, full.element_size()))
         out = flat = mine = None
-        ring: list[torch.Tensor] = []
         pending: list[tuple[torch.Tensor, int, int]] = []
         start = 0
-        for i, part in enumerate(parts):
+        for part in parts:
             r, z = part.shape[0], None
             if not direct:
                 z = torch.nn.functional.linear(part, w, b)
@@ -273,30 +277,24 @@ class _ColwiseHead(torch.autograd.Function):
                 flat = out.view(-1, n * cols)
                 if keep:
                     mine = full.new_empty(*full.shape[:-1], cols, dtype=ydtype)
-                if not compiled:
-                    size = n * r * cols  # the first chunk is the largest
-                    depth = min(HEAD_CHUNKS["depth"], len(parts))
-                    ring = [out.new_empty(size) for _ in range(depth)]
-            kept = None if mine is None else mine.view(-1, cols)[start:start + r]
+            if z is None:  # this chunk's own columns, in a tensor of its own
+                y = torch.mm(part, w.t())
+                if b is not None:
+                    y.add_(b)
+            else:  # with the model's cast of its logits (``.float()``), if any
+                y = z.to(ydtype)
             if compiled:
-                y = z.to(ydtype) if kept is None else kept.copy_(z)  # type: ignore[union-attr]
                 launched = _c10d.all_gather_into_tensor(y.contiguous(), n, group)
             else:
-                if len(pending) == len(ring):  # its buffer is needed again: land the oldest
-                    _land(pending.pop(0), flat, n, cols)
-                buf = ring[i % len(ring)][:n * r * cols].view(n * r, cols)
-                y = buf[me * r:(me + 1) * r] if kept is None else kept
-                if z is None:
-                    torch.mm(part, w.t(), out=y)
-                    if b is not None:
-                        y.add_(b)
-                else:
-                    y.copy_(z)  # with the model's cast of its logits (``.float()``), if any
-                launched = _c10d.all_gather_into_tensor_out(y, n, group, out=buf)
+                if len(pending) == HEAD_CHUNKS["depth"]:  # enough in flight: land the oldest
+                    _land(pending.pop(0), flat, n, cols, True)
+                launched = _gather_columns(y, flat[start:start + r], cols, group)
+            if mine is not None:  # read, not written, while the gather reads it
+                mine.view(-1, cols)[start:start + r].copy_(y)
             pending.append((launched, start, r))
             start += r
         for item in pending:
-            _land(item, flat, n, cols)
+            _land(item, flat, n, cols, not compiled)
         return (out, mine) if keep else out
 
     @staticmethod
@@ -324,12 +322,26 @@ class _ColwiseHead(torch.autograd.Function):
         return gx, None, None, gw, gb, None, None
 
 
-def _land(item: tuple[torch.Tensor, int, int], flat: torch.Tensor, n: int, cols: int) -> None:
-    """Wait for one chunk's gather, ``(n * r, cols)``: rank after rank, r rows each, and
-    write it into its rows of the output, rank by rank along the columns."""
+def _gather_columns(y: torch.Tensor, dest: torch.Tensor, cols: int, group: str
+                    ) -> torch.Tensor:
+    """Launch the all-gather of ``y`` (r, cols) with each rank's part written straight
+    into its column block of ``dest`` (r, n * cols; rows of the output) by the process
+    group: no buffer of ours, no copy after. Returns ``y``: a ``wait_tensor`` on it waits
+    for the gather (the work is registered under it, as the functional collectives do)."""
+    work = dist.all_gather(list(dest.split(cols, dim=1)), y, group=_pg(group), async_op=True)
+    torch._C._distributed_c10d._register_work(y, work)
+    return y
+
+
+def _land(item: tuple[torch.Tensor, int, int], flat: torch.Tensor, n: int, cols: int,
+          in_place: bool) -> None:
+    """Wait for one chunk's gather; unless it was gathered ``in_place`` (eager), its result,
+    ``(n * r, cols)``, rank after rank, r rows each, is then written into its rows of the
+    output, rank by rank along the columns."""
     launched, start, r = item
     got = _c10d.wait_tensor(launched)
-    flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
+    if not in_place:
+        flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
 
 
 def colwise_head(x: torch.Tensor, dim: int | None, group: str, w: torch.Tensor,
