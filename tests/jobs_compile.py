@@ -27,7 +27,7 @@ def fullgraph(rank: int, family: str, tp: int, backend: str,
     rows (the chunk size set from the first shape), as large logits are."""
     _fresh()
     ref, args, kwargs = H.build(family)
-    with H.head_in_chunks(ref, shapes[0][0] * shapes[0][1], tp, head_chunks):
+    with H.head_in_chunks(ref, shapes[0][0] * shapes[0][1], head_chunks):
         return _fullgraph(ref, kwargs, family, tp, backend, shapes)
 
 

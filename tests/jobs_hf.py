@@ -26,13 +26,13 @@ TOL = 5e-5  # float32, relative (see README: numerics)
 
 
 @contextlib.contextmanager
-def head_in_chunks(ref: nn.Module, rows: int, tp: int, chunks: int) -> Iterator[None]:
+def head_in_chunks(ref: nn.Module, rows: int, chunks: int) -> Iterator[None]:
     """Inside: a colwise head over ``rows`` rows of ``ref``'s vocabulary computes and
     gathers its logits in ``chunks`` chunks of rows, as large logits are (0: unchanged)."""
     from tpcompile.rewrite import collectives as C
     saved = dict(C.HEAD_CHUNKS)
-    if chunks:
-        C.HEAD_CHUNKS["bytes"] = rows * (ref.config.vocab_size // tp) * 4 // chunks
+    if chunks:  # the bytes of the gathered logits (float32) per chunk; any rows
+        C.HEAD_CHUNKS.update(bytes=rows * ref.config.vocab_size * 4 // chunks, rows=1)
     try:
         yield
     finally:

@@ -29,7 +29,7 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
     ops of one forward run between its launch and the next wait; then every output and
     gradient against the unsharded model."""
     ref, args, kwargs = jobs_hf.build(family)
-    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), tp, chunks):
+    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), chunks):
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs, sequence_parallel=sp)
         with OpTimeline() as t:
