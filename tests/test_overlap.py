@@ -32,11 +32,13 @@ def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool):
     flight: each chunk's all-gather (into the output's column blocks) is in flight while
     the next two chunks' matmuls run (the third chunk's: one, the last's: none, waited
     on at once), every other all-gather (sequence-parallel inputs) waited on at once;
-    and the logits, loss and every gradient match the unsharded model (every rank's
-    columns of every chunk in their place)."""
+    each chunk's own columns freed once its gather lands (no memory left to the process
+    group's work object); and the logits, loss and every gradient match the unsharded
+    model (every rank's columns of every chunk in their place)."""
     from tests.test_hf import check
     res = pool.run(J.head_pipelined, "llama", 2, True, 4)
     check([r["verdict"] for r in res])
     for r in res:
         mms = [sum(op in ("aten.mm", "aten.addmm") for op in ops) for ops in r["in_flight"]]
         assert sorted(m for m in mms if m) == [1, 2, 2], r["in_flight"]
+        assert len(r["held"]) == 4 and not any(r["held"]), r["held"]

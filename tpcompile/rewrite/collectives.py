@@ -346,7 +346,9 @@ def _land(item: tuple[torch.Tensor, int, int], flat: torch.Tensor, n: int, cols:
     output, rank by rank along the columns."""
     launched, start, r = item
     got = _c10d.wait_tensor(launched)
-    if not in_place:
+    if in_place:  # done with: its memory goes now, not when the work object does
+        launched.untyped_storage().resize_(0)
+    else:
         flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
 
 
