@@ -27,7 +27,8 @@ def in_flight(rank: int, family: str, tp: int, sp: bool) -> dict:
 def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> dict:
     """The head's logits all-gathered in ``chunks`` pieces (the chunk size set so that
     this small model's logits make exactly that many): for each piece's all-gather, the
-    ops of one forward run between its launch and the next wait; the bytes each piece's
+    ops of one forward run between its launch and the next wait; the works registered for
+    a wait_tensor after each launch, and left after the forward; the bytes each piece's
     own columns still hold after the forward (the process group's work object keeps a
     reference a while longer; the memory must go when the piece lands); then every output
     and gradient against the unsharded model."""
@@ -36,22 +37,59 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
     pieces: list[torch.Tensor] = []
     real = C._gather_columns
 
+    works = torch._C._distributed_c10d._get_work_registry_size
+    registered: list[int] = []
+
     def spy(y: torch.Tensor, *rest: Any) -> torch.Tensor:
         pieces.append(y)
-        return real(y, *rest)
+        out = real(y, *rest)
+        registered.append(works())  # its work registered (a wait_tensor then waits for it)
+        return out
 
     with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), chunks):
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs, sequence_parallel=sp)
         C._gather_columns = spy
+        before = works()
         try:
             with OpTimeline() as t:
                 out = par(*args, **kwargs)
         finally:
             C._gather_columns = real
+        after = works()
         jobs_hf.loss_of(out).backward()
     o_ref = ref(*args, **kwargs)
     jobs_hf.loss_of(o_ref).backward()
     return {"in_flight": t.in_flight(("all_gather_into_tensor", "allgather_")),
             "held": [y.untyped_storage().nbytes() for y in pieces],
+            "registered": [n - before for n in registered], "left": after - before,
             "verdict": jobs_hf.judge(ref, par, o_ref, out)}
+
+
+def head_fails_mid_way(rank: int, family: str, tp: int) -> dict:
+    """The head's third chunk fails (as an out-of-memory in its matmul would) after two
+    gathers were launched: the error reaches the caller and no work is left registered
+    (each would hold the logits until the process ends)."""
+    from tpcompile.rewrite import collectives as C
+    ref, args, kwargs = jobs_hf.build(family)
+    works = torch._C._distributed_c10d._get_work_registry_size
+    real, calls = C._gather_columns, []
+
+    def fails_third(y: torch.Tensor, *rest: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("planted: the third chunk")
+        return real(y, *rest)
+
+    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), 4):
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                         example_kwargs=kwargs)
+        before, error = works(), None
+        C._gather_columns = fails_third
+        try:
+            par(*args, **kwargs)
+        except MemoryError as e:
+            error = str(e)
+        finally:
+            C._gather_columns = real
+    return {"error": error, "left": works() - before}

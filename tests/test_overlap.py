@@ -32,7 +32,8 @@ def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool):
     flight: each chunk's all-gather (into the output's column blocks) is in flight while
     the next two chunks' matmuls run (the third chunk's: one, the last's: none, waited
     on at once), every other all-gather (sequence-parallel inputs) waited on at once;
-    each chunk's own columns freed once its gather lands (no memory left to the process
+    each chunk's gather registered for its wait and none left registered after; each
+    chunk's own columns freed once its gather lands (no memory left to the process
     group's work object); and the logits, loss and every gradient match the unsharded
     model (every rank's columns of every chunk in their place)."""
     from tests.test_hf import check
@@ -42,3 +43,12 @@ def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool):
         mms = [sum(op in ("aten.mm", "aten.addmm") for op in ops) for ops in r["in_flight"]]
         assert sorted(m for m in mms if m) == [1, 2, 2], r["in_flight"]
         assert len(r["held"]) == 4 and not any(r["held"]), r["held"]
+        assert r["registered"] == [1, 2, 2, 2] and r["left"] == 0, r
+
+
+def test_a_head_failing_mid_way_leaves_no_work_registered(pool):
+    """An error in the head's third chunk, after two gathers were launched, reaches the
+    caller, and both gathers are waited on first: none stays registered holding the
+    logits."""
+    for r in pool.run(J.head_fails_mid_way, "llama", 2):
+        assert r["error"] == "planted: the third chunk" and r["left"] == 0, r

@@ -81,8 +81,8 @@ class OpTimeline(TorchDispatchMode):
 
     events: list[tuple[str, float, float]] = field(default_factory=list)
     # per event: the address of the tensor a collective is waited on by (its output, or
-    # the in-place all-gather's input) or a wait_tensor waits on; chunks of one buffer
-    # (the head's kept columns) differ
+    # the in-place all-gather's input, which the head registers its work under) or that a
+    # wait_tensor waits on
     buffers: list[int | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -108,7 +108,8 @@ class OpTimeline(TorchDispatchMode):
                   ) -> list[list[str]]:
         """For each collective launched (of ``kinds``, op names), the ops run between its
         launch and its own ``wait_tensor`` (the first wait on the same tensor): what
-        computed while it was on the wire."""
+        computed while it was on the wire. An in-place c10d collective nobody waits on
+        with ``wait_tensor`` (``dist.all_gather`` outside the head) runs to the end."""
         out: list[list[str]] = []
         names = [e[0] for e in self.events]
         for i, name in enumerate(names):

@@ -18,12 +18,14 @@ is named by its c10d group name, a string, so the graphs print and pickle.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor
 
 from ..errors import RuntimeShapeError, UnsupportedError
@@ -259,48 +261,59 @@ class _ColwiseHead(torch.autograd.Function):
         # Eager, each chunk's result has a storage of its own: its gather's work is
         # registered under it, and a wait waits for every work registered under the
         # storage it is given (hence kept columns are copied out, not gathered from).
-        # Compiled, each chunk's gather is the functional one into a buffer of its own,
-        # then copied into its rows: Inductor plans the buffers (it lowers an out= or
-        # in-place collective as a plain kernel, and once gave such a gather's input to
-        # the next chunk's matmul while the gather was still reading it).
+        # Compiled (and on fake or meta tensors, or a backend not known to gather into
+        # strided views), each chunk's gather is the functional one into a buffer of its
+        # own, then copied into its rows: under Inductor the buffers are its to plan (it
+        # lowers an out= or in-place collective as a plain kernel, and once gave such a
+        # gather's input to the next chunk's matmul while the gather was still reading it).
         compiled = torch.compiler.is_compiling()
+        in_place = not compiled and not full.is_meta and not is_fake(full) and \
+            _gathers_into_views(group)
+        autocast = torch.is_autocast_enabled(full.device.type)
         direct = dtype in (None, w.dtype) and full.dtype == w.dtype and not compiled and \
-            not torch.is_autocast_enabled(full.device.type)
-        parts = rows.tensor_split(_chunks(rows.shape[0], n * cols * full.element_size()))
+            not autocast
+        itemsize = (dtype or w.dtype).itemsize if dtype or not autocast else 2  # 16-bit
+        parts = rows.tensor_split(_chunks(rows.shape[0], n * cols * itemsize))
         out = flat = mine = None
         pending: list[tuple[torch.Tensor, int, int]] = []
         start = 0
-        for part in parts:
-            r, z = part.shape[0], None
-            if not direct:
-                z = torch.nn.functional.linear(part, w, b)
-                ctx.ydtype = z.dtype
-            if out is None:  # the output's dtype: w's, the autocast's, or the model's cast;
-                # made in its final shape (returned as a view of a 2-D buffer, Inductor,
-                # torch 2.13, let the compiled backward overwrite it in place)
-                ydtype = w.dtype if z is None else dtype or z.dtype
-                out = full.new_empty(*full.shape[:-1], n * cols, dtype=ydtype)
-                flat = out.view(-1, n * cols)
-                if keep:
-                    mine = full.new_empty(*full.shape[:-1], cols, dtype=ydtype)
-            if z is None:  # this chunk's own columns, in a tensor of its own
-                y = torch.mm(part, w.t())
-                if b is not None:
-                    y.add_(b)
-            else:  # with the model's cast of its logits (``.float()``), if any
-                y = z.to(ydtype)
-            if compiled:
-                launched = _c10d.all_gather_into_tensor(y.contiguous(), n, group)
-            else:
-                if len(pending) == HEAD_CHUNKS["depth"]:  # enough in flight: land the oldest
-                    _land(pending.pop(0), flat, n, cols, True)
-                launched = _gather_columns(y, flat[start:start + r], cols, group)
-            if mine is not None:  # read, not written, while the gather reads it
-                mine.view(-1, cols)[start:start + r].copy_(y)
-            pending.append((launched, start, r))
-            start += r
+        try:
+            for part in parts:
+                r, z = part.shape[0], None
+                if not direct:
+                    z = torch.nn.functional.linear(part, w, b)
+                    ctx.ydtype = z.dtype
+                if out is None:  # the output's dtype: w's, the autocast's, or the model's
+                    # cast; made in its final shape (returned as a view of a 2-D buffer,
+                    # Inductor, torch 2.13, let the compiled backward overwrite it in place)
+                    ydtype = w.dtype if z is None else dtype or z.dtype
+                    out = full.new_empty(*full.shape[:-1], n * cols, dtype=ydtype)
+                    flat = out.view(-1, n * cols)
+                    if keep:
+                        mine = full.new_empty(*full.shape[:-1], cols, dtype=ydtype)
+                if z is None:  # this chunk's own columns, in a tensor of its own
+                    y = torch.mm(part, w.t())
+                    if b is not None:
+                        y.add_(b)
+                else:  # with the model's cast of its logits (``.float()``), if any
+                    y = z.to(ydtype)
+                if in_place:
+                    if len(pending) == HEAD_CHUNKS["depth"]:  # enough in flight: land one
+                        _land(pending.pop(0), flat, n, cols, True)
+                    launched = _gather_columns(y, flat[start:start + r], cols, group)
+                else:
+                    launched = _c10d.all_gather_into_tensor(y.contiguous(), n, group)
+                if mine is not None:  # read, not written, while the gather reads it
+                    mine.view(-1, cols)[start:start + r].copy_(y)
+                pending.append((launched, start, r))
+                start += r
+        except BaseException:  # (an out-of-memory in a later chunk, say) no work left
+            for launched, _, _ in pending:  # registered, holding the output, for good
+                with contextlib.suppress(Exception):
+                    _c10d.wait_tensor(launched)
+            raise
         for item in pending:
-            _land(item, flat, n, cols, not compiled)
+            _land(item, flat, n, cols, in_place)
         return (out, mine) if keep else out
 
     @staticmethod
@@ -326,6 +339,14 @@ class _ColwiseHead(torch.autograd.Function):
         gb = mine.sum(0).to(ctx.bias) if ctx.bias is not None and ctx.needs_input_grad[4] else None
         gx = _c10d.wait_tensor(pending) if pending is not None else None
         return gx, None, None, gw, gb, None, None
+
+
+def _gathers_into_views(group: str) -> bool:
+    """Whether every backend of the group all-gathers correctly into strided output
+    tensors: gloo and NCCL gather into a flat buffer of their own and copy each rank's part
+    out of it (fake does nothing at all)."""
+    backend = str(dist.get_backend(_pg(group)))
+    return {part.split(":")[-1] for part in backend.split(",")} <= {"gloo", "nccl", "fake"}
 
 
 def _gather_columns(y: torch.Tensor, dest: torch.Tensor, cols: int, group: str
