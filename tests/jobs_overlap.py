@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -36,7 +37,6 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
     ref, args, kwargs = jobs_hf.build(family)
     pieces: list[torch.Tensor] = []
     real = C._gather_columns
-
     works = torch._C._distributed_c10d._get_work_registry_size
     registered: list[int] = []
 
@@ -49,13 +49,9 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
     with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), chunks):
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs, sequence_parallel=sp)
-        C._gather_columns = spy
         before = works()
-        try:
-            with OpTimeline() as t:
-                out = par(*args, **kwargs)
-        finally:
-            C._gather_columns = real
+        with mock.patch.object(C, "_gather_columns", spy), OpTimeline() as t:
+            out = par(*args, **kwargs)
         after = works()
         jobs_hf.loss_of(out).backward()
     o_ref = ref(*args, **kwargs)
@@ -85,11 +81,9 @@ def head_fails_mid_way(rank: int, family: str, tp: int) -> dict:
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs)
         before, error = works(), None
-        C._gather_columns = fails_third
-        try:
-            par(*args, **kwargs)
-        except MemoryError as e:
-            error = str(e)
-        finally:
-            C._gather_columns = real
+        with mock.patch.object(C, "_gather_columns", fails_third):
+            try:
+                par(*args, **kwargs)
+            except MemoryError as e:
+                error = str(e)
     return {"error": error, "left": works() - before}
