@@ -383,6 +383,29 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def ratio_interval(a: list[float], b: list[float], level: float = 0.90,
+                   resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for median(a) / median(b), where a[i] and b[i] were timed as a
+    pair (the programs alternate step by step, so a pair shares the machine's state):
+    the pairs are resampled together. Wide when the machine is noisy; a target inside it
+    is not decided by the run."""
+    n = min(len(a), len(b))
+    if n < 2:
+        return float("nan"), float("nan")
+    ta = torch.tensor(a[:n], dtype=torch.float64)
+    tb = torch.tensor(b[:n], dtype=torch.float64)
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    ratios = ta[idx].quantile(0.5, dim=1) / tb[idx].quantile(0.5, dim=1)  # as median() does
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                 dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def interval_text(r: dict) -> str:
+    """A row's bootstrap interval of its ratio (``ratio_interval``), for the tables."""
+    return f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}"
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; ``columns`` are (key, header, format spec)."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"

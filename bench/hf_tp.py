@@ -136,20 +136,24 @@ def main() -> None:
                 step(progs[k], opts[k], ids)
                 times[k].append(time.perf_counter() - t0)
         med = {}
-        for k, ts in times.items():
+        for k, ts in times.items():  # a step takes as long as its slowest rank
             t = torch.tensor(ts, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            med[k] = C.median(t.tolist())
+            times[k] = t.tolist()
+            med[k] = C.median(times[k])
+        lo, hi = C.ratio_interval(times["tpcompile"], times["transformers"])
         rows.append({"batch": batch, "seq": seq, "tpcompile_ms": 1e3 * med["tpcompile"],
                      "gathered_ms": 1e3 * med["tpcompile_gathered"],
                      "transformers_ms": 1e3 * med["transformers"],
                      "unsharded_ms": 1e3 * med["unsharded"],
                      "ratio": med["tpcompile"] / med["transformers"],
+                     "ratio_lo": lo, "ratio_hi": hi, "ratio_ci": f"{lo:.3f}-{hi:.3f}",
                      "err_tpcompile": errs["tpcompile"], "err_transformers": errs["transformers"]})
     cols = [("batch", "batch", ""), ("seq", "seq", ""), ("tpcompile_ms", "tpcompile ms", ".1f"),
             ("gathered_ms", "tpcompile, loss on gathered logits ms", ".1f"),
             ("transformers_ms", "transformers TP ms", ".1f"), ("unsharded_ms", "unsharded ms", ".1f"),
-            ("ratio", "tpcompile/transformers", ".3f"), ("err_tpcompile", "err tpc", ".1e"),
+            ("ratio", "tpcompile/transformers", ".3f"), ("ratio_ci", "90% interval", ""),
+            ("err_tpcompile", "err tpc", ".1e"),
             ("err_transformers", "err HF", ".1e")]
     C.emit({"what": "hf_tp", "model": "LlamaForCausalLM h256 L2 heads16 vocab32000",
             "loss_parallel": args.loss_parallel,

@@ -52,6 +52,10 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tupl
         cfg = G.CONFIGS["tiny"]
         m = G.GPT(G.GPTConfig(**{**cfg.__dict__, **overrides}) if overrides else cfg)
         return m, (), G.example_inputs("tiny", 4, 8)
+    if family in ("gpt_fast", "gpt_fast_gqa"):
+        from models import gpt_fast as F
+        name = "tiny-gqa" if family == "gpt_fast_gqa" else "tiny"
+        return F.build(name, **overrides), (), F.example_inputs(name, 4, 8)
     from models import hf_zoo
     m = hf_zoo.build(family, **overrides)
     return m, (), hf_zoo.example_inputs(family, 4, 8)

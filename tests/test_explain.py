@@ -93,3 +93,23 @@ def test_parameter_memory_counts_shared_kv_heads_whole():
                 if "norm" in n)
     assert replicated == kv + whole, (replicated, kv, whole)
     assert sharded == (total - kv - whole) // 4
+
+
+def test_layers_left_replicated_in_blocks_are_listed_once_each_and_warned_once():
+    """gpt-fast under GQA keeps each block's wqkv and wo replicated. explain lists them
+    once, named from the root with the block pattern (``layers.*.attention.wqkv``), not
+    again per block as "not part of any segment"; and warns once per layer, though it
+    plans twice (with and without sequence parallelism)."""
+    import warnings
+    from models import gpt_fast
+    with torch.device("meta"):
+        m = gpt_fast.build("tiny-gqa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        e = explain(m, tp=2, batch=2, seq=8)[0]
+    assert sorted(r.layer for r in e.replicated) == ["layers.*.attention.wo",
+                                                     "layers.*.attention.wqkv"], e.replicated
+    assert "unequal parts [64, 16, 16]" in e.replicated[0].reason + e.replicated[1].reason
+    said = sorted(str(w.message).split(" stays ")[0] for w in caught
+                  if "stays replicated" in str(w.message))
+    assert said == ["tpcompile: layers.0.attention.wo", "tpcompile: layers.0.attention.wqkv"], said

@@ -610,6 +610,13 @@ def split(node: fx.Node, ctx: Ctx) -> Layout:
         if layer is not None and parts is not None and not PACKING["enabled"]:
             raise Unsafe(f"{node.name}: a fused projection (split into {parts} parts) is "
                          "sharded per part only without FSDP2 (a 1-D mesh) for now")
+        if layer is not None and parts is None and len(src.users) == 1:
+            sizes = node.args[1] if node.target is aten.split_with_sizes.default else None
+            raise Unsafe(f"{node.name}: splits the output of {layer} into unequal parts"
+                         + (f" {list(sizes)} (a fused q/k/v under GQA: q larger than k and v)"
+                            if sizes is not None else "") +
+                         ": no DTensor placement holds a slice of each of unequal parts "
+                         "(separate Linears per part, or equal parts, would be sharded)")
         if layer is None or parts is None or len(src.users) != 1:
             raise Unsafe(f"{node.name}: splits the sharded dim into unequal parts or after "
                          "other ops (a fused projection tpcompile cannot shard per part)")

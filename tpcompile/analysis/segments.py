@@ -89,7 +89,29 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | Non
             break
         if reason and lin not in styles:
             notes.append(Note(lin, f"replicated: {reason}", indivisible, no_rule))
-    return styles, segments, notes
+    return styles, segments, _blame_feeders(g, linears, names, notes)
+
+
+def _blame_feeders(g: nx.DiGraph, linears: list[fx.Node], names: list[str],
+                   notes: list[Note]) -> list[Note]:
+    """A Linear fed by another that stays replicated could only have been rowwise had its
+    feeder been sharded; its own colwise failure (often a residual add) is not the cause
+    to report first."""
+    noted = {n.layer for n in notes if n.layer in names}
+    out = []
+    for n in notes:
+        feeders: list[str] = []
+        if n.layer in noted and n.indivisible is None:
+            free = noted - {n.layer}
+            feeders = sorted(set().union(*(_backtrace(g, p, free) for p in
+                                           g.predecessors(linears[names.index(n.layer)]))))
+        if feeders:
+            n = Note(n.layer, f"replicated: its input comes from {', '.join(feeders)}, which "
+                     "stays replicated (a rowwise layer needs its input sharded on its "
+                     f"features); as a colwise layer instead: {n.reason.removeprefix('replicated: ')}",
+                     n.indivisible, n.no_rule)
+        out.append(n)
+    return out
 
 
 def _is_head(g: nx.DiGraph, gm: fx.GraphModule, name: str) -> bool:

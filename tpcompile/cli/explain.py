@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Literal
 
 import torch
@@ -253,9 +254,15 @@ def activation_memory(c: Compiled) -> int:
 
 
 def replicated(c: Compiled, model: nn.Module) -> list[Replicated]:
-    out = [Replicated(layer=n.layer, reason=n.reason) for n in c.plan.notes()]
+    """The plan's notes, named from the model's root (a block's as ``layers.*.wo``), then
+    every other Linear or Embedding no style covers."""
+    out, noted = [], set()
+    for m in c.plan.modules:
+        for n in m.notes:
+            out.append(Replicated(layer=f"{m.path}.{n.layer}" if m.path else n.layer,
+                                  reason=n.reason))
+            noted.update(f"{member}.{n.layer}" if member else n.layer for member in m.members)
     styles = c.plan.layer_styles()
-    noted = {n.layer for n in c.plan.notes()}
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and name not in styles and name not in noted:
             out.append(Replicated(layer=name, reason="not part of any segment the analysis "
@@ -283,7 +290,9 @@ def explain(model: nn.Module, *, tp: int, dp: int = 1, batch: int = 1, seq: int 
     kw = dict(tp=tp, example_inputs=example_inputs, example_kwargs=example_kwargs, given=given,
               tracer=tracer)
     c = compile_model(model, sequence_parallel=sequence_parallel, **kw)  # type: ignore[arg-type]
-    other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
+    with warnings.catch_warnings():  # planned again only to compare activations: the
+        warnings.simplefilter("ignore")  # same layers' warnings were just given once
+        other = compile_model(model, sequence_parallel=not sequence_parallel, **kw)  # type: ignore[arg-type]
     sp_c, no_c = (c, other) if sequence_parallel else (other, c)
     if sequence_parallel and seq % tp and any(u.q_nodes for u in c.units):
         from ..errors import RuntimeShapeError
