@@ -52,6 +52,10 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tupl
         cfg = G.CONFIGS["tiny"]
         m = G.GPT(G.GPTConfig(**{**cfg.__dict__, **overrides}) if overrides else cfg)
         return m, (), G.example_inputs("tiny", 4, 8)
+    if family in ("vit", "vit_reg"):
+        from models import vit as V
+        name = "tiny-reg" if family == "vit_reg" else "tiny"
+        return V.build(name, **overrides), (), V.example_inputs(name, 4)
     if family in ("gpt_fast", "gpt_fast_gqa"):
         from models import gpt_fast as F
         name = "tiny-gqa" if family == "gpt_fast_gqa" else "tiny"
@@ -144,9 +148,13 @@ def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
 def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None = None,
              shapes: list[tuple[int, int]] | None = None, padding: bool = False) -> list[dict]:
     """Parallelize on (4, 8) inputs, then compare at each (batch, seq) in ``shapes``."""
+    import warnings
     ref, args, kwargs = build(family, **(overrides or {}))
-    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
-                                     example_kwargs=kwargs, sequence_parallel=sp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                         example_kwargs=kwargs, sequence_parallel=sp)
+    said = [str(w.message) for w in caught if str(w.message).startswith("tpcompile")]
     ref64 = copy.deepcopy(ref).double()
     if getattr(getattr(ref64, "config", None), "_experts_implementation", None) not in (None, "eager"):
         ref64.config._experts_implementation = "eager"  # grouped_mm takes no float64
@@ -158,12 +166,14 @@ def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None =
         o_ref, o_par = ref(*args, **kw), par(*args, **kw)
         loss_of(o_ref).backward()
         loss_of(o_par).backward()
-        loss_of(ref64(*args, **kw)).backward()
+        kw64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in kw.items()}  # images in float64 too
+        loss_of(ref64(*args, **kw64)).backward()
         exact = {n: p.grad for n, p in ref64.named_parameters() if p.grad is not None}
         notes = [f"{n.layer}: {n.reason}" for n in tpcompile.plan_of(par).notes()]
         programs = len(par.__dict__["_tpcompile_runtime"].programs)
         out.append(dict(judge(ref, par, o_ref, o_par, exact=exact), shape=(batch, seq),
-                        notes=notes, programs=programs))
+                        notes=notes, programs=programs, warnings=said))
     return out
 
 
@@ -178,6 +188,8 @@ def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dic
             if padding:  # left padding on every other row, as a batched generate pads
                 mask[::2, : seq // 4] = 0
             out[k] = mask
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():  # images: batch only
+            out[k] = torch.randn(batch, *v.shape[1:], generator=g)
         elif isinstance(v, torch.Tensor):
             out[k] = torch.randint(0, vocab, (batch, seq), generator=g)
         else:

@@ -224,3 +224,74 @@ def test_indivisible_heads_under_fx_replicate_and_end():
                            on_indivisible="replicate", tracer="fx")
     assert not any(".attn." in k for k in p.layer_styles())
     assert any("not divisible by tp = 4" in n.reason for n in p.notes())
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Fake quantization as quantization-aware training writes it: forward rounds to a
+    grid, backward passes the gradient straight through (not the derivative of round)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _SiLU(torch.autograd.Function):
+    """A hand-written derivative (as BLOOM writes its GeLU): the same gradients as
+    autograd's of the forward's ops, so the traced program's are right."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s))
+
+
+class _QuantizedMLP(nn.Module):
+    def __init__(self, fn: type = _RoundSTE) -> None:
+        super().__init__()
+        self.up, self.down, self.fn = nn.Linear(8, 16), nn.Linear(16, 8), fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.fn.apply(self.up(x).relu()))
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_a_custom_backward_is_refused_where_gradients_are_wanted(tracer):
+    """The trace keeps a Function's forward ops only: the program would differentiate
+    round() (zero gradient) instead of passing it straight through. Refused, naming the
+    Function and its line; the user's model and torch's Function.apply left as they were.
+    Frozen (inference), the same model plans."""
+    m = _QuantizedMLP()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    apply = torch.autograd.Function.__dict__["apply"]
+    with pytest.raises(tpcompile.UnsupportedError, match=r"_RoundSTE, a torch.autograd.Function "
+                       r"with a backward of its own \(at .*test_errors.py:\d+\); it (is not the "
+                       r"derivative of its forward|could not be checked: no shapes).*"
+                       r"requires_grad_\(False\)"):
+        tpcompile.plan(m, tp=2, example_inputs=(torch.randn(2, 4, 8),), tracer=tracer)
+    assert torch.autograd.Function.__dict__["apply"] is apply
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(p.requires_grad for p in m.parameters())
+    p = tpcompile.plan(m.requires_grad_(False), tp=2, example_inputs=(torch.randn(2, 4, 8),),
+                       tracer=tracer)
+    assert p.layer_styles() == {"down": "rowwise", "up": "colwise"}
+    with pytest.raises(tpcompile.UnsupportedError, match="_RoundSTE"):  # not a remembered trace
+        tpcompile.plan(m.requires_grad_(True), tp=2, example_inputs=(torch.randn(2, 4, 8),),
+                       tracer=tracer)
+    if tracer == "fx":  # symbolic values: nothing to check a backward on
+        with pytest.raises(tpcompile.UnsupportedError, match="_SiLU.*could not be checked"):
+            tpcompile.plan(_QuantizedMLP(_SiLU), tp=2, example_inputs=(torch.randn(2, 4, 8),),
+                           tracer=tracer)
+        return
+    p = tpcompile.plan(_QuantizedMLP(_SiLU), tp=2, example_inputs=(torch.randn(2, 4, 8),),
+                       tracer=tracer)  # its backward checked to be the derivative
+    assert p.layer_styles() == {"down": "rowwise", "up": "colwise"}

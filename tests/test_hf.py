@@ -117,6 +117,31 @@ def test_reference_style_code(pool, family, tp):
     check(pool.run(J.numerics, family, tp, True), 0.95 if family != "reference_llama" else 0.7)
 
 
+@pytest.mark.parametrize("family", ["vit", "vit_reg"])
+def test_timm_style_vit(pool, family):
+    """timm's ViT: the fused qkv cut by ``reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+    .unbind(0)`` is sharded per part (each rank its heads of q, of k and of v), proj
+    rowwise, the MLP and the 10-class head too (the patch Conv2d, the class and position
+    embeddings stay whole, with notes). Batch 4 as planned, then 3 (a second program).
+    17 tokens cannot be split over tp 2: sequence parallelism was asked for, so the plan
+    warns, and each call runs the program without it; 18 tokens (a register token) run
+    with it."""
+    res = pool.run(J.numerics, family, 2, True, None, [(4, 8), (3, 8)])
+    check(res, 0.85)
+    for rank in res:
+        notes = [n.split(":")[0] for n in rank[0]["notes"]]
+        assert sorted(notes) == ["cls_token", "patch_embed.proj.weight", "pos_embed"] + \
+            (["reg_token"] if family == "vit_reg" else []), rank[0]["notes"]
+        said = [w for w in rank[0]["warnings"] if "sequence_parallel=True" in w]
+        if family == "vit":
+            assert len(said) == 1 and "sequence length 17 is not divisible by tp = 2" in said[0]
+            # the planned (SP) program never fits; the first call adds one without SP,
+            # dynamic in the batch, which serves the second call too
+            assert [r["programs"] for r in rank] == [2, 2], rank
+        else:
+            assert said == [] and [r["programs"] for r in rank] == [1, 2], rank
+
+
 def test_gpt_fast_with_gqa_keeps_attention_replicated_and_says_why(pool):
     """gpt-fast under GQA: ``wqkv`` split into [dim, kv, kv], unequal parts no DTensor
     placement holds per part. Attention stays replicated, the numbers are right, and the

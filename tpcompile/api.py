@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from .analysis import layer_of, layer_params
 from .debug import dump
-from .errors import PlanError, TPCompileError, UnsupportedError
+from .errors import PlanError, TPCompileError, UnsupportedError, warn
 from .frontend import cast_floats, follow_devices, skeleton
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
@@ -167,6 +167,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                 f"{compiled.plan.modules[0].styles or 'no sharded layers'} at the root). Drop "
                 "loss_parallel, or end the model with a Linear head.")
         programs = _programs(compiled, sk, tp, group, loss_parallel)
+        _warn_unsplittable(compiled, programs, tp)
         from .runtime.checkpointing import blocks_to_checkpoint, top_blocks
         to_checkpoint = blocks_to_checkpoint(
             activation_checkpointing,
@@ -241,6 +242,23 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         snapshot.restore()
         raise
     return model
+
+
+def _warn_unsplittable(compiled: Compiled, programs: list[Program], tp: int) -> None:
+    """Sequence parallelism asked for, but the example's sequence cannot be split over tp
+    (a ViT's 16 patches and a class token at tp 2): calls like it run the program without
+    it. Right, but not what was asked for, so said once, here."""
+    root = next((p for u, p in zip(compiled.units, programs) if "" in u.members), None)
+    if root is None or not root.sp or tp == 1:
+        return
+    odd = sorted({int(e) for e in root.divisible
+                  if (isinstance(e, int) or getattr(e, "is_Integer", False)) and int(e) % tp})
+    if odd:
+        warn(f"tpcompile: sequence_parallel=True, but the example inputs' sequence length "
+             f"{odd[0]} is not divisible by tp = {tp}: calls at such lengths run the program "
+             "without sequence parallelism (activations whole on every rank between "
+             "layers). Use lengths divisible by tp (a register or padding token, say), or "
+             "pass sequence_parallel=False.")
 
 
 def _compile(model: nn.Module, compiled: Compiled, programs: list[Program], per_block: bool,

@@ -230,7 +230,7 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
         return _unfold(a.shape, b.shape, lay, ctx.tp, node.name)
     layer = ctx.colwise.get(src)
     if layer is not None and lay.standard:
-        parts = _indexed_parts(node, a.shape, b.shape, lay.dim)
+        parts = _indexed_parts(node, a.shape, b.shape, lay.dim, ctx.tp)
         if parts is not None:  # [.., 3 * E] -> [.., 3, E], then q, k, v picked by index
             _packed(node, ctx, layer, parts[1], a.shape[lay.dim])
             return lay.at(parts[0] + 1)
@@ -301,14 +301,16 @@ _MOVES = {aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, aten.per
 
 
 def _indexed_parts(node: fx.Node, a: tuple[int, ...], b: tuple[int, ...],
-                   d: int) -> tuple[int, int] | None:
-    """A fused projection's output reshaped to ``[..., parts, E]`` whose parts are then
-    picked by index (nn.MultiheadAttention: ``unflatten(-1, (3, E))``, moved to the front,
-    ``[0]``, ``[1]``, ``[2]``): (the parts dim, the part count), or None."""
+                   d: int, tp: int) -> tuple[int, int] | None:
+    """A fused projection's output reshaped to ``[..., parts, E]`` or ``[..., parts, H,
+    hd]`` whose parts are then picked by index (nn.MultiheadAttention: ``unflatten(-1,
+    (3, E))``, moved to the front, ``[0]``, ``[1]``, ``[2]``; timm's ViT: ``reshape(B, N,
+    3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)``): (the parts dim, the part count), or
+    None. The dim after the parts (E, or the heads H) is the sharded one."""
     ga, gb = _group_of(a, b, d)
     nb = [k for k in gb if b[k] != 1]
-    if [k for k in ga if a[k] != 1] != [d] or len(nb) != 2 or nb[1] != nb[0] + 1 or \
-            b[nb[0]] > 4:
+    if [k for k in ga if a[k] != 1] != [d] or len(nb) not in (2, 3) or \
+            nb != list(range(nb[0], nb[0] + len(nb))) or b[nb[0]] > 4:
         return None
     parts, pos, n = b[nb[0]], nb[0], node
     while len(n.users) == 1 and next(iter(n.users)).target in _MOVES:
@@ -324,7 +326,13 @@ def _indexed_parts(node: fx.Node, a: tuple[int, ...], b: tuple[int, ...],
             picked.update(range(parts))
         else:
             return None
-    return (nb[0], parts) if picked == set(range(parts)) else None
+    if picked != set(range(parts)):
+        return None
+    if len(nb) == 3 and b[nb[1]] % tp:
+        raise Unsafe(f"{node.name}: reshape {list(a)} -> {list(b)} splits each part into "
+                     f"{b[nb[1]]} heads, not divisible by tp = {tp}",
+                     indivisible=(f"heads (dim {nb[1]} of reshape to {list(b)})", b[nb[1]]))
+    return nb[0], parts
 
 
 def _moved(n: fx.Node, pos: int) -> int | None:

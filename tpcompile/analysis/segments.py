@@ -94,22 +94,26 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | Non
 
 def _blame_feeders(g: nx.DiGraph, linears: list[fx.Node], names: list[str],
                    notes: list[Note]) -> list[Note]:
-    """A Linear fed by another that stays replicated could only have been rowwise had its
-    feeder been sharded; its own colwise failure (often a residual add) is not the cause
-    to report first."""
+    """A Linear fed by another of the same module that stays replicated (attention's
+    output projection fed by a fused qkv that could not be sharded) could only have been
+    rowwise had its feeder been sharded; its own colwise failure (often a residual add) is
+    not the cause to report first. Feeders in other modules (the last block's output
+    projection, through the residual stream and a norm) are not blamed."""
     noted = {n.layer for n in notes if n.layer in names}
     out = []
     for n in notes:
         feeders: list[str] = []
         if n.layer in noted and n.indivisible is None:
-            free = noted - {n.layer}
+            parent = n.layer.rpartition(".")[0]
+            free = {f for f in noted - {n.layer} if f.rpartition(".")[0] == parent}
             feeders = sorted(set().union(*(_backtrace(g, p, free) for p in
                                            g.predecessors(linears[names.index(n.layer)]))))
         if feeders:
+            stay = "stays" if len(feeders) == 1 else "stay"
+            own = n.reason.removeprefix("replicated: ")
             n = Note(n.layer, f"replicated: its input comes from {', '.join(feeders)}, which "
-                     "stays replicated (a rowwise layer needs its input sharded on its "
-                     f"features); as a colwise layer instead: {n.reason.removeprefix('replicated: ')}",
-                     n.indivisible, n.no_rule)
+                     f"{stay} replicated (a rowwise layer needs its input sharded on its "
+                     f"features); as a colwise layer instead: {own}", n.indivisible, n.no_rule)
         out.append(n)
     return out
 

@@ -3,9 +3,12 @@ the same ATen IR (``tracer='fx'``)."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -83,9 +86,10 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic: bool = True
     log = logging.getLogger("torch._export.non_strict_utils")
     level = log.level
     log.setLevel(logging.ERROR)  # "0/1 specialized" notes for size-1 dims are expected
+    applied: dict[type, tuple[str, list]] = {}
     try:
         flat_module = _Flat(module, spec, leaves)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _functions_applied(applied):
             warnings.filterwarnings("ignore", "The tensor attribute .* was assigned during export")
             ep = torch.export.export(flat_module, tensors, strict=False,
                                      dynamic_shapes={"tensors": dims})
@@ -93,7 +97,136 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic: bool = True
     finally:
         log.setLevel(level)
     _refuse_assignments(module, getattr(flat_module, "assigned", {}))
+    _refuse_custom_backward(module, applied)
     return ep, (leaves, spec)
+
+
+@contextlib.contextmanager
+def _functions_applied(applied: dict[type, tuple[str, list]]) -> Iterator[None]:
+    """Record each ``torch.autograd.Function`` of the model's own code (not torch's)
+    applied while tracing: the line that applied it and what it was applied to (shapes
+    and dtypes of the tensors, the other arguments as they are). The trace keeps only the
+    ops of its forward; the rewritten program differentiates those, not its backward."""
+    base = torch.autograd.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith(("torch.", "tpcompile.")) and cls not in applied:
+            caller = sys._getframe(1)
+            applied[cls] = (f"{caller.f_code.co_filename}:{caller.f_lineno}",
+                            [_described(a) for a in args] if not kwargs else [])
+        return original.__func__(cls, *args, **kwargs)
+
+    base.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        base.apply = original  # type: ignore[method-assign]
+
+
+@dataclass
+class _TensorArg:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+def _described(a: Any) -> Any:
+    if isinstance(a, fx.Proxy):
+        return None  # symbolic_trace's values have no shape to probe with
+    if not isinstance(a, torch.Tensor):
+        return a
+    try:  # symbolic sizes (a dynamic trace) by their example values
+        shape = tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in a.shape)
+    except (TypeError, AttributeError):
+        return None  # no size to probe with: the check below cannot run
+    return _TensorArg(shape, a.dtype, a.requires_grad)
+
+
+class _Ctx:
+    """Stands in for a Function's ctx when its forward runs as plain differentiable ops."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None  # save_for_backward, mark_dirty, ...
+
+
+def _backward_is_the_derivative(cls: type, described: list) -> str | None:
+    """Why ``cls``'s own backward is not shown to give the gradients autograd takes of
+    its forward's ops (what the traced program will compute), or None where it does, on
+    random float64 inputs: a hand-written derivative (BLOOM's GeLU) passes; a
+    straight-through or jittered estimator does not. Tried with every dim cut to at most
+    8 (cheap at any model size), then, if that does not run, at the traced shapes when
+    they are small."""
+    if not described or any(d is None for d in described):
+        return "it could not be checked: no shapes to try it on (tracer='fx')"
+    if any(isinstance(d, _TensorArg) and not d.dtype.is_floating_point for d in described):
+        return "it could not be checked: it takes integer tensors, whose valid values are unknown"
+    small = [_TensorArg(tuple(min(n, 8) for n in d.shape), d.dtype, d.requires_grad)
+             if isinstance(d, _TensorArg) else d for d in described]
+    verdict = _probe(cls, small)
+    if verdict is None and sum(math.prod(d.shape) for d in described
+                               if isinstance(d, _TensorArg)) <= 1 << 22:
+        verdict = _probe(cls, described)
+    if verdict is None:
+        return "it could not be checked: it did not run on random CPU inputs"
+    return None if verdict else "it is not the derivative of its forward (on random inputs)"
+
+
+def _probe(cls: type, described: list) -> bool | None:
+    """The comparison of ``_backward_is_the_derivative`` at these shapes (None: it did
+    not run)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    g = torch.Generator()
+
+    def inputs() -> list:
+        g.manual_seed(0)
+        return [torch.randn(d.shape, generator=g, dtype=torch.float64).requires_grad_(
+            d.requires_grad) if isinstance(d, _TensorArg) else d for d in described]
+
+    try:
+        with unset_fake_temporarily(), torch.enable_grad():
+            xs, ys = inputs(), inputs()
+            takes_ctx = vars(cls).get("setup_context", torch.autograd.Function.setup_context) \
+                is torch.autograd.Function.setup_context
+            theirs = _flat_out(cls.apply(*xs))
+            plain = _flat_out(cls.forward(_Ctx(), *ys) if takes_ctx else cls.forward(*ys))
+            wanted = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+            mine = [y for y in ys if isinstance(y, torch.Tensor) and y.requires_grad]
+            if not wanted or len(theirs) != len(plain):
+                return False
+            ups = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theirs]
+            a = torch.autograd.grad(theirs, wanted, ups, allow_unused=True)
+            b = torch.autograd.grad(plain, mine, ups, allow_unused=True)
+    except Exception:  # noqa: BLE001 - did not run at these shapes
+        return None
+    return all((u is None and v is None) or (u is not None and v is not None and
+               torch.allclose(u, v, rtol=1e-6, atol=1e-9)) for u, v in zip(a, b))
+
+
+def _flat_out(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+            and t.requires_grad]
+
+
+def _refuse_custom_backward(module: nn.Module, applied: dict[type, tuple[str, list]]) -> None:
+    """A Function's own backward (a straight-through estimator, a router's gradient
+    estimator) cannot survive the trace: where gradients are wanted and it is not shown
+    to be the derivative of its forward, refused, rather than differentiating its forward
+    into wrong gradients."""
+    if not applied or not any(p.requires_grad for p in module.parameters()):
+        return
+    for cls, (line, described) in applied.items():
+        why = _backward_is_the_derivative(cls, described)
+        if why is None:
+            continue
+        raise UnsupportedError(
+            f"{type(module).__name__} applies {cls.__module__}.{cls.__qualname__}, a "
+            f"torch.autograd.Function with a backward of its own (at {line}); {why}. "
+            "tpcompile traces the ops of its forward, and the parallel program would "
+            "differentiate those instead of running that backward: its gradients could be "
+            "wrong. For inference, freeze the parameters first (model.requires_grad_(False)); "
+            "for training, write it with plain tensor ops, or keep this model "
+            "unparallelized.")
 
 
 _NOT_STATE = frozenset({"forward", "training"})
@@ -144,9 +277,12 @@ def _fx_lowered(module: nn.Module, blocks: dict[str, nn.Module]) -> nn.Module:
             return any(m is b for b in blocks.values()) or _is_torch_leaf(m)
 
     before = _attributes(module)
+    applied: dict[type, tuple[str, list]] = {}
     try:
-        graph = _Tracer().trace(module)
+        with _functions_applied(applied):  # symbolic_trace runs its forward inline too
+            graph = _Tracer().trace(module)
     finally:
         assigned = _restore_attributes(module, before)
     _refuse_assignments(module, assigned)
+    _refuse_custom_backward(module, applied)
     return fx.GraphModule(module, graph, class_name=type(module).__name__)

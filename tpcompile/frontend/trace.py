@@ -39,7 +39,10 @@ def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where:
                    if isinstance(x, torch.Tensor) else ("leaf", _plain(x)) for x in flat)
     modes = tuple(m.training for m in module.modules())
     devices = tuple(t.device for t in [*module.parameters(), *module.buffers()])
-    return (block_signature(module), modes, devices, repr(spec), leaves, tracer, where, dynamic)
+    grads = tuple(p.requires_grad for p in module.parameters())  # a custom backward is
+    #   refused only where gradients are wanted (export._refuse_custom_backward)
+    return (block_signature(module), modes, devices, grads, repr(spec), leaves, tracer, where,
+            dynamic)
 
 
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
