@@ -53,7 +53,9 @@ def build(name: str, **overrides: Any) -> tuple[nn.Module, tuple, dict]:
                  "mha_seq_first": lambda: MHALM(batch_first=False, **overrides),
                  "encoder_pre": lambda: EncoderLM(norm_first=True, **overrides),
                  "encoder_post": lambda: EncoderLM(norm_first=False, **overrides)}[name]()
-        return model, (torch.randint(0, 64, (2, 8)),), {}
+        # sequence first ([T, B, E]), sequence parallelism splits the batch: 4, so tp 4 can
+        batch = 4 if name == "mha_seq_first" else 2
+        return model, (torch.randint(0, 64, (batch, 8)),), {}
     return jobs_hf.build(name, **overrides)
 
 

@@ -134,7 +134,7 @@ def test_timm_style_vit(pool, family):
             (["reg_token"] if family == "vit_reg" else []), rank[0]["notes"]
         said = [w for w in rank[0]["warnings"] if "sequence_parallel=True" in w]
         if family == "vit":
-            assert len(said) == 1 and "sequence length 17 is not divisible by tp = 2" in said[0]
+            assert len(said) == 1 and "size 17 along the dim sequence parallelism splits" in said[0]
             # the planned (SP) program never fits; the first call adds one without SP,
             # dynamic in the batch, which serves the second call too
             assert [r["programs"] for r in rank] == [2, 2], rank

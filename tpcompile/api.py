@@ -254,11 +254,12 @@ def _warn_unsplittable(compiled: Compiled, programs: list[Program], tp: int) -> 
     odd = sorted({int(e) for e in root.divisible
                   if (isinstance(e, int) or getattr(e, "is_Integer", False)) and int(e) % tp})
     if odd:
-        warn(f"tpcompile: sequence_parallel=True, but the example inputs' sequence length "
-             f"{odd[0]} is not divisible by tp = {tp}: calls at such lengths run the program "
-             "without sequence parallelism (activations whole on every rank between "
-             "layers). Use lengths divisible by tp (a register or padding token, say), or "
-             "pass sequence_parallel=False.")
+        warn(f"tpcompile: sequence_parallel=True, but the example inputs' size {odd[0]} "
+             "along the dim sequence parallelism splits (the sequence; the batch of a "
+             f"sequence-first [T, B, E] layout) is not divisible by tp = {tp}: calls like it "
+             "run the program without sequence parallelism (activations whole on every rank "
+             "between layers). Use sizes divisible by tp (a register or padding token, "
+             "say), or pass sequence_parallel=False.")
 
 
 def _compile(model: nn.Module, compiled: Compiled, programs: list[Program], per_block: bool,
