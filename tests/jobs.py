@@ -240,3 +240,22 @@ def die_once(rank: int, marker: str) -> int:
 
 def divide_by_zero(rank: int) -> int:
     return rank // 0
+
+
+def frozen_custom_backward(rank: int) -> dict:
+    """A model with a straight-through Function, parallelized frozen, then unfrozen."""
+    from tests.test_errors import _QuantizedMLP
+    torch.manual_seed(0)
+    ref, x = _QuantizedMLP(), torch.randn(2, 4, 8)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref).requires_grad_(False), tp_mesh(2),
+                                     example_inputs=(x,))
+    out_same = torch.allclose(par(x), ref(x), atol=1e-6)
+    with torch.no_grad():
+        no_grad_same = torch.allclose(par(x), ref(x), atol=1e-6)
+    par.requires_grad_(True)
+    try:
+        par(x)
+        refused = ""
+    except tpcompile.UnsupportedError as e:
+        refused = str(e)
+    return {"out_same": out_same, "no_grad_same": no_grad_same, "refused": refused}

@@ -295,3 +295,40 @@ def test_a_custom_backward_is_refused_where_gradients_are_wanted(tracer):
     p = tpcompile.plan(_QuantizedMLP(_SiLU), tp=2, example_inputs=(torch.randn(2, 4, 8),),
                        tracer=tracer)  # its backward checked to be the derivative
     assert p.layer_styles() == {"down": "rowwise", "up": "colwise"}
+
+
+class _QuantizedStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_QuantizedMLP() for _ in range(2))
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("frozen", ["first block", "all but the blocks"])
+def test_a_custom_backward_is_refused_in_a_partly_frozen_model(frozen):
+    """Whether gradients are wanted is the whole model's question: with the first block
+    frozen, the trainable second shares its trace; LoRA-style, the root is frozen and
+    the blocks train, their gradients flowing through the STE all the same."""
+    m = _QuantizedStack()
+    if frozen == "first block":
+        m.layers[0].requires_grad_(False)
+    else:
+        m.requires_grad_(False)
+        m.layers[1].up.requires_grad_(True)
+    with pytest.raises(tpcompile.UnsupportedError, match="_RoundSTE"):
+        tpcompile.plan(m, tp=2, example_inputs=(torch.randn(2, 4, 8),))
+
+
+def test_planned_frozen_a_call_wanting_gradients_is_refused(pool):
+    """Frozen, the model with a straight-through Function plans and computes its forward
+    right (also under no_grad); unfrozen afterwards, a call with gradients on is refused
+    instead of differentiating round()."""
+    for r in pool.run(jobs.frozen_custom_backward):
+        assert r["out_same"] and r["no_grad_same"], r
+        assert "_RoundSTE" in r["refused"] and "planned with its parameters frozen" in \
+            r["refused"], r

@@ -257,3 +257,19 @@ def test_a_linear_written_as_a_matmul_is_a_layer(bias):
 
     styles = tpcompile.plan(Stack(), tp=2, example_inputs=(x,)).layer_styles()
     assert styles.get("layers.0.up") == "colwise" and styles.get("layers.0.down") == "rowwise", styles
+
+
+def test_timm_vit_heads_tp_does_not_divide_are_refused_like_separate_qkv():
+    """ViT-Ti's layout (3 heads) at tp 2: the fused qkv's heads cannot be split, so the
+    same IndivisibleError as for separate q/k/v Linears, naming the reshape's heads dim;
+    on_indivisible='replicate' keeps attention whole and shards the MLP."""
+    from models import vit
+    m = vit.build("tiny", embed_dim=48, num_heads=3)
+    kw = vit.example_inputs("tiny")
+    with pytest.raises(tpcompile.IndivisibleError, match=r"heads \(dim 3 of reshape to "
+                       r"\[2, 17, 3, 3, 16\]\) = 3 is not divisible by tp = 2"):
+        tpcompile.plan(m, tp=2, example_kwargs=kw)
+    with pytest.warns(UserWarning, match="not divisible by tp = 2"):
+        p = tpcompile.plan(m, tp=2, example_kwargs=kw, on_indivisible="replicate")
+    styles = p.layer_styles()
+    assert "blocks.0.attn.qkv" not in styles and styles["blocks.0.mlp.fc1"] == "colwise"

@@ -223,6 +223,10 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                 install(model.get_submodule(member), prog, replan if root else None,
                         member or type(model).__name__, check if root else None)
         model.__dict__["_tpcompile_plan"] = compiled.plan
+        unchecked = [m for u in compiled.units
+                     for m in u.t.ep.__dict__.get("_tpcompile_unchecked", [])]
+        if unchecked:  # planned frozen: a call that wants gradients is refused
+            model.__dict__["_tpcompile_runtime"].frozen_only = unchecked[0]
         if dp_mesh is not None:
             from .runtime.distribute import apply_fsdp
             apply_fsdp(model, compiled, dp_mesh, **fsdp_kwargs)

@@ -18,12 +18,12 @@ the block is exported on the inputs it was about to get, and the parent is expor
 
 from .blocks import (BLOCK_OP, TENSOR, BlockCall, BlockShapes, TensorInfo, TracerName,
                      block_signature, canonical_call, find_blocks)
-from .export import Traced
+from .export import Traced, grads_wanted
 from .fake import cast_floats, example_for, fake_like, fake_state, follow_devices, skeleton
 from .trace import annotate, clear_cache, shapes_of, trace
 
 __all__ = ["BLOCK_OP", "TENSOR", "BlockCall", "BlockShapes", "TensorInfo", "TracerName",
            "Traced", "annotate", "block_signature", "canonical_call", "cast_floats",
            "clear_cache", "example_for", "fake_like", "fake_state", "find_blocks", "follow_devices",
-           "shapes_of",
+           "grads_wanted", "shapes_of",
            "skeleton", "trace"]

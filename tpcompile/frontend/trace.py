@@ -20,7 +20,7 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from ..errors import TPCompileError, TraceError, UnsupportedError
 from .blocks import (_SHAPES, BLOCK_OP, TENSOR, BlockCall, BlockShapes, TensorInfo, TracerName,
                      _NeedBlock, _plain, block_signature, canonical_call, find_blocks)
-from .export import Traced, _export, _fx_lowered
+from .export import GRADS, Traced, _export, _fx_lowered
 from .fake import _describe, _Described, _hint, fake_like
 
 _CACHE: "OrderedDict[Any, tuple[Traced, list]]" = OrderedDict()
@@ -39,8 +39,8 @@ def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where:
                    if isinstance(x, torch.Tensor) else ("leaf", _plain(x)) for x in flat)
     modes = tuple(m.training for m in module.modules())
     devices = tuple(t.device for t in [*module.parameters(), *module.buffers()])
-    grads = tuple(p.requires_grad for p in module.parameters())  # a custom backward is
-    #   refused only where gradients are wanted (export._refuse_custom_backward)
+    grads = GRADS["wanted"]  # a custom backward is refused only where gradients are
+    #   wanted (export._refuse_custom_backward)
     return (block_signature(module), modes, devices, grads, repr(spec), leaves, tracer, where,
             dynamic)
 

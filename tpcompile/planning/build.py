@@ -179,7 +179,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         order.append(key)
         return unit
 
-    with FE.fake_state(sk) as mode, ops.packing(packing):
+    grads = any(p.requires_grad for p in model.parameters())  # for the whole model
+    with FE.fake_state(sk) as mode, ops.packing(packing), FE.grads_wanted(grads):
         args, kwargs = FE.example_for(mode, example_inputs, kwargs)
         process(sk, "", args, kwargs, True)
     add_member("<root>", "")

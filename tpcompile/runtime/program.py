@@ -124,6 +124,8 @@ class Runtime:
     hook_dicts: list[dict] = field(default_factory=list)  # their hook dicts, for one any()
     signature: Any = None  # the module's own forward's, read once (torch.compile traces
     #                        a lookup keyed by a decorated function badly)
+    frozen_only: str | None = None  # (root) planned frozen around a Function whose own
+    #   backward the program cannot run: why a call that wants gradients is refused
 
     def __deepcopy__(self, memo: dict) -> Runtime:  # field by field (pickling is refused)
         new = Runtime.__new__(Runtime)
@@ -175,6 +177,10 @@ def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         _refuse_late_hooks(rt.inline)
     if rt.check is not None:
         rt.check(flat, spec, self.training)
+    if rt.frozen_only is not None and torch.is_grad_enabled() and \
+            any(p.requires_grad for p in self.parameters()):
+        raise UnsupportedError(f"{rt.frozen_only}. It was planned with its parameters frozen; "
+                               "call it under torch.no_grad(), or freeze them again")
     prog, why = rt.find(self.training, spec, flat)
     if prog is None:
         if rt.replan is None:
