@@ -42,6 +42,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "falcon": ("FalconConfig", "FalconForCausalLM"),
     "bloom": ("BloomConfig", "BloomForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM"),  # per-head q/k LayerNorm
 }
 
 FAMILIES: list[str] = list(_CLASSES)

@@ -48,6 +48,16 @@ def test_other_family_matches_the_unsharded_model(pool, family):
     check(pool.run(J.numerics, family, 2, True), None)
 
 
+def test_per_head_qk_layernorm_keeps_attention_sharded(pool):
+    """Persimmon (and Phi with qk_layernorm): an nn.LayerNorm over head_dim on q and k,
+    sharded by heads. It normalizes each rank's own heads, so attention stays sharded (it
+    was replicated, 59 %), and its weight and bias gradients, partial per rank, are summed
+    over tp; every one checked on every rank."""
+    res = pool.run(J.numerics, "persimmon", 2, True)
+    check(res, 0.95)
+    assert all(r[0]["notes"] == [] for r in res), res[0][0]["notes"]
+
+
 def test_falcon_linears_written_as_matmuls_are_sharded(pool):
     """transformers' FalconLinear computes ``x @ W.T``: planned as the Linear it is, so
     attention and MLP are sharded (it was 15 %, with no note saying why)."""

@@ -520,6 +520,21 @@ def reduction(node: fx.Node, ctx: Ctx) -> Layout:
     return lay.at(lay.dim if keep else lay.dim - sum(1 for x in dims if x < lay.dim))
 
 
+@register(aten.layer_norm.default, aten.rms_norm.default)
+def norm(node: fx.Node, ctx: Ctx) -> Layout:
+    """A norm over trailing dims the shard is not in (a per-head q/k LayerNorm over
+    head_dim on a tensor sharded by heads): per row, as elementwise ops are. Its weight
+    and bias, replicated, meet each rank's rows only: their gradients are summed over tp
+    (the E layout, as every replicated operand of a sharded op)."""
+    src, lay = node.args[0], ctx.of(node.args[0])
+    if not lay.sharded or src is not _first_sharded(node, ctx)[0]:
+        raise Unsafe(f"{node.name}: {name(node)} with a sharded weight")
+    rank, normalized = info(src).rank, len(node.args[1])  # type: ignore[union-attr]
+    if lay.dim >= rank - normalized:
+        raise Unsafe(f"{node.name}: {name(node)} normalizes over the sharded dim {lay.dim}")
+    return lay
+
+
 @register(aten.matmul.default, aten.bmm.default)
 def matmul(node: fx.Node, ctx: Ctx) -> Layout:
     a, b = node.args[0], node.args[1]
@@ -737,7 +752,7 @@ REPLICATED_ONLY = {
     aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default,
     aten.new_full.default, aten.tensor.default, aten.linspace.default, aten.rand.default,
     aten.randn.default, aten.randint.low, aten.embedding.default, aten.linear.default,
-    aten.layer_norm.default, aten.rms_norm.default, aten.group_norm.default,
+    aten.group_norm.default,
     aten.nll_loss_nd.default, aten.nll_loss.default,
     aten.mse_loss.default, aten.binary_cross_entropy_with_logits.default,
     aten.index.Tensor, aten.index_select.default, aten.gather.default, aten.diff.default,
