@@ -401,9 +401,10 @@ def ratio_interval(a: list[float], b: list[float], level: float = 0.90,
     return lo, hi
 
 
-def interval_text(r: dict) -> str:
-    """A row's bootstrap interval of its ratio (``ratio_interval``), for the tables."""
-    return f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}"
+def interval(a: list[float], b: list[float]) -> dict[str, Any]:
+    """A row's fields for ``ratio_interval(a, b)``: its ends, and as the tables print it."""
+    lo, hi = ratio_interval(a, b)
+    return {"ratio_lo": lo, "ratio_hi": hi, "ratio_ci": f"{lo:.3f}-{hi:.3f}"}
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

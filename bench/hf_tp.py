@@ -141,13 +141,12 @@ def main() -> None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             times[k] = t.tolist()
             med[k] = C.median(times[k])
-        lo, hi = C.ratio_interval(times["tpcompile"], times["transformers"])
         rows.append({"batch": batch, "seq": seq, "tpcompile_ms": 1e3 * med["tpcompile"],
                      "gathered_ms": 1e3 * med["tpcompile_gathered"],
                      "transformers_ms": 1e3 * med["transformers"],
                      "unsharded_ms": 1e3 * med["unsharded"],
                      "ratio": med["tpcompile"] / med["transformers"],
-                     "ratio_lo": lo, "ratio_hi": hi, "ratio_ci": f"{lo:.3f}-{hi:.3f}",
+                     **C.interval(times["tpcompile"], times["transformers"]),
                      "err_tpcompile": errs["tpcompile"], "err_transformers": errs["transformers"]})
     cols = [("batch", "batch", ""), ("seq", "seq", ""), ("tpcompile_ms", "tpcompile ms", ".1f"),
             ("gathered_ms", "tpcompile, loss on gathered logits ms", ".1f"),

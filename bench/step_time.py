@@ -68,7 +68,7 @@ def run_case(mesh, device, args, compiled: bool, sp: bool, batch: int, seq: int)
         "model": C.MODEL["name"], "sp": "on" if sp else "off", "batch": batch, "seq": seq,
         "tpcompile_ms": 1e3 * med["tpcompile"], "hand_ms": 1e3 * med[base],
         "ratio": med["tpcompile"] / med[base],
-        **dict(zip(("ratio_lo", "ratio_hi"), C.ratio_interval(times["tpcompile"], times[base]))),
+        **C.interval(times["tpcompile"], times[base]),
         "err_tpcompile": max(errs["tpcompile"]["output"], errs["tpcompile"]["grad"]),
         "err_hand": max(errs[base]["output"], errs[base]["grad"]),
         "steps": args.steps, "compiled": args.backend if compiled else "eager",
@@ -160,10 +160,8 @@ def main() -> None:
         import json
         rows = [r for f in args.saved for r in json.load(open(f))["rows"]]
         for r in rows:  # files saved before the interval was recorded: from their step times
-            if "ratio_lo" not in r:
-                r["ratio_lo"], r["ratio_hi"] = C.ratio_interval(r["tpcompile_times_ms"],
-                                                                r["hand_times_ms"])
-            r["ratio_ci"] = C.interval_text(r)
+            if "ratio_ci" not in r:
+                r.update(C.interval(r["tpcompile_times_ms"], r["hand_times_ms"]))
         print(C.table(rows, COLUMNS))
         if args.plot:
             plot(rows, args.plot, baseline)
@@ -179,8 +177,6 @@ def main() -> None:
     meta = {"what": "step_time", "model": args.model, "baseline": "tpcompile without overlap"
             if args.overlap else "hand parallelize_module plan", "layers": args.layers,
             "vocab": args.vocab, "dim": 256, "device": device.type, **C.machine()}
-    for r in rows:
-        r["ratio_ci"] = C.interval_text(r)
     C.emit(meta, rows, COLUMNS, args.json)
     if args.save and C.rank0():
         import json

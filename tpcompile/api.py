@@ -223,8 +223,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                 install(model.get_submodule(member), prog, replan if root else None,
                         member or type(model).__name__, check if root else None)
         model.__dict__["_tpcompile_plan"] = compiled.plan
-        unchecked = [m for u in compiled.units
-                     for m in u.t.ep.__dict__.get("_tpcompile_unchecked", [])]
+        unchecked = [m for u in compiled.units for m in u.t.unchecked]
         if unchecked:  # planned frozen: a call that wants gradients is refused
             model.__dict__["_tpcompile_runtime"].frozen_only = unchecked[0]
         if dp_mesh is not None:
@@ -255,8 +254,7 @@ def _warn_unsplittable(compiled: Compiled, programs: list[Program], tp: int) -> 
     root = next((p for u, p in zip(compiled.units, programs) if "" in u.members), None)
     if root is None or not root.sp or tp == 1:
         return
-    odd = sorted({int(e) for e in root.divisible
-                  if (isinstance(e, int) or getattr(e, "is_Integer", False)) and int(e) % tp})
+    odd = sorted({int(e) for e in root.divisible if e.is_Integer and int(e) % tp})
     if odd:
         warn(f"tpcompile: sequence_parallel=True, but the example inputs' size {odd[0]} "
              "along the dim sequence parallelism splits (the sequence; the batch of a "

@@ -41,6 +41,8 @@ class Traced:
     ranges: dict[Any, tuple[int, float]] = field(default_factory=dict)
     positions: list[int] = field(default_factory=list)  # flat position of each input
     out_type: Any = None  # the type of the module's output object
+    unchecked: list[str] = field(default_factory=list)  # Functions whose own backward
+    #   a frozen plan could not check (export._refuse_custom_backward)
     input_grads: list[bool] = field(default_factory=list)  # per flat input: needs a gradient
     param_grads: dict[fx.Node, bool] = field(default_factory=dict)
 
@@ -204,7 +206,7 @@ def _probe(cls: type, described: list) -> bool | None:
             d.requires_grad) if isinstance(d, _TensorArg) else d for d in described]
 
     try:
-        with unset_fake_temporarily(), torch.enable_grad(), torch.random.fork_rng():
+        with unset_fake_temporarily(), torch.enable_grad(), torch.random.fork_rng(devices=[]):
             xs, ys = inputs(), inputs()
             torch.manual_seed(0)  # a forward that draws (dropout): the same draws both times
             theirs = pytree.tree_leaves(cls.apply(*xs))

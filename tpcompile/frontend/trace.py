@@ -152,6 +152,7 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
             _unpatch(blocks)
             t = _read(ep, front, calls, leaves, spec)
             t.out_type = ep.__dict__.get("_tpcompile_out_type")
+            t.unchecked = ep.__dict__.get("_tpcompile_unchecked", [])
             flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
             t.input_grads = [bool(x.requires_grad) for x in flat]
             t.param_grads = {ph: module.get_parameter(fqn).requires_grad for ph, fqn in t.params.items()}
