@@ -43,6 +43,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "bloom": ("BloomConfig", "BloomForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM"),  # per-head q/k LayerNorm
+    "apertus": ("ApertusConfig", "ApertusForCausalLM"),  # xIELU: min(x, eps), expm1
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -53,7 +54,7 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 1
 # (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
 # num_key_value_heads= for the GQA layout of Phi-3-medium)
 _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
-        "starcoder2", "qwen2_moe", "mixtral"}
+        "starcoder2", "qwen2_moe", "mixtral", "apertus"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
 _HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}
 
@@ -80,7 +81,7 @@ def _common(family: str) -> dict[str, Any]:
     if family in _HEAD_DIM:
         cfg["head_dim"] = HIDDEN // HEADS
     if family in ("llama", "qwen2", "mistral", "gemma", "phi3", "qwen3", "gemma2", "olmo2",
-                  "granite", "starcoder2"):
+                  "granite", "starcoder2", "apertus"):
         cfg["attention_dropout"] = 0.0
     if family == "phi3":
         cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, original_max_position_embeddings=POSITIONS)

@@ -24,12 +24,30 @@ def build(name: str, seed: int = 0, **kw: Any) -> tuple[nn.Module, tuple]:
         m = GatedMLPStack(dim=kw.get("dim", 32), hidden=kw.get("hidden", 64),
                           n_layers=kw.get("n_layers", 3), bias=kw.get("bias", True)).to(dtype)
         return m, (torch.randn(2, kw.get("seq", 8), kw.get("dim", 32), dtype=dtype),)
+    if name == "centred":
+        dtype = getattr(torch, kw.get("dtype", "float32"))
+        return CentredMLP().to(dtype), (torch.randn(4, 6, 8, dtype=dtype),)
     if name == "llama":
         args = config("debug", **kw)
         m = Transformer(args)
         m.init_weights(seed)
         return m, (torch.randint(0, args.vocab_size, (2, 8)),)
     raise KeyError(name)
+
+
+class CentredMLP(nn.Module):
+    """The hidden activation centred and scaled over its features, by hand: a mean and a
+    sum over the sharded dim, the mean read by a sharded op (the subtraction), the sum by
+    a replicated one (``+ 1``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        c = h - h.mean(-1, keepdim=True)
+        return self.fc2(c * torch.rsqrt(c.pow(2).sum(-1, keepdim=True) + 1))
 
 
 def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,

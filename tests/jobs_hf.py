@@ -60,7 +60,19 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tupl
         from models import gpt_fast as F
         name = "tiny-gqa" if family == "gpt_fast_gqa" else "tiny"
         return F.build(name, **overrides), (), F.example_inputs(name, 4, 8)
+    if family == "olmo_ai2":
+        from models import olmo_ai2 as O
+        return O.build("tiny", **overrides), (), O.example_inputs("tiny", 4, 8)
     from models import hf_zoo
+    if family == "olmo2_torch_norms":  # q/k norms as torch's nn.RMSNorm (aten.rms_norm)
+        m = hf_zoo.build("olmo2", **overrides)
+        for layer in m.model.layers:
+            for name in ("q_norm", "k_norm"):
+                size = getattr(layer.self_attn, name).weight.shape[0]
+                norm = nn.RMSNorm(size, eps=1e-6)
+                nn.init.uniform_(norm.weight, 0.5, 1.5)  # not all ones: a wrong slice shows
+                setattr(layer.self_attn, name, norm)
+        return m, (), hf_zoo.example_inputs("olmo2", 4, 8)
     m = hf_zoo.build(family, **overrides)
     return m, (), hf_zoo.example_inputs(family, 4, 8)
 

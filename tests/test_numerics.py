@@ -55,6 +55,16 @@ def test_llama_gqa(pool, tp, sp):
     check(pool.run(jobs.numerics, "llama", tp, sp))
 
 
+@pytest.mark.parametrize("tp,dtype", [(2, "float32"), (4, "float64")])
+def test_sums_over_the_sharded_dim(pool, tp, dtype):
+    """A mean and a sum over the features of a colwise output leave each rank a term of
+    the value; the terms are all-reduced where first read (both ways when a sharded op
+    reads them, the subtraction), so fc1 and fc2 stay sharded with the model's numbers."""
+    res = pool.run(jobs.numerics, "centred", tp, False, {"dtype": dtype})
+    check(res, TOL if dtype == "float32" else TOL_F64)
+    assert res[0]["styles"] == {"fc1": "colwise", "fc2": "rowwise"}
+
+
 def test_llama_other_sequence_length(pool):
     """Traced at one length, run at another: nothing about seq or batch is baked in."""
     check(pool.run(jobs.numerics, "llama", 2, True, None, 12))

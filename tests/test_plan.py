@@ -123,8 +123,9 @@ def test_mlp_activations(act):
 
 
 class Unsafe(nn.Module):
-    """The hidden activation is normalised over its features: a sum over the sharded dim,
-    which shards would get wrong; the analysis must leave it replicated and say why."""
+    """The hidden activation is scaled by its largest feature: a max over the sharded dim,
+    which shards would get wrong (a sum or mean there is summed over tp; a max is not);
+    the analysis must leave it replicated and say why."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,7 +133,7 @@ class Unsafe(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        return self.fc2(h / h.sum(-1, keepdim=True))
+        return self.fc2(h / h.amax(-1, keepdim=True))
 
 
 def test_unsafe_structure_stays_replicated_with_reason():

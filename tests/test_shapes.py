@@ -146,3 +146,19 @@ def test_per_head_norms_in_a_hugging_face_tp_plan():
         assert hf[f"model.layers.*.self_attn.{norm}"] == theirs[f"layers.*.self_attn.{norm}"]
     back = tpcompile.from_hf_tp_plan({"layers.*.self_attn.q_norm": "replicated_with_grad_allreduce"})
     assert back.layer_styles() == {"layers.*.self_attn.q_norm": "replicate"}
+
+
+def test_norms_over_a_sharded_projection_are_no_style_of_other_tools():
+    """OLMo 2's q/k norms read their weight in slices and sum their row statistics over
+    tp; a parallelize_module or Hugging Face plan would hand the norm each rank's local
+    slice, normalized on its own: both conversions refuse, naming the weights."""
+    import tpcompile
+    from tpcompile.errors import PlanError
+    model, args, kwargs = J.build("olmo2")
+    plan = tpcompile.plan(model, tp=2, example_inputs=args, example_kwargs=kwargs)
+    assert plan.module_for("model.layers.0").sliced == ["self_attn.k_norm.weight",
+                                                         "self_attn.q_norm.weight"]
+    for convert in (tpcompile.to_hf_tp_plan, tpcompile.to_parallelize_plan):
+        with pytest.raises(PlanError, match=r"self_attn\.q_norm\.weight.*no style") as e:
+            convert(plan)
+        assert "auto_parallelize" in str(e.value)

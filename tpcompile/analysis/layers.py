@@ -41,6 +41,8 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
     used by two Linears makes neither a layer: they stay replicated."""
     found: dict[fx.Node, Layer] = {}
     uses: dict[fx.Node, int] = defaultdict(int)
+    for ph, fqn in t.params.items():  # the op table tells parameters from other inputs
+        ph.meta["tpc_param"] = fqn
     for n in t.gm.graph.nodes:
         n.meta.pop("tpc_layer", None)
         n.meta.pop("tpc_shared", None)

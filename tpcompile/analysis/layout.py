@@ -15,7 +15,10 @@ from ..frontend.blocks import TensorInfo
 class Layout:
     """``R`` replicated; ``S`` sharded on ``dim`` inside a tensor-parallel segment;
     ``Q`` sharded on the sequence ``dim`` (sequence parallel); ``E`` replicated in forward
-    with a partial gradient (the input of colwise layers: summed over tp in backward).
+    with a partial gradient (the input of colwise layers: summed over tp in backward);
+    ``P`` partial: each rank holds a term, the value is their sum over tp (a sum or mean
+    over the sharded dim, as in a norm over a whole sharded projection). A ``P`` value is
+    all-reduced where it is first read, so no op computes on it.
 
     ``groups`` (``S`` only; 0 means tp): ``dim`` cut into that many chunks, fewer than tp,
     rank ``r`` holding chunk ``r // (tp // groups)`` (kv heads shared by groups of ranks
@@ -51,7 +54,7 @@ class Layout:
         return Layout(self.kind, dim, self.groups, self.inner, self.outer)
 
     def __repr__(self) -> str:
-        if self.kind in ("R", "E"):
+        if self.kind in ("R", "E", "P"):
             return self.kind
         extra = f"/{self.groups}" if self.groups else ""
         extra += f"+{self.inner}" if self.inner >= 0 else ""
@@ -61,6 +64,7 @@ class Layout:
 
 R = Layout("R")
 E = Layout("E")
+P = Layout("P")
 
 
 def S(d: int) -> Layout:

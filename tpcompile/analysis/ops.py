@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
-from .layout import E, Layout, Q, R, S, Unsafe, arg, info, norm_dim, tensor_inputs
+from .layout import E, Layout, P, Q, R, S, Unsafe, arg, info, norm_dim, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -32,6 +32,15 @@ class Ctx:
     where: str = ""
     colwise: dict[fx.Node, str] = field(default_factory=dict)  # colwise output -> its layer
     packed: dict[str, int] = field(default_factory=dict)  # layer -> parts it is split into
+    # (op, replicated parameter) -> the layout the op reads the parameter in: split like
+    # its sharded operand (a norm's weight over a sharded projection)
+    splits: dict[tuple[fx.Node, fx.Node], Layout] = field(default_factory=dict)
+    # value -> the colwise layer it is an elementwise function of (a q/k norm's output):
+    # a reshape into fewer heads than tp may share that layer by groups of ranks
+    origin: dict[fx.Node, str] = field(default_factory=dict)
+
+    def origin_of(self, n: fx.Node) -> str | None:
+        return self.colwise.get(n) or self.origin.get(n)
 
     def of(self, n: Any) -> Layout:
         return self.layouts.get(n, R) if isinstance(n, fx.Node) else R
@@ -77,7 +86,8 @@ def name(node: fx.Node) -> str:
 # ----------------------------------------------------------------------------- rules
 
 UNARY = [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
-         aten.sigmoid.default, aten.exp.default, aten.neg.default, aten.rsqrt.default,
+         aten.sigmoid.default, aten.exp.default, aten.expm1.default, aten.log1p.default,
+         aten.neg.default, aten.rsqrt.default,
          aten.sqrt.default, aten.abs.default, aten.cos.default, aten.sin.default,
          aten.erf.default, aten.log.default, aten.square.default, aten.reciprocal.default,
          aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
@@ -97,7 +107,11 @@ UNARY = [aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.defa
          aten.sign.default, aten.tanh_backward.default, aten.native_dropout.default,
          aten.pow.Scalar, aten.fill.Scalar, aten.zeros_like.default, aten.ones_like.default,
          aten.empty_like.default, aten.full_like.default, aten.rand_like.default,
-         aten.randn_like.default, aten.bernoulli.p, aten.view_as_real.default]
+         aten.randn_like.default, aten.bernoulli.p, aten.view_as_real.default,
+         # in place, as written in forward (OLMo's ``qkv.clamp_``): on each rank's shard
+         aten.clamp_.default, aten.clamp_min_.default, aten.clamp_max_.default,
+         aten.relu_.default, aten.mul_.Scalar, aten.div_.Scalar, aten.add_.Scalar,
+         aten.sub_.Scalar, aten.neg_.default, aten.tanh_.default, aten.sigmoid_.default]
 
 
 @register(*UNARY)
@@ -106,12 +120,27 @@ def unary(node: fx.Node, ctx: Ctx) -> Layout:
     lay = ctx.of(node.args[0])
     if not lay.sharded:  # e.g. type_as(x, sharded): dtype only
         return R
+    src = node.args[0]
+    _keep_origin(node, src, ctx)
+    if src in ctx.colwise and len(src.users) == 1 and info(node) is not None and \
+            info(node).shape == info(src).shape:  # type: ignore[union-attr]
+        # still the fused output, each element on its own (OLMo's qkv.clamp_ before the
+        # split into q, k, v): its parts may be sharded each
+        ctx.colwise[node] = ctx.colwise[src]
     return lay  # view_as_real too: [..., d] complex -> [..., d, 2] keeps the leading dims
+
+
+def _keep_origin(node: fx.Node, src: fx.Node, ctx: Ctx) -> None:
+    layer = ctx.origin_of(src)
+    if layer is not None and info(node) is not None and info(src) is not None and \
+            info(node).shape == info(src).shape:  # type: ignore[union-attr]
+        ctx.origin[node] = layer
 
 
 BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
           aten.div.Tensor_mode, aten.pow.Tensor_Tensor, aten.where.self, aten.where.ScalarOther,
           aten.where.ScalarSelf, aten.maximum.default, aten.minimum.default,
+          aten.min.other, aten.max.other,
           aten.masked_fill.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.lt.Tensor,
           aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor, aten.__and__.Tensor,
           aten.__or__.Tensor, aten.logical_and.default, aten.logical_or.default,
@@ -139,9 +168,27 @@ def elementwise(node: fx.Node, ctx: Ctx) -> Layout:
             continue
         pos = d - (out.rank - t.rank)
         if pos >= 0 and t.shape[pos] != 1:
+            src, lay = _first_sharded(node, ctx)
+            if _splittable_param(n, pos, src, lay):
+                ctx.splits[node, n] = Layout("S", pos, lay.groups)
+                continue
             raise Unsafe(f"{node.name}: replicated operand {n.name} {list(t.shape)} meets a "
                          f"tensor sharded on dim {d}", demand=(n, pos))
-    return _first_sharded(node, ctx)[1].at(d)
+    src, lay = _first_sharded(node, ctx)
+    _keep_origin(node, src, ctx)
+    return lay.at(d)
+
+
+def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
+    """A parameter no sharded layer owns (a norm's weight) that lines up with
+    the sharded dim of ``src`` over its full size: the op reads this rank's slice of it
+    (its group's, for kv heads shared by groups of ranks). The parameter stays replicated;
+    its gradient, zero outside each rank's slice, is summed over tp. (An activation in its
+    place is left to the analysis: a Linear feeding it could be sharded instead.)"""
+    t, ts = info(p), info(src)
+    return p.op == "placeholder" and "tpc_param" in p.meta and lay.kind == "S" and \
+        lay.inner < 0 and not lay.outer and t is not None and ts is not None and \
+        t.shape[pos] == ts.shape[lay.dim]
 
 
 def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -238,7 +285,7 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
     if folded is not None:
         return Layout(lay.kind, folded[0], outer=folded[1])
     out = view_out_dim(a.shape, b.shape, lay.dim, ctx.tp, node.name,
-                       ctx.colwise.get(src), lay.shards(ctx.tp))
+                       ctx.origin_of(src), lay.shards(ctx.tp))
     if src in ctx.colwise and len(src.users) == 1 and a.shape[lay.dim] == b.shape[out]:
         ctx.colwise[node] = ctx.colwise[src]  # still the fused output (Conv1D's view back)
     return lay.at(out)
@@ -501,6 +548,12 @@ def softmax(node: fx.Node, ctx: Ctx) -> Layout:
     return lay
 
 
+# reductions over the sharded dim that leave each rank a term of the value (``P``). The
+# rewrite scales the local result: a mean by 1 / tp; a sum by groups / tp, where each of
+# ``groups`` chunks is held by tp / groups ranks (1 for the usual tp chunks)
+PARTIAL_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList)
+
+
 @register(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
           aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
           aten.logsumexp.default, aten.norm.ScalarOpt_dim, aten.linalg_vector_norm.default,
@@ -515,6 +568,9 @@ def reduction(node: fx.Node, ctx: Ctx) -> Layout:
         raise Unsafe(f"{node.name}: reduces over every dim, including the sharded one")
     dims = [norm_dim(x, rank) for x in (dims if isinstance(dims, (tuple, list)) else [dims])]
     if lay.dim in dims:
+        if node.target in PARTIAL_REDUCTIONS and lay.kind == "S" and lay.inner < 0 and \
+                not lay.outer:
+            return P  # each rank's term; all-reduced where first read
         raise Unsafe(f"{node.name}: reduces over the sharded dim {lay.dim}")
     keep = arg(node, pos + 1, "keepdim", False)
     return lay.at(lay.dim if keep else lay.dim - sum(1 for x in dims if x < lay.dim))
@@ -525,14 +581,32 @@ def norm(node: fx.Node, ctx: Ctx) -> Layout:
     """A norm over trailing dims the shard is not in (a per-head q/k LayerNorm over
     head_dim on a tensor sharded by heads): per row, as elementwise ops are. Its weight
     and bias, replicated, meet each rank's rows only: their gradients are summed over tp
-    (the E layout, as every replicated operand of a sharded op)."""
+    (the E layout, as every replicated operand of a sharded op).
+
+    A norm over dims the shard is in (OLMo's q/k norms over the whole projection) runs on
+    each rank's slice with its statistics summed over tp (``sharded_norm`` in the rewrite);
+    its weight and bias are read in slices like the activation's."""
     src, lay = node.args[0], ctx.of(node.args[0])
     if not lay.sharded or src is not _first_sharded(node, ctx)[0]:
         raise Unsafe(f"{node.name}: {name(node)} with a sharded weight")
     rank, normalized = info(src).rank, len(node.args[1])  # type: ignore[union-attr]
     if lay.dim >= rank - normalized:
-        raise Unsafe(f"{node.name}: {name(node)} normalizes over the sharded dim {lay.dim}")
+        params = [p for p in node.args[2:4 if node.target is aten.layer_norm.default else 3]
+                  if isinstance(p, fx.Node)]
+        pos = lay.dim - (rank - normalized)
+        if lay.kind != "S" or lay.inner >= 0 or lay.outer or \
+                not all(_splittable_param(p, pos, src, lay) for p in params):
+            raise Unsafe(f"{node.name}: {name(node)} normalizes over the sharded dim {lay.dim}")
+        for p in params:
+            ctx.splits[node, p] = Layout("S", pos, lay.groups)
+    _keep_origin(node, src, ctx)
     return lay
+
+
+def sharded_norm_dims(node: fx.Node, lay: Layout) -> bool:
+    """Whether a layer_norm / rms_norm normalizes over its input's sharded dim."""
+    t = info(node.args[0])
+    return lay.sharded and t is not None and lay.dim >= t.rank - len(node.args[1])  # type: ignore[arg-type]
 
 
 @register(aten.matmul.default, aten.bmm.default)

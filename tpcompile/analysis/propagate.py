@@ -99,8 +99,10 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
         # A replicated operand of a sharded op gets a partial gradient on each rank (each
         # computes only its slice of the output): it enters as E, summed over tp in backward.
         # Integer operands (indices, class targets) have no gradient to sum.
+        # A parameter lined up with the sharded dim (a norm's weight) is read split.
         for p in ins:
-            res.need[node][p] = lay[p] if lay[p].sharded else E if _differentiable(p) else R
+            res.need[node][p] = lay[p] if lay[p].sharded else ctx.splits.get((node, p)) or \
+                (E if _differentiable(p) else R)
     return res
 
 

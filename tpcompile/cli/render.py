@@ -13,9 +13,10 @@ from ..analysis.layout import R, info
 from ..planning.build import Compiled, Unit
 from .explain import Explanation, unit_collectives
 
-COLORS = {"R": "#e0e0e0", "E": "#fff2a8", "S": "#a8d0ff", "Q": "#b5f0b5", "C": "#ff9f8f"}
+COLORS = {"R": "#e0e0e0", "E": "#fff2a8", "S": "#a8d0ff", "Q": "#b5f0b5", "P": "#e8c8f0",
+          "C": "#ff9f8f"}
 LEGEND = ("R replicated", "E replicated, gradient summed over tp", "S sharded (tensor parallel)",
-          "Q sequence-sharded", "C collective")
+          "Q sequence-sharded", "P a term per rank, summed over tp where read", "C collective")
 
 
 def _mb(b: float) -> str:

@@ -296,6 +296,8 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         grouped={k: v for k, v in prop.grouped.items() if styles.get(k) == "colwise"},
         seq_dims=_seq_dims(gm, styles) if sp else {},
         summed=_summed(t, prop, all_styles),
+        sliced=sorted({t.params[p] for needs in prop.need.values() for p, lay in needs.items()
+                       if p in t.params and lay.kind == "S"}),
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
 

@@ -50,6 +50,7 @@ def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
     """``{fqn_or_glob: hf_style}``; a colwise head is ``colwise_rep`` (output gathered)."""
     _check_packed(plan, "a Hugging Face 'colwise'")
     _check_grouped(plan, "a Hugging Face 'colwise'")
+    _check_sliced(plan, "Hugging Face's tp_plan")
     out: dict[str, str] = {}
     for mp in plan.modules:
         heads = _heads(mp)
@@ -87,6 +88,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     _check_packed(plan, "a parallelize_module ColwiseParallel")
     _check_grouped(plan, "a parallelize_module ColwiseParallel")
     _check_summed(plan)
+    _check_sliced(plan, "parallelize_module")
     out: dict[str, Any] = {}
     for mp in plan.modules:
         sp = plan.sequence_parallel and _has_sp(mp)
@@ -152,6 +154,17 @@ def _check_summed(plan: Plan) -> None:
             "is partial and must be summed over tp; no parallelize_module style does that "
             "(the copies would drift apart). Use tpcompile.auto_parallelize, or Hugging "
             f"Face's tp_plan ('{SUMMED_HF}', from tpcompile.to_hf_tp_plan)")
+
+
+def _check_sliced(plan: Plan, tool: str) -> None:
+    """A norm over a whole sharded projection (OLMo 2's q/k norms) needs its statistics
+    summed over tp and its weight read in slices; a style that hands the module its local
+    shard would normalize each rank's slice alone: wrong numbers."""
+    _refuse(plan, lambda mp: [(name, "") for name in mp.sliced],
+            "read in slices by a norm over a sharded projection, whose row statistics "
+            f"tpcompile sums over tp; {tool} has no style for that (the module would "
+            "normalize each rank's slice on its own and compute wrong numbers). Use "
+            "tpcompile.auto_parallelize")
 
 
 def _has_sp(mp: ModulePlan) -> bool:

@@ -78,6 +78,10 @@ class ModulePlan(_Model):
     # parameters of no styled layer used on sharded activations (per-head q/k norms), whose
     # gradient the rewrite sums over tp. Found by the analysis, not read from plan files.
     summed: list[str] = []
+    # replicated parameters read in slices like a sharded activation (the weight of a
+    # norm over a whole sharded projection: OLMo 2's q/k norms), their gradient summed
+    # over tp. Found by the analysis, not read from plan files.
+    sliced: list[str] = []
 
 
 class Plan(_Model):

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..analysis import ops
-from ..analysis.layers import Contract, Propagation, is_block, layer_of, where
+from ..analysis.layers import NORM_OPS, Contract, Propagation, is_block, layer_of, where
 from ..analysis.layout import Layout, R, info
 from ..errors import PlanError
 from ..frontend.blocks import TensorInfo
@@ -59,6 +59,8 @@ _WHY = {
     ("Q", "R"): "sequence-sharded tensor read replicated",
     ("R", "S"): "replicated tensor split (gradient gathered)",
     ("R", "Q"): "replicated tensor split on the sequence",
+    ("P", "R"): "terms of a sum over the sharded dim, added up",
+    ("P", "E"): "terms of a sum over the sharded dim, added up (gradient summed over tp)",
 }
 
 
@@ -68,6 +70,10 @@ def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -
     k = (src.kind, dst.kind)
     if k == ("R", "E"):
         return g.call_function(C.enter, (x, group))
+    if k == ("P", "R"):
+        return g.call_function(C.all_reduce, (x, group))
+    if k == ("P", "E"):
+        return g.call_function(C.add_terms, (x, group))
     if k == ("Q", "E"):
         return g.call_function(C.sp_gather, (x, src.dim, group))
     if src.sharded and dst.kind == "R":
@@ -108,6 +114,9 @@ class _Builder:
         self.gathered: dict[fx.Node, fx.Node] = {}
         self.device: fx.Node | None = None
         self.owner: dict[fx.Node, set[fx.Node]] = {}  # sharded param -> the layers using it
+        # replicated parameters some op reads a slice of (``ops.Ctx.splits``)
+        self.split_params = {p for needs in prop.need.values() for p, want in needs.items()
+                             if p in t.params and want.kind == "S"}
         for n in self.gm.graph.nodes:
             layer = layer_of(n)
             if layer is not None and self._placement(layer.weight) is not None:
@@ -136,6 +145,7 @@ class _Builder:
         sync: list[fx.Node] = []
         grouped = {p for n in self.gm.graph.nodes if (l := layer_of(n)) is not None
                    and l.name in self.prop.grouped for p in (l.weight, l.bias) if p is not None}
+        grouped |= self.split_params
         for ph, fqn in t.params.items():
             self.env[ph] = g.call_function(C.local, (g.get_attr(fqn), fqn))
             if self._placement(ph) is None and (ph in grouped or any(u in self.q for u in ph.users)):
@@ -154,8 +164,8 @@ class _Builder:
             shapes = [info(p) for p in sync]
             out.meta["tpc_site"] = Site(
                 ", ".join(t.params[p] for p in sync),
-                "gradients of replicated parameters used on sequence shards or by heads "
-                "shared by groups of ranks",
+                "gradients of replicated parameters used on sequence shards, by heads "
+                "shared by groups of ranks, or read in slices",
                 TensorInfo((sum(_numel(s.shape) for s in shapes),), shapes[0].dtype, True))  # type: ignore[union-attr]
             for i, p in enumerate(sync):
                 self.env[p] = g.call_function(operator.getitem, (out, i))
@@ -183,6 +193,9 @@ class _Builder:
         if src == dst:
             return v
         key = (p, dst)
+        if key not in self.conv and p in self.split_params and dst.kind == "S":  # its rows of a replicated
+            self.conv[key] = self.g.call_function(      # parameter (its gradient summed)
+                C.group_chunk, (v, dst.dim, dst.shards(self.tp), self.group))
         if key not in self.conv:
             node = _conversion(v, src, dst, self.g, self.group)
             node.meta["tpc_site"] = Site(f"{p.name} -> {where(consumer)}", _WHY[(src.kind, dst.kind)],
@@ -244,6 +257,10 @@ class _Builder:
             return g.call_function(C.on_rank_rng, (C.keep_constant(n.target), self.group, *a), k)
         if n.target in ops.LOSSES and src_lay is not None:
             return self._loss(n)
+        if lay.kind == "P":
+            return self._term(n)
+        if n.target in NORM_OPS and ops.sharded_norm_dims(n, self.prop.layouts.get(n.args[0], R)):
+            return self._sharded_norm(n)
         if lay.kind == "S" and n.target in ops.SIZED:
             return self._sized(n, lay)
         if n.target is aten.repeat_interleave.self_int and src_lay is not None and \
@@ -261,6 +278,43 @@ class _Builder:
             return self._slice(n, lay)
         a, k = self.args(n)
         return g.create_node(n.op, n.target, a, k, n.name)
+
+    def _term(self, n: fx.Node) -> fx.Node:
+        """This rank's term of a sum or mean over the sharded dim (``ops.PARTIAL_REDUCTIONS``):
+        the terms of all tp ranks add up to the value. Each of the dim's chunks is held by
+        tp / chunks ranks (1, but for kv heads shared by groups of ranks)."""
+        a, k = self.args(n)
+        local = self.g.create_node(n.op, n.target, a, k, n.name)
+        chunks = self.prop.layouts[n.args[0]].shards(self.tp)
+        scale = 1 / self.tp if n.target is aten.mean.dim else chunks / self.tp
+        return local if scale == 1 else self.g.call_function(aten.mul.Tensor, (local, scale))
+
+    def _sharded_norm(self, n: fx.Node) -> fx.Node:
+        """layer_norm / rms_norm over dims the shard is in: each rank normalizes its slice
+        of every row with the row's statistics summed over tp (one all-reduce each way
+        per statistic: the mean, for layer_norm, and the mean square)."""
+        g, a = self.g, self.args(n)[0]
+        layer = n.target is aten.layer_norm.default
+        weight = a[2] if len(a) > 2 else None
+        bias = a[3] if layer and len(a) > 3 else None
+        eps = (a[4] if len(a) > 4 else 1e-5) if layer else (a[3] if len(a) > 3 else None)
+        dims, numel = len(n.args[1]), _numel(tuple(n.args[1]))  # type: ignore[arg-type]
+        chunks = self.prop.layouts[n.args[0]].shards(self.tp)  # type: ignore[index]
+        x = info(n.args[0])
+        stats = TensorInfo(x.shape[:x.rank - dims] + (1,) * dims, torch.float32, True)  # type: ignore[union-attr]
+
+        def row_mean(v: fx.Node, what: str) -> fx.Node:
+            term = g.call_function(C.row_term, (v, dims, chunks, self.group))
+            total = g.call_function(C.add_terms, (term, self.group))
+            total.meta["tpc_site"] = Site(where(n), f"{what} of rows of a norm over the "
+                                          "sharded dim, summed over tp", stats, n.name)
+            return g.call_function(aten.div.Tensor, (total, numel))
+
+        xf = g.call_function(C.norm_input, (a[0],))
+        if layer:
+            xf = g.call_function(aten.sub.Tensor, (xf, row_mean(xf, "the sums")))
+        square = row_mean(g.call_function(aten.mul.Tensor, (xf, xf)), "the sums of squares")
+        return g.call_function(C.norm_output, (a[0], xf, square, eps, weight, bias))
 
     def _slice(self, n: fx.Node, lay: Any) -> fx.Node:
         """A slice of one part of a fused projection: its bounds on the local shard."""

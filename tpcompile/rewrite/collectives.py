@@ -141,6 +141,20 @@ class _AllReduce(torch.autograd.Function):
         return g, None
 
 
+class _AddTerms(torch.autograd.Function):
+    """Each rank's term, summed over tp, read by a sharded op: all-reduced both ways (the
+    value in forward; in backward the op's partial gradients, which every term shares)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: str) -> torch.Tensor:
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return _all_reduce(g, ctx.group), None
+
+
 def _pair(fwd: Any, bwd: Any, name: str) -> type:
     """An autograd Function whose forward is ``fwd(x, dim, group)`` and backward ``bwd``."""
     def forward(ctx: Any, x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
@@ -392,6 +406,35 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return _AllReduce.apply(x, group)
 
 
+def add_terms(x: torch.Tensor, group: str) -> torch.Tensor:
+    return _AddTerms.apply(x, group)
+
+
+def norm_input(x: torch.Tensor) -> torch.Tensor:
+    """A norm's input as it computes: float32 at least, as ATen's norms do."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def row_term(v: torch.Tensor, dims: int, chunks: int, group: str) -> torch.Tensor:
+    """This rank's term of the sums over the last ``dims`` dims of rows it holds a slice
+    of (each of ``chunks`` slices held by tp / chunks ranks): the terms add up to the sums."""
+    return v.sum(tuple(range(-dims, 0)), keepdim=True) * (chunks / _size(group))
+
+
+def norm_output(x: torch.Tensor, xf: torch.Tensor, mean_square: torch.Tensor,
+                eps: float | None, weight: Any, bias: Any) -> torch.Tensor:
+    """The end of a norm whose row statistics came summed over tp (``row_term``,
+    ``add_terms``); ``weight``/``bias``: this rank's slices; the result in ``x``'s dtype."""
+    if eps is None:  # rms_norm's default
+        eps = torch.finfo(xf.dtype).eps
+    y = xf * torch.rsqrt(mean_square + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
 def sp_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     return _SpGather.apply(x, dim, group)
 
@@ -590,6 +633,7 @@ def logical_numel(x: torch.Tensor, dim: int, tp: int) -> int:
 COLLECTIVES: dict[Any, tuple[str | None, str | None]] = {
     enter: (None, "all_reduce"),
     all_reduce: ("all_reduce", None),
+    add_terms: ("all_reduce", "all_reduce"),
     sp_gather: ("all_gather", "reduce_scatter"),
     reduce_scatter: ("reduce_scatter", "all_gather"),
     split: (None, "all_gather"),
