@@ -44,6 +44,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM"),  # per-head q/k LayerNorm
     "apertus": ("ApertusConfig", "ApertusForCausalLM"),  # xIELU: min(x, eps), expm1
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),  # attention sinks, 3-D experts
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -54,12 +55,12 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 1
 # (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
 # num_key_value_heads= for the GQA layout of Phi-3-medium)
 _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
-        "starcoder2", "qwen2_moe", "mixtral", "apertus"}
+        "starcoder2", "qwen2_moe", "mixtral", "apertus", "gpt_oss"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
-_HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2"}
+_HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2", "gpt_oss"}
 
 # families that cannot take "sdpa" (transformers raises at construction)
-_DEFAULT_ATTN = {"gemma2": "eager", "bloom": "eager"}
+_DEFAULT_ATTN = {"gemma2": "eager", "bloom": "eager", "gpt_oss": "eager"}
 
 # GPT-2 spells the common fields its own way
 _GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
@@ -110,6 +111,11 @@ def _common(family: str) -> dict[str, Any]:
     elif family == "mixtral":  # experts as 3-D Parameters (transformers 5), top 2 of 4
         cfg.update(attention_dropout=0.0, num_local_experts=4, num_experts_per_tok=2,
                    router_aux_loss_coef=0.0)
+    elif family == "gpt_oss":  # sinks need the eager attention; sliding, then full
+        cfg.update(attention_dropout=0.0, num_local_experts=4, num_experts_per_tok=2,
+                   router_aux_loss_coef=0.0, sliding_window=POSITIONS // 8,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
     elif family == "qwen2_moe":  # 4 routed experts, top 2, a shared expert with a 1-wide gate
         cfg.update(attention_dropout=0.0, moe_intermediate_size=32,
                    shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,

@@ -84,6 +84,20 @@ def test_norms_over_the_whole_projection_keep_attention_sharded(pool, family, tp
     assert all(r[0]["notes"] == [] for r in res), res[0][0]["notes"]
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gpt_oss_attention_sinks_keep_attention_sharded(pool, tp):
+    """gpt-oss appends one learned logit per head (its sinks, a Parameter [H]) to the
+    attention scores: ``cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, q, -1)])``.
+    Made from a parameter alone, the expanded sinks are read split by heads like the
+    scores, their gradient gathered; attention stays sharded (it was replicated). Its
+    experts are 3-D Parameters read by a grouped matmul: replicated, with notes."""
+    res = pool.run(J.numerics, "gpt_oss", tp, tp == 2)
+    check(res, None)
+    for r in res:
+        notes = [n for n in r[0]["notes"] if not n.startswith("mlp.experts.")]
+        assert notes == [], notes
+
+
 def test_falcon_linears_written_as_matmuls_are_sharded(pool):
     """transformers' FalconLinear computes ``x @ W.T``: planned as the Linear it is, so
     attention and MLP are sharded (it was 15 %, with no note saying why)."""

@@ -180,15 +180,40 @@ def elementwise(node: fx.Node, ctx: Ctx) -> Layout:
 
 
 def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
-    """A parameter no sharded layer owns (a norm's weight) that lines up with
-    the sharded dim of ``src`` over its full size: the op reads this rank's slice of it
-    (its group's, for kv heads shared by groups of ranks). The parameter stays replicated;
-    its gradient, zero outside each rank's slice, is summed over tp. (An activation in its
-    place is left to the analysis: a Linear feeding it could be sharded instead.)"""
+    """A parameter no sharded layer owns (a norm's weight), or a value made from such
+    parameters alone (gpt-oss's attention sinks, ``sinks.reshape(1, -1, 1, 1).expand(..)``),
+    that lines up with the sharded dim of ``src`` over its full size: the op reads this
+    rank's slice of it (of a parameter itself, its group's slice too, for kv heads shared
+    by groups of ranks). The parameter stays replicated; its gradient, zero outside each
+    rank's slice, is summed over tp. (An activation in its place is left to the analysis:
+    a Linear feeding it could be sharded instead.)"""
     t, ts = info(p), info(src)
-    return p.op == "placeholder" and "tpc_param" in p.meta and lay.kind == "S" and \
-        lay.inner < 0 and not lay.outer and t is not None and ts is not None and \
-        t.shape[pos] == ts.shape[lay.dim]
+    if lay.kind != "S" or lay.inner >= 0 or lay.outer or t is None or ts is None or \
+            t.shape[pos] != ts.shape[lay.dim]:
+        return False
+    if p.op == "placeholder":
+        return "tpc_param" in p.meta
+    return lay.standard and _of_params_alone(p)
+
+
+def _of_params_alone(n: fx.Node) -> bool:
+    """Computed from parameters by ops without a shard-changing role (no layer, no input)."""
+    from .layers import layer_of
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "placeholder":
+            if "tpc_param" not in m.meta:
+                return False
+            continue
+        if m.op != "call_function" or layer_of(m) is not None or rule_for(m) is None and \
+                not is_meta_op(m):
+            return False
+        todo.extend(tensor_inputs(m))
+    return True
 
 
 def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -688,6 +713,11 @@ def cat(node: fx.Node, ctx: Ctx) -> Layout:
     s = sh.pop()
     for p, l in zip(parts, lays):
         if not l.sharded:
+            src = next(q for q, m in zip(parts, lays) if m.sharded)
+            pos = s - (rank - info(p).rank)  # type: ignore[union-attr]
+            if _splittable_param(p, pos, src, lays[parts.index(src)]):
+                ctx.splits[node, p] = Layout("S", pos, lays[parts.index(src)].groups)
+                continue
             raise Unsafe(f"{node.name}: concatenates a replicated part", demand=(p, s))
     if not is_stack and d == s:
         raise Unsafe(f"{node.name}: concatenates along the sharded dim")
