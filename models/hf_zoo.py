@@ -45,6 +45,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM"),  # per-head q/k LayerNorm
     "apertus": ("ApertusConfig", "ApertusForCausalLM"),  # xIELU: min(x, eps), expm1
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),  # attention sinks, 3-D experts
+    "cohere": ("CohereConfig", "CohereForCausalLM"),  # parallel residual, [H, hd] q/k norms
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -55,7 +56,7 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 1
 # (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
 # num_key_value_heads= for the GQA layout of Phi-3-medium)
 _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
-        "starcoder2", "qwen2_moe", "mixtral", "apertus", "gpt_oss"}
+        "starcoder2", "qwen2_moe", "mixtral", "apertus", "gpt_oss", "cohere"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
 _HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2", "gpt_oss"}
 
@@ -111,6 +112,8 @@ def _common(family: str) -> dict[str, Any]:
     elif family == "mixtral":  # experts as 3-D Parameters (transformers 5), top 2 of 4
         cfg.update(attention_dropout=0.0, num_local_experts=4, num_experts_per_tok=2,
                    router_aux_loss_coef=0.0)
+    elif family == "cohere":  # Command R+'s per-head q/k LayerNorms (one weight [H, hd])
+        cfg.update(attention_dropout=0.0, use_qk_norm=True)
     elif family == "gpt_oss":  # sinks need the eager attention; sliding, then full
         cfg.update(attention_dropout=0.0, num_local_experts=4, num_experts_per_tok=2,
                    router_aux_loss_coef=0.0, sliding_window=POSITIONS // 8,

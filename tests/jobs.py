@@ -27,6 +27,8 @@ def build(name: str, seed: int = 0, **kw: Any) -> tuple[nn.Module, tuple]:
     if name == "centred":
         dtype = getattr(torch, kw.get("dtype", "float32"))
         return CentredMLP().to(dtype), (torch.randn(4, 6, 8, dtype=dtype),)
+    if name in EDGES:
+        return EDGES[name](), (torch.randn(4, 6, 8),)
     if name == "llama":
         args = config("debug", **kw)
         m = Transformer(args)
@@ -48,6 +50,67 @@ class CentredMLP(nn.Module):
         h = self.fc1(x)
         c = h - h.mean(-1, keepdim=True)
         return self.fc2(c * torch.rsqrt(c.pow(2).sum(-1, keepdim=True) + 1))
+
+
+class ScaleReadTwice(nn.Module):
+    """A scale vector read in slices (against fc1's sharded output) and whole (summed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.g = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x) * self.g
+        return self.fc2(torch.relu(h)) + x * self.g[:8].sum()
+
+
+class FusedReadWhole(nn.Module):
+    """A fused q/k/v output cut into parts by index, but also read position by position
+    (scaled by a vector, then averaged into a gate): it cannot be sharded per part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.g = nn.Parameter(torch.rand(24) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)
+        gate = torch.sigmoid((qkv * self.g).mean(-1, keepdim=True))
+        q, k, v = qkv.unflatten(-1, (3, 8)).unbind(-2)
+        return self.out(q * k + v) * gate
+
+
+class ClampedFusedNormed(nn.Module):
+    """A fused output clamped, cut into parts by index, and also normalized whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out, self.ln = nn.Linear(8, 24), nn.Linear(8, 8), nn.LayerNorm(24)
+        nn.init.uniform_(self.ln.weight, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).clamp(-1, 1)
+        q, k, v = qkv.unflatten(-1, (3, 8)).unbind(-2)
+        return self.out(q * k + v) * self.ln(qkv).mean(-1, keepdim=True)
+
+
+class MeanIntoResidual(nn.Module):
+    """A mean over the sharded features added to the residual stream, which sequence
+    parallelism splits by tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.n1(x))
+        return self.n2(x + self.fc2(torch.relu(h)) + h.pow(2).mean(-1, keepdim=True))
+
+
+EDGES = {c.__name__: c for c in (ScaleReadTwice, FusedReadWhole, ClampedFusedNormed,
+                                 MeanIntoResidual)}
 
 
 def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,

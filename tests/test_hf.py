@@ -85,6 +85,19 @@ def test_norms_over_the_whole_projection_keep_attention_sharded(pool, family, tp
 
 
 @pytest.mark.parametrize("tp", [2, 4])
+def test_cohere_per_head_norm_weights_are_read_by_heads(pool, tp):
+    """Cohere (Command R+) normalizes q and k per head with one weight of [heads, head_dim]
+    each, cast to float32 before use, beside a parallel residual: each rank reads its
+    heads' rows of the cast weight (at tp 4 the 2 kv heads are shared by pairs of ranks,
+    so each pair reads its head's row, the zero-padded gradient summed over tp). Attention
+    stays sharded (it was replicated), no notes, no warnings."""
+    res = pool.run(J.numerics, "cohere", tp, tp == 2)
+    check(res, 0.85)
+    for r in res:
+        assert r[0]["notes"] == [] and r[0]["warnings"] == [], r[0]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 def test_gpt_oss_attention_sinks_keep_attention_sharded(pool, tp):
     """gpt-oss appends one learned logit per head (its sinks, a Parameter [H]) to the
     attention scores: ``cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, q, -1)])``.

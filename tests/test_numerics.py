@@ -65,6 +65,22 @@ def test_sums_over_the_sharded_dim(pool, tp, dtype):
     assert res[0]["styles"] == {"fc1": "colwise", "fc2": "rowwise"}
 
 
+@pytest.mark.parametrize("name,sp,sharded", [
+    ("ScaleReadTwice", False, {"fc1": "colwise", "fc2": "rowwise"}),
+    ("FusedReadWhole", False, {"out": "colwise"}),
+    ("ClampedFusedNormed", False, {"out": "colwise"}),
+    ("MeanIntoResidual", True, {"fc1": "colwise", "fc2": "rowwise"}),
+])
+def test_partial_sums_and_sliced_weights_read_other_ways(pool, name, sp, sharded):
+    """Found by review, each once wrong: a weight read in slices and whole (its gradient
+    was summed over tp whole: 2x); a fused output read whole as well as cut by index (it
+    was sharded per part, so the whole reads saw interleaved parts); a mean over the
+    sharded dim read by a sequence-parallel op (no conversion: PlanError)."""
+    res = pool.run(jobs.numerics, name, 2, sp)
+    check(res)
+    assert {k: v for k, v in res[0]["styles"].items() if v != "sequence_parallel"} == sharded
+
+
 def test_llama_other_sequence_length(pool):
     """Traced at one length, run at another: nothing about seq or batch is baked in."""
     check(pool.run(jobs.numerics, "llama", 2, True, None, 12))

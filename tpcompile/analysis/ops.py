@@ -193,13 +193,14 @@ def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
         return False
     if p.op == "placeholder":
         return "tpc_param" in p.meta
-    return lay.standard and _of_params_alone(p)
+    return params_alone(p) is not None
 
 
-def _of_params_alone(n: fx.Node) -> bool:
-    """Computed from parameters by ops without a shard-changing role (no layer, no input)."""
+def params_alone(n: fx.Node) -> set[fx.Node] | None:
+    """The parameters ``n`` is computed from, if from parameters alone (through ops with a
+    rule, none a layer): a cast or reshape of a weight. None if anything else feeds it."""
     from .layers import layer_of
-    todo, seen = [n], set()
+    todo, seen, found = [n], set(), set()
     while todo:
         m = todo.pop()
         if m in seen:
@@ -207,13 +208,14 @@ def _of_params_alone(n: fx.Node) -> bool:
         seen.add(m)
         if m.op == "placeholder":
             if "tpc_param" not in m.meta:
-                return False
+                return None
+            found.add(m)
             continue
         if m.op != "call_function" or layer_of(m) is not None or rule_for(m) is None and \
                 not is_meta_op(m):
-            return False
+            return None
         todo.extend(tensor_inputs(m))
-    return True
+    return found
 
 
 def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
@@ -301,7 +303,8 @@ def view(node: fx.Node, ctx: Ctx) -> Layout:
     if lay.outer:
         return _unfold(a.shape, b.shape, lay, ctx.tp, node.name)
     layer = ctx.colwise.get(src)
-    if layer is not None and lay.standard:
+    if layer is not None and lay.standard and len(src.users) == 1:  # read nowhere else:
+        # cut per part, each rank's values are no contiguous chunk of the whole any more
         parts = _indexed_parts(node, a.shape, b.shape, lay.dim, ctx.tp)
         if parts is not None:  # [.., 3 * E] -> [.., 3, E], then q, k, v picked by index
             _packed(node, ctx, layer, parts[1], a.shape[lay.dim])
@@ -594,7 +597,8 @@ def reduction(node: fx.Node, ctx: Ctx) -> Layout:
     dims = [norm_dim(x, rank) for x in (dims if isinstance(dims, (tuple, list)) else [dims])]
     if lay.dim in dims:
         if node.target in PARTIAL_REDUCTIONS and lay.kind == "S" and lay.inner < 0 and \
-                not lay.outer:
+                not lay.outer and (not lay.groups or info(node).dtype.is_floating_point):  # type: ignore[union-attr]
+            # (an integer sum over a dim shared by groups would need a fractional share)
             return P  # each rank's term; all-reduced where first read
         raise Unsafe(f"{node.name}: reduces over the sharded dim {lay.dim}")
     keep = arg(node, pos + 1, "keepdim", False)

@@ -18,7 +18,7 @@ from .. import analysis as A
 from .. import frontend as FE
 from ..analysis import Contract, Propagation, ops
 from ..analysis import sequence as SQ
-from ..analysis.layout import Unsafe
+from ..analysis.layout import R, Unsafe
 from ..debug import dump
 from ..errors import (ExampleInputsError, IndivisibleError, PlanError, TraceError,
                       UnsupportedError, warn)
@@ -270,12 +270,13 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         for n in more:
             warn(f"tpcompile: {prefix}{n.layer} {n.reason}")
         notes += more
-        loose = A.unlayered_weights(t)
+        prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
+        sliced = _sliced(t, prop)  # read in slices: their compute is sharded
+        loose = [n for n in A.unlayered_weights(t) if n.layer not in sliced]
         if tp > 1:
             for n in loose:
                 warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
         notes += loose
-        prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
     SQ.apply_block_needs(gm, prop, contracts)
     params = set(t.params) | set(t.buffers)
     q = SQ.sequence_parallel(gm, prop, styles, contracts, params, is_root) if sp else set()
@@ -296,8 +297,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         grouped={k: v for k, v in prop.grouped.items() if styles.get(k) == "colwise"},
         seq_dims=_seq_dims(gm, styles) if sp else {},
         summed=_summed(t, prop, all_styles),
-        sliced=sorted({t.params[p] for needs in prop.need.values() for p, lay in needs.items()
-                       if p in t.params and lay.kind == "S"}),
+        sliced=sorted(_sliced(t, prop)),
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
 
@@ -326,6 +326,18 @@ def _summed(t: Traced, prop: A.Propagation, styles: dict[str, str]) -> list[str]
         f"{layer}_{r}" for layer in styles for r in ("weight", "bias")}
     return sorted({t.params[p] for needs in prop.need.values() for p, lay in needs.items()
                    if p in t.params and lay.kind == "E" and t.params[p] not in styled})
+
+
+def _sliced(t: Traced, prop: A.Propagation) -> set[str]:
+    """Replicated parameters that ops read in slices, like a sharded operand (a norm's
+    weight over a sharded projection, gpt-oss's sinks): directly, or through casts and
+    reshapes of them alone."""
+    out: set[str] = set()
+    for needs in prop.need.values():
+        for p, lay in needs.items():
+            if lay.kind == "S" and not prop.layouts.get(p, R).sharded:
+                out |= {t.params[q] for q in (ops.params_alone(p) or ())}
+    return out
 
 
 def _seq_dims(gm: fx.GraphModule, styles: dict[str, str]) -> dict[str, int]:

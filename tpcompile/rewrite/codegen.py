@@ -61,6 +61,7 @@ _WHY = {
     ("R", "Q"): "replicated tensor split on the sequence",
     ("P", "R"): "terms of a sum over the sharded dim, added up",
     ("P", "E"): "terms of a sum over the sharded dim, added up (gradient summed over tp)",
+    ("P", "Q"): "terms of a sum over the sharded dim, added up into sequence shards",
 }
 
 
@@ -74,6 +75,8 @@ def _conversion(x: fx.Node, src: Layout, dst: Layout, g: fx.Graph, group: str) -
         return g.call_function(C.all_reduce, (x, group))
     if k == ("P", "E"):
         return g.call_function(C.add_terms, (x, group))
+    if k == ("P", "Q"):  # read by a sequence-parallel op: summed and scattered; in backward
+        return g.call_function(C.reduce_scatter, (x, dst.dim, group))  # the gradient gathered
     if k == ("Q", "E"):
         return g.call_function(C.sp_gather, (x, src.dim, group))
     if src.sharded and dst.kind == "R":
@@ -145,10 +148,10 @@ class _Builder:
         sync: list[fx.Node] = []
         grouped = {p for n in self.gm.graph.nodes if (l := layer_of(n)) is not None
                    and l.name in self.prop.grouped for p in (l.weight, l.bias) if p is not None}
-        grouped |= self.split_params
         for ph, fqn in t.params.items():
             self.env[ph] = g.call_function(C.local, (g.get_attr(fqn), fqn))
-            if self._placement(ph) is None and (ph in grouped or any(u in self.q for u in ph.users)):
+            if self._placement(ph) is None and (ph in grouped or any(u in self.q for u in ph.users)
+                                                or self._only_sliced(ph)):
                 sync.append(ph)
         for ph, fqn in t.buffers.items():
             self.env[ph] = g.get_attr(fqn)
@@ -159,6 +162,7 @@ class _Builder:
                                 "meta device, whose values are unknown; make it on a real "
                                 "device or register it as a buffer")
             self.env[ph] = g.call_function(C.constant, (C.keep_constant(value), self._device()))
+        self.synced = set(sync)
         if sync:
             out = g.call_function(C.sync_grads, (self.group, *[self.env[p] for p in sync]))
             shapes = [info(p) for p in sync]
@@ -169,6 +173,13 @@ class _Builder:
                 TensorInfo((sum(_numel(s.shape) for s in shapes),), shapes[0].dtype, True))  # type: ignore[union-attr]
             for i, p in enumerate(sync):
                 self.env[p] = g.call_function(operator.getitem, (out, i))
+
+    def _only_sliced(self, p: fx.Node) -> bool:
+        """A parameter every op reads a slice of (a norm's weight over a sharded
+        projection): its gradient is zero outside each rank's slices, and joins the bucket
+        of gradients summed over tp. (Read whole somewhere too, it is summed per read.)"""
+        return p in self.split_params and all(
+            self.prop.need.get(u, {}).get(p, R).kind == "S" for u in p.users)
 
     def _device(self) -> fx.Node:
         """The device the program runs on, read at run time off a parameter or an input."""
@@ -193,8 +204,18 @@ class _Builder:
         if src == dst:
             return v
         key = (p, dst)
-        if key not in self.conv and p in self.split_params and dst.kind == "S":  # its rows of a replicated
-            self.conv[key] = self.g.call_function(      # parameter (its gradient summed)
+        if key not in self.conv and src.kind == "R" and dst.kind == "S" and (
+                p in self.split_params or not dst.standard):
+            # a replicated parameter (or a value made from parameters alone, read by kv
+            # heads shared by groups of ranks): this rank's (group's) rows, the gradient of
+            # this read, zero outside them, summed over tp; of a parameter whose whole
+            # gradient is summed already (read on sequence shards too), the rows alone
+            if p not in self.synced:
+                v = _conversion(v, src, Layout("E"), self.g, self.group)
+                v.meta["tpc_site"] = Site(
+                    f"{p.name} -> {where(consumer)}", "replicated, read in slices: gradient "
+                    "summed over tp", info(p), p.name, consumer.name)  # type: ignore[arg-type]
+            self.conv[key] = self.g.call_function(
                 C.group_chunk, (v, dst.dim, dst.shards(self.tp), self.group))
         if key not in self.conv:
             node = _conversion(v, src, dst, self.g, self.group)
