@@ -28,7 +28,7 @@ def build(name: str, seed: int = 0, **kw: Any) -> tuple[nn.Module, tuple]:
         dtype = getattr(torch, kw.get("dtype", "float32"))
         return CentredMLP().to(dtype), (torch.randn(4, 6, 8, dtype=dtype),)
     if name in EDGES:
-        return EDGES[name](), (torch.randn(4, 6, 8),)
+        return EDGES[name](), (torch.randn(4, 6, getattr(EDGES[name], "width", 8)),)
     if name == "llama":
         args = config("debug", **kw)
         m = Transformer(args)
@@ -109,8 +109,48 @@ class MeanIntoResidual(nn.Module):
         return self.n2(x + self.fc2(torch.relu(h)) + h.pow(2).mean(-1, keepdim=True))
 
 
+class NormWeightReadTwice(nn.Module):
+    """A norm's weight read on sequence shards (the norm, under SP) and whole (a scale)."""
+    width = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n1, self.fc1, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 16)
+        nn.init.uniform_(self.n1.weight, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.n1(x))
+        return x + self.fc2(torch.relu(h)) * self.n1.weight.sum()
+
+
+class NormWeightAsGate(nn.Module):
+    """A norm's weight read on sequence shards and, doubled, in slices as a gate."""
+    width = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n1, self.fc1, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 16)
+        nn.init.uniform_(self.n1.weight, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(self.n1(x)) * (self.n1.weight * 2)
+        return x + self.fc2(torch.relu(h))
+
+
+class WeightNormScaled(nn.Module):
+    """fc1's output divided by the norms of fc1's own weight rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x) / self.fc1.weight.norm(dim=1)))
+
+
 EDGES = {c.__name__: c for c in (ScaleReadTwice, FusedReadWhole, ClampedFusedNormed,
-                                 MeanIntoResidual)}
+                                 MeanIntoResidual, NormWeightReadTwice, NormWeightAsGate,
+                                 WeightNormScaled)}
 
 
 def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,

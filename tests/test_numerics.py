@@ -70,12 +70,19 @@ def test_sums_over_the_sharded_dim(pool, tp, dtype):
     ("FusedReadWhole", False, {"out": "colwise"}),
     ("ClampedFusedNormed", False, {"out": "colwise"}),
     ("MeanIntoResidual", True, {"fc1": "colwise", "fc2": "rowwise"}),
+    ("NormWeightReadTwice", True, {"fc1": "colwise", "fc2": "rowwise"}),
+    ("NormWeightAsGate", True, {"fc1": "colwise", "fc2": "rowwise"}),
+    ("WeightNormScaled", False, {"fc2": "colwise"}),
 ])
 def test_partial_sums_and_sliced_weights_read_other_ways(pool, name, sp, sharded):
     """Found by review, each once wrong: a weight read in slices and whole (its gradient
     was summed over tp whole: 2x); a fused output read whole as well as cut by index (it
     was sharded per part, so the whole reads saw interleaved parts); a mean over the
-    sharded dim read by a sequence-parallel op (no conversion: PlanError)."""
+    sharded dim read by a sequence-parallel op (no conversion: PlanError); a norm's weight
+    read on sequence shards and also whole, or in slices through a cast (its gradient
+    summed over tp whole, with the complete part: wrong before this project read weights
+    in slices, too); a sharded Linear's own weight read whole beside its output (left
+    replicated: each rank holds only its rows)."""
     res = pool.run(jobs.numerics, name, 2, sp)
     check(res)
     assert {k: v for k, v in res[0]["styles"].items() if v != "sequence_parallel"} == sharded

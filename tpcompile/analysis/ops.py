@@ -192,8 +192,16 @@ def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
             t.shape[pos] != ts.shape[lay.dim]:
         return False
     if p.op == "placeholder":
-        return "tpc_param" in p.meta
+        return "tpc_param" in p.meta and not _sharded_layer_param(p)
     return params_alone(p) is not None
+
+
+def _sharded_layer_param(p: fx.Node) -> bool:
+    """The weight or bias of a Linear or Embedding (which may be sharded: each rank
+    holds its own piece, not the whole to slice from)."""
+    from .layers import layer_of
+    return any((l := layer_of(u)) is not None and l.kind != "norm" and p in (l.weight, l.bias)
+               for u in p.users)
 
 
 def params_alone(n: fx.Node) -> set[fx.Node] | None:
@@ -207,7 +215,7 @@ def params_alone(n: fx.Node) -> set[fx.Node] | None:
             continue
         seen.add(m)
         if m.op == "placeholder":
-            if "tpc_param" not in m.meta:
+            if "tpc_param" not in m.meta or _sharded_layer_param(m):
                 return None
             found.add(m)
             continue

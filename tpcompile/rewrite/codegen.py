@@ -146,12 +146,9 @@ class _Builder:
         for ph in t.inputs:
             self.env[ph] = g.placeholder(ph.name)
         sync: list[fx.Node] = []
-        grouped = {p for n in self.gm.graph.nodes if (l := layer_of(n)) is not None
-                   and l.name in self.prop.grouped for p in (l.weight, l.bias) if p is not None}
         for ph, fqn in t.params.items():
             self.env[ph] = g.call_function(C.local, (g.get_attr(fqn), fqn))
-            if self._placement(ph) is None and (ph in grouped or any(u in self.q for u in ph.users)
-                                                or self._only_sliced(ph)):
+            if self._placement(ph) is None and self._partial_reads_only(ph):
                 sync.append(ph)
         for ph, fqn in t.buffers.items():
             self.env[ph] = g.get_attr(fqn)
@@ -174,12 +171,19 @@ class _Builder:
             for i, p in enumerate(sync):
                 self.env[p] = g.call_function(operator.getitem, (out, i))
 
-    def _only_sliced(self, p: fx.Node) -> bool:
-        """A parameter every op reads a slice of (a norm's weight over a sharded
-        projection): its gradient is zero outside each rank's slices, and joins the bucket
-        of gradients summed over tp. (Read whole somewhere too, it is summed per read.)"""
-        return p in self.split_params and all(
-            self.prop.need.get(u, {}).get(p, R).kind == "S" for u in p.users)
+    def _partial_reads_only(self, p: fx.Node) -> bool:
+        """A replicated parameter whose every read leaves each rank part of its gradient:
+        on sequence shards (a norm's weight under SP), by a layer shared by groups of
+        ranks, or in slices (a norm's weight over a sharded projection). Its whole
+        gradient is summed over tp, in one bucket with the others'. A parameter also read
+        whole (its gradient from that read complete on every rank) is not: each partial
+        read then sums its own gradient (``enter``)."""
+        reads = [u for u in p.users if not ops.is_meta_op(u)]
+        return bool(reads) and all(
+            u in self.q or
+            (l := layer_of(u)) is not None and l.name in self.prop.grouped and p in (l.weight, l.bias) or
+            p in self.split_params and self.prop.need.get(u, {}).get(p, R).kind == "S"
+            for u in reads)
 
     def _device(self) -> fx.Node:
         """The device the program runs on, read at run time off a parameter or an input."""
@@ -201,6 +205,9 @@ class _Builder:
             return v
         src = self.prop.layouts.get(p, R)
         dst = self.prop.need.get(consumer, {}).get(p, R)
+        if p in self.t.params and consumer in self.q and dst.kind == "R" and \
+                p not in self.synced:  # read on this rank's tokens: a partial gradient
+            dst = Layout("E")
         if src == dst:
             return v
         key = (p, dst)
@@ -417,7 +424,11 @@ class _Builder:
         w = self.env[layer.weight]
         b = self.env[layer.bias] if layer.bias is not None else None
         groups = self.prop.grouped.get(layer.name)
-        if groups:  # this rank's group's rows of a replicated weight
+        if groups:  # this rank's group's rows of a replicated weight (its gradient summed
+            #         over tp in the bucket, or here where the weight is also read whole)
+            w, b = (v if v is None or p in self.synced else
+                    g.call_function(C.enter, (v, self.group))
+                    for p, v in ((layer.weight, w), (layer.bias, b)))
             w = g.call_function(C.group_chunk, (w, 1 if conv else 0, groups, self.group))
             if b is not None:
                 b = g.call_function(C.group_chunk, (b, 0, groups, self.group))
