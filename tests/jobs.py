@@ -123,14 +123,8 @@ class NormWeightReadTwice(nn.Module):
         return x + self.fc2(torch.relu(h)) * self.n1.weight.sum()
 
 
-class NormWeightAsGate(nn.Module):
+class NormWeightAsGate(NormWeightReadTwice):
     """A norm's weight read on sequence shards and, doubled, in slices as a gate."""
-    width = 16
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n1, self.fc1, self.fc2 = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 16)
-        nn.init.uniform_(self.n1.weight, 0.5, 1.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(self.n1(x)) * (self.n1.weight * 2)
