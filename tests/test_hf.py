@@ -76,7 +76,7 @@ def test_norms_over_the_whole_projection_keep_attention_sharded(pool, family, tp
     with the row's statistics summed over tp (a sum or mean over the sharded dim leaves
     each rank a term; the terms are all-reduced where first read, both ways when a sharded
     op reads them), and reads its slice of the norm's weight and bias, whose gradients are
-    summed over tp. Attention stays sharded (OLMo 2 was 66 %), with no notes; every
+    summed over tp. Attention stays sharded (OLMo 2 had 72 % sharded), with no notes; every
     gradient on every rank. AI2's code also clips the fused qkv in place (``clamp_``)
     before splitting it into q, k, v, each sharded per part."""
     res = pool.run(J.numerics, family, tp, sp, overrides, [(4, 8), (2, 6)])
