@@ -168,15 +168,22 @@ def elementwise(node: fx.Node, ctx: Ctx) -> Layout:
             continue
         pos = d - (out.rank - t.rank)
         if pos >= 0 and t.shape[pos] != 1:
-            src, lay = _first_sharded(node, ctx)
-            if _splittable_param(n, pos, src, lay):
-                ctx.splits[node, n] = Layout("S", pos, lay.groups)
+            if _read_split(node, n, pos, *_first_sharded(node, ctx), ctx):
                 continue
             raise Unsafe(f"{node.name}: replicated operand {n.name} {list(t.shape)} meets a "
                          f"tensor sharded on dim {d}", demand=(n, pos))
     src, lay = _first_sharded(node, ctx)
     _keep_origin(node, src, ctx)
     return lay.at(d)
+
+
+def _read_split(node: fx.Node, p: fx.Node, pos: int, src: fx.Node, lay: Layout, ctx: Ctx) -> bool:
+    """Let ``node`` read ``p`` split on ``pos`` like its sharded operand ``src``, if it may
+    (``_splittable_param``)."""
+    if not _splittable_param(p, pos, src, lay):
+        return False
+    ctx.splits[node, p] = Layout("S", pos, lay.groups)
+    return True
 
 
 def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
@@ -635,7 +642,7 @@ def norm(node: fx.Node, ctx: Ctx) -> Layout:
                 not all(_splittable_param(p, pos, src, lay) for p in params):
             raise Unsafe(f"{node.name}: {name(node)} normalizes over the sharded dim {lay.dim}")
         for p in params:
-            ctx.splits[node, p] = Layout("S", pos, lay.groups)
+            _read_split(node, p, pos, src, lay, ctx)
     _keep_origin(node, src, ctx)
     return lay
 
@@ -725,10 +732,8 @@ def cat(node: fx.Node, ctx: Ctx) -> Layout:
     s = sh.pop()
     for p, l in zip(parts, lays):
         if not l.sharded:
-            src = next(q for q, m in zip(parts, lays) if m.sharded)
-            pos = s - (rank - info(p).rank)  # type: ignore[union-attr]
-            if _splittable_param(p, pos, src, lays[parts.index(src)]):
-                ctx.splits[node, p] = Layout("S", pos, lays[parts.index(src)].groups)
+            src, lay = next((q, m) for q, m in zip(parts, lays) if m.sharded)
+            if _read_split(node, p, s - (rank - info(p).rank), src, lay, ctx):  # type: ignore[union-attr]
                 continue
             raise Unsafe(f"{node.name}: concatenates a replicated part", demand=(p, s))
     if not is_stack and d == s:

@@ -185,6 +185,14 @@ class _Builder:
             p in self.split_params and self.prop.need.get(u, {}).get(p, R).kind == "S"
             for u in reads)
 
+    def _entered(self, p: fx.Node, v: fx.Node, at: str) -> fx.Node:
+        """A replicated parameter read here for part of its gradient, summed over tp by
+        this read (it is read whole elsewhere, so not in the bucket)."""
+        out = self.g.call_function(C.enter, (v, self.group))
+        out.meta["tpc_site"] = Site(at, "replicated, read in part here: gradient summed over "
+                                    "tp", info(p), p.name)  # type: ignore[arg-type]
+        return out
+
     def _device(self) -> fx.Node:
         """The device the program runs on, read at run time off a parameter or an input."""
         if self.device is None:
@@ -218,10 +226,7 @@ class _Builder:
             # this read, zero outside them, summed over tp; of a parameter whose whole
             # gradient is summed already (read on sequence shards too), the rows alone
             if p not in self.synced:
-                v = _conversion(v, src, Layout("E"), self.g, self.group)
-                v.meta["tpc_site"] = Site(
-                    f"{p.name} -> {where(consumer)}", "replicated, read in slices: gradient "
-                    "summed over tp", info(p), p.name, consumer.name)  # type: ignore[arg-type]
+                v = self._entered(p, v, f"{p.name} -> {where(consumer)}")
             self.conv[key] = self.g.call_function(
                 C.group_chunk, (v, dst.dim, dst.shards(self.tp), self.group))
         if key not in self.conv:
@@ -426,8 +431,7 @@ class _Builder:
         groups = self.prop.grouped.get(layer.name)
         if groups:  # this rank's group's rows of a replicated weight (its gradient summed
             #         over tp in the bucket, or here where the weight is also read whole)
-            w, b = (v if v is None or p in self.synced else
-                    g.call_function(C.enter, (v, self.group))
+            w, b = (v if v is None or p in self.synced else self._entered(p, v, layer.name)
                     for p, v in ((layer.weight, w), (layer.bias, b)))
             w = g.call_function(C.group_chunk, (w, 1 if conv else 0, groups, self.group))
             if b is not None:
