@@ -8,7 +8,9 @@ Rank 0 writes a Llama folder with transformers (hidden 256, 2 layers, 16 heads, 
 ``from_pretrained(dir, distributed_config=DistributedConfig(tp_size=world))`` (its
 ``base_model_tp_plan``, ``tp_plan="auto"``), tpcompile with ``tpcompile.from_pretrained(dir,
 mesh)`` (its cross-entropy vocab-parallel; a second copy planned with
-``vocab_losses(False)`` computes it on gathered logits, as before that existed). Each is
+``vocab_losses(False)`` computes it on gathered logits, as before that existed; a third
+is planned with ``sequence_parallel=False``, the sharding transformers' plan has: column-
+and row-wise projections, a replicated residual stream, no sequence shards). Each is
 checked against the unsharded model (loss, logits and every gradient)
 before anything is timed; then training steps (forward with labels, backward, AdamW)
 ALTERNATE between them. A step's time is the slowest rank's; the table gives medians and
@@ -110,15 +112,19 @@ def main() -> None:
     # input size is planned at its first call)
     gathered = tpcompile.from_pretrained(folder, mesh, loss_parallel=args.loss_parallel)
     gathered.forward = _switched(gathered.forward)
-    progs = {"tpcompile": ours, "tpcompile_gathered": gathered, "transformers": hf,
-             "unsharded": copy.deepcopy(ref)}
+    # transformers' plan has no sequence parallelism; the same sharding from tpcompile
+    same = tpcompile.from_pretrained(folder, mesh, loss_parallel=args.loss_parallel,
+                                     sequence_parallel=False)
+    progs = {"tpcompile": ours, "tpcompile_gathered": gathered, "tpcompile_nosp": same,
+             "transformers": hf, "unsharded": copy.deepcopy(ref)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in progs.items()}
     rows = []
     batches = {}
     for batch, seq in C.sizes(args.sizes):  # every size checked before any step trains
         g = torch.Generator().manual_seed(batch * 1000 + seq)
         ids = torch.randint(0, 32000, (batch, seq), generator=g)
-        errs = {k: check(ref, progs[k], ids) for k in ("tpcompile", "tpcompile_gathered", "transformers")}
+        errs = {k: check(ref, progs[k], ids) for k in
+                ("tpcompile", "tpcompile_gathered", "tpcompile_nosp", "transformers")}
         for k, e in errs.items():
             if not e <= 1e-4:
                 raise SystemExit(f"{k} differs from the unsharded model by {e:.2e}")
@@ -143,15 +149,22 @@ def main() -> None:
             med[k] = C.median(times[k])
         rows.append({"batch": batch, "seq": seq, "tpcompile_ms": 1e3 * med["tpcompile"],
                      "gathered_ms": 1e3 * med["tpcompile_gathered"],
+                     "nosp_ms": 1e3 * med["tpcompile_nosp"],
                      "transformers_ms": 1e3 * med["transformers"],
                      "unsharded_ms": 1e3 * med["unsharded"],
                      "ratio": med["tpcompile"] / med["transformers"],
                      **C.interval(times["tpcompile"], times["transformers"]),
-                     "err_tpcompile": errs["tpcompile"], "err_transformers": errs["transformers"]})
+                     "ratio_nosp": med["tpcompile_nosp"] / med["transformers"],
+                     "ratio_nosp_ci": C.interval(times["tpcompile_nosp"],
+                                                 times["transformers"])["ratio_ci"],
+                     "err_tpcompile": max(errs[k] for k in errs if k.startswith("tpcompile")),
+                     "err_transformers": errs["transformers"]})
     cols = [("batch", "batch", ""), ("seq", "seq", ""), ("tpcompile_ms", "tpcompile ms", ".1f"),
             ("gathered_ms", "tpcompile, loss on gathered logits ms", ".1f"),
+            ("nosp_ms", "tpcompile, no SP ms", ".1f"),
             ("transformers_ms", "transformers TP ms", ".1f"), ("unsharded_ms", "unsharded ms", ".1f"),
             ("ratio", "tpcompile/transformers", ".3f"), ("ratio_ci", "90% interval", ""),
+            ("ratio_nosp", "no SP/transformers", ".3f"), ("ratio_nosp_ci", "90% interval", ""),
             ("err_tpcompile", "err tpc", ".1e"),
             ("err_transformers", "err HF", ".1e")]
     C.emit({"what": "hf_tp", "model": "LlamaForCausalLM h256 L2 heads16 vocab32000",

@@ -146,8 +146,10 @@ class _Builder:
         for ph in t.inputs:
             self.env[ph] = g.placeholder(ph.name)
         sync: list[fx.Node] = []
-        for ph, fqn in t.params.items():
-            self.env[ph] = g.call_function(C.local, (g.get_attr(fqn), fqn))
+        names = tuple(t.params.values())
+        shards = g.call_function(C.locals_of, (names, *[g.get_attr(f) for f in names]))
+        for i, (ph, fqn) in enumerate(t.params.items()):
+            self.env[ph] = g.call_function(operator.getitem, (shards, i))
             if self._placement(ph) is None and self._partial_reads_only(ph):
                 sync.append(ph)
         for ph, fqn in t.buffers.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -572,6 +572,49 @@ def local(p: torch.Tensor, name: str = "") -> torch.Tensor:
     program would read as its shard: wrong numbers), refused by name."""
     if isinstance(p, DTensor):
         return p.to_local()
+    _not_ours(p, name)
+
+
+class _Locals(torch.autograd.Function):
+    """The local shards of all the parameters a program reads, one autograd node for all
+    of them. ``DTensor.to_local`` makes a node per parameter, and a Python backward per
+    parameter; with ~10 parameters a block that is ~2 ms a training step on the CPU.
+    Each gradient becomes a DTensor exactly as ``to_local``'s backward makes it (its
+    code is called)."""
+
+    @staticmethod
+    def forward(ctx: Any, *params: DTensor) -> tuple[torch.Tensor, ...]:
+        ctx.specs = [p._spec for p in params]
+        ctx.set_materialize_grads(False)
+        out = tuple(p._local_tensor.view_as(p._local_tensor) for p in params)
+        frozen = [o for o, p in zip(out, params) if not p.requires_grad]
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
+        from types import SimpleNamespace
+
+        from torch.distributed.tensor._api import _ToTorchTensor
+        return tuple(
+            None if g is None else
+            _ToTorchTensor.backward(SimpleNamespace(dtensor_spec=s, grad_placements=None), g)[0]
+            for g, s in zip(grads, ctx.specs))
+
+
+def locals_of(names: tuple[str, ...], *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The local shards of a program's parameters (``local`` of each), read at once. Under
+    torch.compile each is read with ``to_local``, which Dynamo knows."""
+    for p, name in zip(params, names):
+        if not isinstance(p, DTensor):
+            _not_ours(p, name)
+    if torch.compiler.is_compiling() or not params:
+        return tuple(p.to_local() for p in params)  # type: ignore[union-attr]
+    return _Locals.apply(*params)
+
+
+def _not_ours(p: torch.Tensor, name: str) -> NoReturn:
     raise UnsupportedError(
         f"parameter {name or '?'} (in the module whose program reads it: the root or a "
         f"block) is a plain {type(p).__name__} of shape {list(p.shape)}, not "
