@@ -113,3 +113,24 @@ def test_layers_left_replicated_in_blocks_are_listed_once_each_and_warned_once()
     said = sorted(str(w.message).split(" stays ")[0] for w in caught
                   if "stays replicated" in str(w.message))
     assert said == ["tpcompile: layers.0.attention.wo", "tpcompile: layers.0.attention.wqkv"], said
+
+
+def test_parameters_read_in_slices_are_listed_in_their_block():
+    """OLMo2 normalizes q and k over the whole sharded projection: each rank reads its
+    slice of the replicated norm weights. The placement table lists them (it listed only
+    layers with a style, so they were in no row), and the JSON round-trips them."""
+    import warnings
+
+    from models import hf_zoo
+    from tpcompile.cli import render
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        e = explain(hf_zoo.build("olmo2"), tp=2, seq=16,
+                    example_kwargs=hf_zoo.example_inputs("olmo2"))[0]
+    rows = {(b.path, l.name): l.placements for b in e.blocks for l in b.sliced}
+    assert rows == {(p, f"self_attn.{n}_norm"): {"weight": "Replicate (each rank reads its "
+                                                  "slice; grad summed over tp)"}
+                    for p in {b.path for b in e.blocks if b.sliced} for n in "qk"}, rows
+    assert len({p for p, _ in rows}) == 1, rows  # the decoder layer's program
+    assert "sliced      self_attn.q_norm" in render.text(e)
+    assert Explanation.model_validate_json(e.model_dump_json()) == e

@@ -103,11 +103,12 @@ def test_gpt_oss_attention_sinks_keep_attention_sharded(pool, tp):
     attention scores: ``cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, q, -1)])``.
     Made from a parameter alone, the expanded sinks are read split by heads like the
     scores, their gradient gathered; attention stays sharded (it was replicated). Its
-    experts are 3-D Parameters read by a grouped matmul: replicated, with notes."""
+    experts are 3-D Parameters read by a grouped matmul, and its router is narrow: both
+    replicated, with notes."""
     res = pool.run(J.numerics, "gpt_oss", tp, tp == 2)
     check(res, None)
     for r in res:
-        notes = [n for n in r[0]["notes"] if not n.startswith("mlp.experts.")]
+        notes = [n for n in r[0]["notes"] if not n.startswith(("mlp.experts.", "mlp.router:"))]
         assert notes == [], notes
 
 
@@ -158,17 +159,46 @@ def test_moe_experts_as_3d_parameters_stay_replicated_and_say_so(pool):
     assert len(experts) == 2 and all("3-D weight" in n and "grouped_mm" in n for n in experts), notes
 
 
+@pytest.mark.parametrize("family, router", [("mixtral", "mlp.gate"), ("qwen2_moe", "mlp.gate"),
+                                            ("gpt_oss", "mlp.router")])
+def test_moe_routers_stay_replicated(family, router):
+    """A router (hidden -> a few experts) whose scores a softmax or top-k reads whole was
+    sharded by columns and gathered at the layer: a gather of [tokens, experts] forward and
+    an all-reduce of [tokens, hidden] backward per block, to split a weight of experts x
+    hidden. It stays replicated, with a note saying why; the vocabulary head, which
+    the same rule keeps sharded (out_features >> in_features), still is."""
+    import warnings
+
+    import tpcompile
+    from models import hf_zoo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = tpcompile.plan(hf_zoo.build(family), tp=2,
+                           example_kwargs=hf_zoo.example_inputs(family))
+    styles = p.layer_styles()
+    routers = [k for k in styles if k.endswith(router) or f"{router}." in k]
+    assert not routers, styles
+    assert styles.get("lm_head") == "colwise", styles
+    notes = [n.reason for n in p.notes() if n.layer.endswith(router)]
+    assert notes and all(n == "replicated: its output is read whole inside the model, and "
+                         "out_features 4 < in_features 64: gathering its output forward and "
+                         "all-reducing its input gradient backward would cost more than "
+                         "splitting its weight saves" for n in notes), notes
+
+
 def test_moe_with_a_one_wide_shared_expert_gate(pool):
     """Qwen2-MoE: ``mlp.shared_expert_gate`` (out_features 1) sits beside the shared
     expert ``mlp.shared_expert.*`` and the router ``mlp.gate``. It is a layer of its own,
-    kept replicated with a note naming it alone; the shared expert and attention stay
-    sharded (it was taken as part of their segments by name prefix: IndivisibleError)."""
+    kept replicated with a note naming it alone (a gate 1 wide is too narrow to pay for
+    its collectives); the shared expert and attention stay sharded (it was taken as part
+    of their segments by name prefix: IndivisibleError)."""
     res = pool.run(J.numerics, "qwen2_moe", 2, True)
     check(res, 0.5)
     for r in res:
         gate = [n for n in r[0]["notes"] if "shared_expert_gate" in n]
-        assert gate == ["mlp.shared_expert_gate: replicated (head): out_features = 1 not "
-                        "divisible by tp = 2"], r[0]["notes"]
+        assert len(gate) == 1 and gate[0].startswith(
+            "mlp.shared_expert_gate: replicated: its output is read whole inside the model, "
+            "and out_features 1 < in_features 64"), r[0]["notes"]
 
 
 @pytest.mark.parametrize("family", ["reference_llama", "nanogpt", "gpt_fast"])

@@ -68,6 +68,11 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | Non
                     continue
                 reason, indivisible, no_rule = u.reason, u.indivisible, u.no_rule
                 if entries == {lin} and u.indivisible is None and _is_head(g, gm, lin):
+                    narrow = _narrow(linears[order[lin]])
+                    if narrow:  # a router: its scores are read whole (top-k) in the model
+                        reason = f"its output is read whole inside the model, and {narrow}"
+                        no_rule = None
+                        break
                     try:  # the logits also feed a loss inside the model: gather at the head
                         res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts,
                                         heads=heads | {lin})
@@ -116,6 +121,23 @@ def _blame_feeders(g: nx.DiGraph, linears: list[fx.Node], names: list[str],
                      f"features); as a colwise layer instead: {own}", n.indivisible, n.no_rule)
         out.append(n)
     return out
+
+
+def _narrow(node: fx.Node) -> str:
+    """Why a Linear gathered at once would not pay for its collectives ("" if it would):
+    split by columns, each rank saves ``(tp - 1) / tp`` of its ``out x in`` weight and
+    matmuls, and pays a gather of ``[tokens, out]`` forward and an all-reduce of
+    ``[tokens, in]`` backward. A vocabulary head (out >> in) is worth it; a router or
+    a classifier (out < in: a few experts or classes) is not."""
+    layer = layer_of(node)
+    if layer is None or len(layer.shape) != 2:
+        return ""
+    out, inp = layer.shape if layer.kind == "linear" else layer.shape[::-1]
+    if out >= inp:
+        return ""
+    return (f"out_features {out} < in_features {inp}: gathering its output forward and "
+            "all-reducing its input gradient backward would cost more than splitting its "
+            "weight saves")
 
 
 def _is_head(g: nx.DiGraph, gm: fx.GraphModule, name: str) -> bool:

@@ -54,6 +54,9 @@ class BlockReport(_M):
     output: str
     segments: list[SegmentReport]
     norms: list[LayerReport]
+    # replicated parameters each rank reads a slice of (a q/k norm over the whole sharded
+    # projection, gpt-oss's sinks): their compute is sharded, their gradient summed over tp
+    sliced: list[LayerReport] = []
 
 
 class CollectiveReport(_M):
@@ -212,9 +215,16 @@ def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
         if lone:
             segs.append(SegmentReport(kind="embedding", layers=lone))
         norms = [layer(n) for n, st in mp.styles.items() if st == "sequence_parallel"]
+        sliced: dict[str, dict[str, str]] = {}
+        for name in mp.sliced:
+            owner_name, role = param_role(name)  # "mlp.router", "weight"; "attn", "sinks"
+            sliced.setdefault(owner_name, {})[role] = \
+                "Replicate (each rank reads its slice; grad summed over tp)"
         out.append(BlockReport(path=mp.path or "<root>", module_type=mp.module_type,
                                members=len(u.members), inputs=list(mp.inputs), output=mp.output,
-                               segments=segs, norms=norms))
+                               segments=segs, norms=norms,
+                               sliced=[LayerReport(name=n, style="read in slices", placements=pl)
+                                       for n, pl in sliced.items()]))
     return out
 
 

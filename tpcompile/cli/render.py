@@ -41,9 +41,10 @@ def text(e: Explanation) -> str:
             for i, l in enumerate(s.layers):
                 pl = ", ".join(f"{k} {v}" for k, v in l.placements.items()) or "-"
                 lines.append(f"    {s.kind if i == 0 else '':<11} {l.name:<28} {l.style:<17} {pl}")
-        for l in b.norms:
-            pl = ", ".join(f"{k} {v}" for k, v in l.placements.items()) or "-"
-            lines.append(f"    {'norm':<11} {l.name:<28} {l.style:<17} {pl}")
+        for kind, rows in (("norm", b.norms), ("sliced", b.sliced)):
+            for l in rows:
+                pl = ", ".join(f"{k} {v}" for k, v in l.placements.items()) or "-"
+                lines.append(f"    {kind:<11} {l.name:<28} {l.style:<17} {pl}")
     lines += ["", "Collectives per step (bytes of the full tensor; wire = sent per rank, ring)",
               f"  {'module':<10} {'phase':<8} {'op':<14} {'shape':<18} {'dtype':<8} {'x':>4} "
               f"{'each':>11} {'wire/step':>11}  at"]
