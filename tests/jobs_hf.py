@@ -63,6 +63,9 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tupl
     if family == "olmo_ai2":
         from models import olmo_ai2 as O
         return O.build("tiny", **overrides), (), O.example_inputs("tiny", 4, 8)
+    if family == "mpt_foundry":
+        from models import mpt_foundry as M
+        return M.build("tiny", **overrides), (), M.example_inputs("tiny", 4, 8)
     from models import hf_zoo
     if family == "olmo2_torch_norms":  # q/k norms as torch's nn.RMSNorm (aten.rms_norm)
         m = hf_zoo.build("olmo2", **overrides)

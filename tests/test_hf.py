@@ -84,6 +84,40 @@ def test_norms_over_the_whole_projection_keep_attention_sharded(pool, family, tp
     assert all(r[0]["notes"] == [] for r in res), res[0][0]["notes"]
 
 
+@pytest.mark.parametrize("tp, sp, overrides", [(2, True, {}), (4, False, {}),
+                                               (2, False, {"no_bias": False})])
+def test_mpt_as_llm_foundry_writes_it(pool, tp, sp, overrides):
+    """MosaicML's MPT as llm-foundry writes it (``models/mpt_foundry.py``): the output is
+    the token embedding module called again, ``wte(x, unembed=True)`` =
+    ``F.linear(x, self.weight)`` inside ``SharedEmbedding.forward``; the causal mask is
+    made with ``scores.new_ones(s, s).tril()`` off the (head-sharded) scores; the fused
+    Wqkv is clipped and cut by ``chunk(3)``; heads split by a view naming the head count;
+    a LayerNorm run with autocast off; a logit scale. Everything is sharded: the head
+    colwise on the embedding's vocab shards, attention by heads (``new_ones`` had no rule:
+    attention stayed replicated), every gradient on every rank. Its norms run inside
+    ``torch.autocast(enabled=False)``, one higher-order op in the trace, which sequence
+    parallelism does not enter: with SP asked for, a warning says so, per module."""
+    res = pool.run(J.numerics, "mpt_foundry", tp, sp, overrides, [(4, 8), (2, 6)])
+    check(res, 0.99)
+    assert all(r[0]["notes"] == [] for r in res), res[0][0]["notes"]
+    for r in res:
+        said = [w for w in r[0]["warnings"] if "torch.autocast region" in w]
+        assert len(said) == (2 if sp else 0), r[0]["warnings"]  # the blocks, the root
+
+
+@pytest.mark.parametrize("tp, sp", [(2, True), (4, False)])
+def test_an_output_tied_by_f_linear_on_the_embedding_weight(pool, tp, sp):
+    """AI2's OLMo ties its output as ``F.linear(x, self.transformer.wte.weight)`` in the
+    root's forward (``weight_tying``, OLMo-1B's setting): no Linear module holds the
+    weight. The read is a layer of its own, ``transformer.wte@linear``, colwise on the
+    embedding's vocab shards (both Shard(0) of the one weight, its gradient the sum of
+    both uses); it was named like the embedding, and both stayed replicated (90 % of
+    this tiny model's parameters sharded, the check below asks 98 %)."""
+    res = pool.run(J.numerics, "olmo_ai2", tp, sp, {"weight_tying": True}, [(4, 8), (2, 6)])
+    check(res, 0.98)
+    assert all(r[0]["notes"] == [] for r in res), res[0][0]["notes"]
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_cohere_per_head_norm_weights_are_read_by_heads(pool, tp):
     """Cohere (Command R+) normalizes q and k per head with one weight of [heads, head_dim]

@@ -162,3 +162,20 @@ def test_norms_over_a_sharded_projection_are_no_style_of_other_tools():
         with pytest.raises(PlanError, match=r"self_attn\.q_norm\.weight.*no style") as e:
             convert(plan)
         assert "auto_parallelize" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["mpt_foundry", "olmo_ai2"])
+def test_an_output_head_made_of_the_embedding_weight_is_no_style_of_other_tools(family):
+    """MPT's ``wte(x, unembed=True)`` and AI2 OLMo's ``F.linear(x, wte.weight)`` are no
+    module: tpcompile shards them as ``transformer.wte@linear``; the conversions refuse
+    the name (a parallelize_module key that names no module fails, or styles nothing)."""
+    import tpcompile
+    from tpcompile.errors import PlanError
+    model, args, kwargs = J.build(family, **({"weight_tying": True} if family == "olmo_ai2"
+                                             else {}))
+    plan = tpcompile.plan(model, tp=2, example_inputs=args, example_kwargs=kwargs)
+    assert plan.layer_styles()["transformer.wte@linear"] == "colwise"
+    for convert in (tpcompile.to_hf_tp_plan, tpcompile.to_parallelize_plan):
+        with pytest.raises(PlanError, match=r"^transformer\.wte@linear: .*F\.linear") as e:
+            convert(plan)
+        assert "auto_parallelize" in str(e.value)

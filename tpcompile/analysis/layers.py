@@ -66,7 +66,12 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
             continue
         layer = fqn[:-len(".weight")] if fqn.endswith(".weight") else ""
         caller = _caller(n) if module is not None else layer
-        if kind == "linear" and fqn.endswith(PACKED_WEIGHT) and fqn.rpartition(".")[0] == caller:
+        if kind == "linear" and _unembedding(module, caller, layer):
+            # an Embedding's weight read by F.linear, not through a Linear of its own
+            # (AI2 OLMo's F.linear(x, wte.weight), llm-foundry's SharedEmbedding(unembed=
+            # True)): the output head, a layer of its own named after the embedding
+            layer = f"{layer}{UNEMBED}"
+        elif kind == "linear" and fqn.endswith(PACKED_WEIGHT) and fqn.rpartition(".")[0] == caller:
             # a Parameter of the calling module used as a Linear's weight (the packed
             # in_proj_weight of nn.MultiheadAttention): a layer named after the Parameter
             layer = caller = fqn[:-len("_weight")]
@@ -159,6 +164,9 @@ def canonical_linears(t: Traced) -> int:
 # a Parameter a module uses as a Linear weight itself (nn.MultiheadAttention's
 # in_proj_weight): the layer is named ``<module>.in_proj``, its bias ``in_proj_bias``
 PACKED_WEIGHT = ".in_proj_weight"
+# the output head made of an embedding's weight read by F.linear: ``wte@linear`` (no
+# dot: names split at dots into module and parameter)
+UNEMBED = "@linear"
 
 
 def layer_params(module: nn.Module, layer: str) -> dict[str, str]:
@@ -184,6 +192,21 @@ def param_role(name: str) -> tuple[str, str]:
         if "." + leaf == PACKED_WEIGHT.replace("weight", role):
             return name[:-len(role) - 1], role
     return owner, leaf
+
+
+def _unembedding(module: nn.Module | None, caller: str, layer: str) -> bool:
+    """``layer`` is an nn.Embedding whose weight a Linear op reads where no Linear of the
+    calling module holds it: the caller is the root, the embedding itself, or a module
+    without a ``weight`` of that tensor (a tied nn.Linear head holds it: named after itself)."""
+    if module is None:
+        return False
+    try:
+        emb = module.get_submodule(layer)
+    except AttributeError:
+        return False
+    if not isinstance(emb, nn.Embedding):
+        return False
+    return caller in ("", layer) or not _holds(module, caller, "weight", emb.weight)
 
 
 def _child_linear(module: nn.Module | None, caller: str, layer: str) -> bool:

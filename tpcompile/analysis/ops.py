@@ -130,6 +130,15 @@ def unary(node: fx.Node, ctx: Ctx) -> Layout:
     return lay  # view_as_real too: [..., d] complex -> [..., d, 2] keeps the leading dims
 
 
+@register(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default,
+          aten.new_full.default)
+def new_tensor(node: fx.Node, ctx: Ctx) -> Layout:
+    """``x.new_ones(s, s)`` (MPT's causal mask off the scores): a new tensor of the sizes
+    given, whole (a sharded dim's size reads as its whole size in the program); ``x`` gives
+    its dtype and device only, its shard will do."""
+    return R
+
+
 def _keep_origin(node: fx.Node, src: fx.Node, ctx: Ctx) -> None:
     layer = ctx.origin_of(src)
     if layer is not None and info(node) is not None and info(src) is not None and \
@@ -870,8 +879,7 @@ LOSSES = {aten.cross_entropy_loss.default}
 REPLICATED_ONLY = {
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default,
     aten.ones.default, aten.zeros.default, aten.empty.memory_format, aten.scalar_tensor.default,
-    aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default,
-    aten.new_full.default, aten.tensor.default, aten.linspace.default, aten.rand.default,
+    aten.tensor.default, aten.linspace.default, aten.rand.default,
     aten.randn.default, aten.randint.low, aten.embedding.default, aten.linear.default,
     aten.group_norm.default,
     aten.nll_loss_nd.default, aten.nll_loss.default,

@@ -280,6 +280,12 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
     SQ.apply_block_needs(gm, prop, contracts)
     params = set(t.params) | set(t.buffers)
     q = SQ.sequence_parallel(gm, prop, styles, contracts, params, is_root) if sp else set()
+    if sp and given is None and _norms_in_regions(gm):
+        warn(f"tpcompile: {path or 'the root'}: the norm of {', '.join(_norms_in_regions(gm))} "
+             "runs inside a torch.autocast region (traced as one higher-order op, as in "
+             "llm-foundry's LPLayerNorm); sequence parallelism does not reach into it, so "
+             "such norms and the residual stream around them stay whole on every rank (the "
+             "numbers are the same; the activation memory SP would save is not saved)")
     tensor_inputs = [p for p in t.inputs if p.meta.get("tpc") is not None]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     contract = None if is_root else SQ.block_contract(tensor_inputs, t.outputs, prop, out_node)
@@ -326,6 +332,20 @@ def _summed(t: Traced, prop: A.Propagation, styles: dict[str, str]) -> list[str]
         f"{layer}_{r}" for layer in styles for r in ("weight", "bias")}
     return sorted({t.params[p] for needs in prop.need.values() for p, lay in needs.items()
                    if p in t.params and lay.kind == "E" and t.params[p] not in styled})
+
+
+def _norms_in_regions(gm: fx.GraphModule) -> list[str]:
+    """The modules whose norm runs inside a higher-order op's subgraph (a
+    ``torch.autocast`` region: ``wrap_with_autocast``), which the analysis sees whole."""
+    out = []
+    for n in gm.graph.nodes:
+        subs = [getattr(gm, a.target, None) for a in n.args
+                if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if n.op == "call_function" and any(
+                isinstance(g, fx.GraphModule) and any(m.target in A.NORM_OPS
+                                                      for m in g.graph.nodes) for g in subs):
+            out.append(A.where(n))
+    return sorted(set(out))
 
 
 def _sliced(t: Traced, prop: A.Propagation) -> set[str]:

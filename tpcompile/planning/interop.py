@@ -48,6 +48,7 @@ def _abs(prefix: str, rel: str) -> str:
 
 def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
     """``{fqn_or_glob: hf_style}``; a colwise head is ``colwise_rep`` (output gathered)."""
+    _check_unembed(plan, "Hugging Face's tp_plan")
     _check_packed(plan, "a Hugging Face 'colwise'")
     _check_grouped(plan, "a Hugging Face 'colwise'")
     _check_sliced(plan, "Hugging Face's tp_plan")
@@ -84,6 +85,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     the embedding give sequence-sharded outputs (reduce-scattered)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+    _check_unembed(plan, "parallelize_module")
     _check_sp_entry(plan)
     _check_packed(plan, "a parallelize_module ColwiseParallel")
     _check_grouped(plan, "a parallelize_module ColwiseParallel")
@@ -165,6 +167,17 @@ def _check_sliced(plan: Plan, tool: str) -> None:
             f"tpcompile sums over tp; {tool} has no style for that (the module would "
             "normalize each rank's slice on its own and compute wrong numbers). Use "
             "tpcompile.auto_parallelize")
+
+
+def _check_unembed(plan: Plan, tool: str) -> None:
+    """An output head that is an embedding's weight read by F.linear (``wte@linear``) is no
+    module: a style keyed by module name has nothing to attach to."""
+    from ..analysis.layers import UNEMBED
+    _refuse(plan, lambda mp: [(rel, "") for rel in mp.styles if rel.endswith(UNEMBED)],
+            f"an output head that reads the embedding's weight through F.linear (no module "
+            f"of its own), sharded by tpcompile on the embedding's vocabulary shards; {tool} "
+            "styles modules by name and has nothing to style here. Use "
+            "tpcompile.auto_parallelize, or give the head an nn.Linear tied to the embedding")
 
 
 def _has_sp(mp: ModulePlan) -> bool:
