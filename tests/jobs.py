@@ -142,9 +142,24 @@ class WeightNormScaled(nn.Module):
         return self.fc2(torch.relu(self.fc1(x) / self.fc1.weight.norm(dim=1)))
 
 
+class UnembedOnly(nn.Module):
+    """An embedding whose weight the output reads by F.linear, looked up only by another
+    method (``embed``): forward's graph has no lookup of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.wte, self.ln = nn.Linear(8, 8), nn.Embedding(32, 8), nn.LayerNorm(8)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.ln(self.inp(x)), self.wte.weight)
+
+
 EDGES = {c.__name__: c for c in (ScaleReadTwice, FusedReadWhole, ClampedFusedNormed,
                                  MeanIntoResidual, NormWeightReadTwice, NormWeightAsGate,
-                                 WeightNormScaled)}
+                                 WeightNormScaled, UnembedOnly)}
 
 
 def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,

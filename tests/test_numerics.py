@@ -73,6 +73,7 @@ def test_sums_over_the_sharded_dim(pool, tp, dtype):
     ("NormWeightReadTwice", True, {"fc1": "colwise", "fc2": "rowwise"}),
     ("NormWeightAsGate", True, {"fc1": "colwise", "fc2": "rowwise"}),
     ("WeightNormScaled", False, {"fc2": "colwise"}),
+    ("UnembedOnly", False, {"inp": "colwise", "wte": "rowwise"}),
 ])
 def test_partial_sums_and_sliced_weights_read_other_ways(pool, name, sp, sharded):
     """Found by review, each once wrong: a weight read in slices and whole (its gradient
@@ -82,7 +83,9 @@ def test_partial_sums_and_sliced_weights_read_other_ways(pool, name, sp, sharded
     read on sequence shards and also whole, or in slices through a cast (its gradient
     summed over tp whole, with the complete part: wrong before this project read weights
     in slices, too); a sharded Linear's own weight read whole beside its output (left
-    replicated: each rank holds only its rows)."""
+    replicated: each rank holds only its rows); an embedding's weight read by F.linear
+    in a graph with no lookup of it (named ``wte@linear``, it got no placement: the full
+    weight read as a shard, 2x the logits)."""
     res = pool.run(jobs.numerics, name, 2, sp)
     check(res)
     assert {k: v for k, v in res[0]["styles"].items() if v != "sequence_parallel"} == sharded

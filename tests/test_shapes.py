@@ -175,6 +175,10 @@ def test_an_output_head_made_of_the_embedding_weight_is_no_style_of_other_tools(
                                              else {}))
     plan = tpcompile.plan(model, tp=2, example_inputs=args, example_kwargs=kwargs)
     assert plan.layer_styles()["transformer.wte@linear"] == "colwise"
+    # the plan given back (a saved plan, auto_parallelize(plan=...)) binds to the model
+    from tpcompile.planning.build import compile_model
+    again = compile_model(model, tp=2, example_inputs=args, example_kwargs=kwargs, given=plan)
+    assert again.plan.layer_styles() == plan.layer_styles()
     for convert in (tpcompile.to_hf_tp_plan, tpcompile.to_parallelize_plan):
         with pytest.raises(PlanError, match=r"^transformer\.wte@linear: .*F\.linear") as e:
             convert(plan)

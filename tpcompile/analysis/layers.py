@@ -4,7 +4,7 @@ the small values the analysis passes around (contracts, segments, notes)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import networkx as nx
@@ -69,7 +69,8 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
         if kind == "linear" and _unembedding(module, caller, layer):
             # an Embedding's weight read by F.linear, not through a Linear of its own
             # (AI2 OLMo's F.linear(x, wte.weight), llm-foundry's SharedEmbedding(unembed=
-            # True)): the output head, a layer of its own named after the embedding
+            # True)): the output head, a layer of its own named after the embedding (just
+            # the embedding's name below if this graph has no lookup of that weight)
             layer = f"{layer}{UNEMBED}"
         elif kind == "linear" and fqn.endswith(PACKED_WEIGHT) and fqn.rpartition(".")[0] == caller:
             # a Parameter of the calling module used as a Linear's weight (the packed
@@ -90,6 +91,10 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
             opts = (n.args[2] if len(n.args) > 2 else -1, n.args[3] if len(n.args) > 3 else False,
                     n.args[4] if len(n.args) > 4 else False)
         found[n] = Layer(kind, layer, w, b, tuple(info(w).shape), opts)  # type: ignore[arg-type, union-attr]
+    looked_up = {l.weight for l in found.values() if l.kind == "embedding"}
+    for n, layer in found.items():  # no lookup here to collide with: the embedding's name
+        if layer.name.endswith(UNEMBED) and layer.weight not in looked_up:
+            found[n] = replace(layer, name=layer.name.removesuffix(UNEMBED))
     out: dict[str, Layer] = {}
     for n, layer in found.items():
         twins = [l for l in found.values() if l.weight is layer.weight]
@@ -173,6 +178,8 @@ def layer_params(module: nn.Module, layer: str) -> dict[str, str]:
     """A layer's parameters, role ("weight", "bias") -> name relative to ``module``: a
     module's own ``weight``/``bias``, or a Parameter pair ``<stem>_weight``/``<stem>_bias``
     of the module above (``attn.in_proj`` -> ``attn.in_proj_weight``)."""
+    if layer.endswith(UNEMBED):  # the embedding's weight, read as a Linear's
+        return {"weight": f"{layer.removesuffix(UNEMBED)}.weight"}
     try:
         sub = module.get_submodule(layer)
         return {r: f"{layer}.{r}" for r in ("weight", "bias") if sub._parameters.get(r) is not None}

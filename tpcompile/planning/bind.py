@@ -21,7 +21,7 @@ import re
 import torch.fx as fx
 import torch.nn as nn
 
-from ..analysis.layers import PACKED_WEIGHT, layer_of
+from ..analysis.layers import PACKED_WEIGHT, UNEMBED, layer_of
 from ..errors import PlanError
 from ..frontend.blocks import block_signature, find_blocks
 from .files import is_flat
@@ -87,7 +87,8 @@ def expand(plan: Plan, model: nn.Module) -> dict[str, str]:
     """Absolute layer name -> style. Exact names override globs; two globs that give one
     layer different styles are an error."""
     names = [n for n, _ in model.named_modules() if n] + [  # and packed Parameter pairs
-        n[:-len("_weight")] for n, _ in model.named_parameters() if n.endswith(PACKED_WEIGHT)]
+        n[:-len("_weight")] for n, _ in model.named_parameters() if n.endswith(PACKED_WEIGHT)] + [
+        n + UNEMBED for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
     traced = list(traced_modules(model))
     globbed: dict[str, tuple[str, str]] = {}
     exact: dict[str, str] = {}
