@@ -20,7 +20,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from ..analysis import ops
-from ..analysis.layers import UNEMBED, is_block, layer_of, layer_params, param_role
+from ..analysis.layers import is_block, layer_of, layer_params, param_role
 from ..analysis.layout import R, info
 from ..planning.build import Compiled, Unit
 from ..planning.value import PLACEMENTS, placement
@@ -185,9 +185,6 @@ def megatron_min(c: Compiled) -> int:
 # ------------------------------------------------------------------- blocks, memory
 
 def _placements(style: str, owner: nn.Module, layer: str, packed: int | None) -> dict[str, str]:
-    if layer.endswith(UNEMBED):  # the embedding's weight, placed with the embedding
-        return {"weight": f"{placement('linear', style, 'weight', packed)!r} (of "
-                          f"{layer.removesuffix(UNEMBED)}, the same tensor)"}
     out = {}
     for pn in layer_params(owner, layer):
         pl = placement("conv1d" if _is_conv1d(owner, layer) else "linear", style, pn, packed)

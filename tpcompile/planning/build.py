@@ -280,8 +280,9 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
     SQ.apply_block_needs(gm, prop, contracts)
     params = set(t.params) | set(t.buffers)
     q = SQ.sequence_parallel(gm, prop, styles, contracts, params, is_root) if sp else set()
-    if sp and given is None and _norms_in_regions(gm):
-        warn(f"tpcompile: {path or 'the root'}: the norm of {', '.join(_norms_in_regions(gm))} "
+    hidden = _norms_in_regions(gm) if sp and given is None else []
+    if hidden:
+        warn(f"tpcompile: {path or 'the root'}: the norm of {', '.join(hidden)} "
              "runs inside a torch.autocast region (traced as one higher-order op, as in "
              "llm-foundry's LPLayerNorm); sequence parallelism does not reach into it, so "
              "such norms and the residual stream around them stay whole on every rank (the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..analysis.layers import UNEMBED
 from ..errors import PlanError
 from .files import flat_plan
 from .value import ModulePlan, Plan, SegmentPlan
@@ -172,7 +173,6 @@ def _check_sliced(plan: Plan, tool: str) -> None:
 def _check_unembed(plan: Plan, tool: str) -> None:
     """An output head that is an embedding's weight read by F.linear (``wte@linear``) is no
     module: a style keyed by module name has nothing to attach to."""
-    from ..analysis.layers import UNEMBED
     _refuse(plan, lambda mp: [(rel, "") for rel in mp.styles if rel.endswith(UNEMBED)],
             f"an output head that reads the embedding's weight through F.linear (no module "
             f"of its own), sharded by tpcompile on the embedding's vocabulary shards; {tool} "

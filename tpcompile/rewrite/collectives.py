@@ -566,15 +566,6 @@ def call_block(module: torch.nn.Module, key: int, tensors: list[torch.Tensor]) -
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
-def local(p: torch.Tensor, name: str = "") -> torch.Tensor:
-    """The local shard of a parameter (a DTensor on the tp mesh), as a plain tensor. A
-    plain tensor here is a parameter replaced after ``auto_parallelize`` (a full weight the
-    program would read as its shard: wrong numbers), refused by name."""
-    if isinstance(p, DTensor):
-        return p.to_local()
-    _not_ours(p, name)
-
-
 class _Locals(torch.autograd.Function):
     """The local shards of all the parameters a program reads, one autograd node for all
     of them. ``DTensor.to_local`` makes a node per parameter, and a Python backward per
@@ -604,8 +595,10 @@ class _Locals(torch.autograd.Function):
 
 
 def locals_of(names: tuple[str, ...], *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The local shards of a program's parameters (``local`` of each), read at once. Under
-    torch.compile each is read with ``to_local``, which Dynamo knows."""
+    """The local shards of a program's parameters (DTensors on the tp mesh), read at once,
+    as plain tensors. Under torch.compile each is read with ``to_local``, which Dynamo
+    knows. A plain tensor here is a parameter replaced after ``auto_parallelize`` (a full
+    weight the program would read as its shard: wrong numbers), refused by name."""
     for p, name in zip(params, names):
         if not isinstance(p, DTensor):
             _not_ours(p, name)
