@@ -157,9 +157,38 @@ class UnembedOnly(nn.Module):
         return torch.nn.functional.linear(self.ln(self.inp(x)), self.wte.weight)
 
 
+class ExpertsInOut(nn.Module):
+    """Experts stored [E, in, out] (torchtitan's GroupedExperts, gpt-oss's transposed
+    layout) and read as they are by a grouped matmul (transformers' CPU kernel; PyTorch's
+    ``_grouped_mm`` has no CPU backward), gate and up as Parameters of their own; a top-2
+    router of 4, the expert rows combined by ``index_add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.integrations import moe  # noqa: F401 - registers grouped_mm_fallback
+        self.router = nn.Linear(8, 4, bias=False)
+        self.w1 = nn.Parameter(torch.randn(4, 8, 16) / 8 ** 0.5)
+        self.w3 = nn.Parameter(torch.randn(4, 8, 16) / 8 ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(4, 16, 8) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = x.reshape(-1, d)
+        scores, idx = torch.topk(self.router(h).softmax(-1), 2)
+        order = idx.reshape(-1).argsort()
+        rows = h[order // 2]
+        counts = torch.histc(idx.reshape(-1)[order].float(), bins=4, min=0, max=3)
+        offs = counts.cumsum(0).to(torch.int32)
+        mm = torch.ops.transformers.grouped_mm_fallback
+        y = mm(torch.nn.functional.silu(mm(rows, self.w1, offs)) * mm(rows, self.w3, offs),
+               self.w2, offs)
+        y = y * scores.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(h).index_add(0, order // 2, y).reshape(b, s, d)
+
+
 EDGES = {c.__name__: c for c in (ScaleReadTwice, FusedReadWhole, ClampedFusedNormed,
                                  MeanIntoResidual, NormWeightReadTwice, NormWeightAsGate,
-                                 WeightNormScaled, UnembedOnly)}
+                                 WeightNormScaled, UnembedOnly, ExpertsInOut)}
 
 
 def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,

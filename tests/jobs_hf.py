@@ -192,6 +192,39 @@ def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None =
     return out
 
 
+def judged(rank: int, family: str, tp: int, sp: bool, overrides: dict | None = None) -> dict:
+    """tpcompile's own judge on every rank (``verify.compare`` against a float64 shadow):
+    outputs, every parameter's local shard against its slice of the reference under the
+    placement the plan names, every gradient with that placement; plus the placements
+    and the plan's notes."""
+    import warnings
+
+    from tpcompile import verify
+    ref, args, kwargs = build(family, **(overrides or {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                         example_kwargs=kwargs, sequence_parallel=sp)
+
+    def step(m: nn.Module) -> Any:
+        kw = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in kwargs.items()}
+        out = m(*args, **kw)
+        loss_of(out).backward()
+        return out.logits
+    ref64 = copy.deepcopy(ref)
+    if getattr(ref64.config, "_experts_implementation", None) not in (None, "eager"):
+        ref64.config._experts_implementation = "eager"  # grouped_mm takes no float64
+    sh = verify.shadow(ref64, step)
+    o_ref, o_par = ref(*args, **kwargs), par(*args, **kwargs)
+    loss_of(o_ref).backward()
+    loss_of(o_par).backward()
+    rep = verify.compare(ref, par, o_ref.logits, o_par.logits, shadow=sh)
+    return {"verdict": verify.verdict(verify.gather(rep)),
+            "placements": {n: str(p.placements[-1]) for n, p in par.named_parameters()},
+            "notes": [f"{n.layer}: {n.reason}" for n in tpcompile.plan_of(par).notes()]}
+
+
 def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dict:
     """Inputs of the same structure as ``like`` at another batch and sequence length."""
     g = torch.Generator().manual_seed(batch * 100 + seq)

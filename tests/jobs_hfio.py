@@ -3,6 +3,8 @@ transformers in the parent)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -79,3 +81,28 @@ def loads_with_warnings(rank: int, folder: str) -> list[str]:
         warnings.simplefilter("always")
         tpcompile.from_pretrained(folder, tp_mesh(2))
     return [str(w.message) for w in caught if "from_pretrained" in str(w.message)]
+
+
+def read_per_part(rank: int, folder: str) -> dict:
+    """from_pretrained at tp 2: bytes read per parameter (the reader wrapped), and every
+    parameter's full tensor against transformers' own load of the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from tpcompile import hf
+    read: dict[str, int] = {}
+    fill = hf._Reader.fill
+
+    def counted(self: Any, name: str, p: torch.Tensor) -> None:
+        before = self.read_bytes
+        fill(self, name, p)
+        read[name] = self.read_bytes - before
+    hf._Reader.fill = counted  # type: ignore[method-assign]
+    try:
+        par = tpcompile.from_pretrained(folder, tp_mesh(2))
+    finally:
+        hf._Reader.fill = fill  # type: ignore[method-assign]
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    want = dict(ref.named_parameters())
+    return {"read": read, "bytes": {n: p.numel() * p.element_size() for n, p in want.items()},
+            "unequal": [n for n, p in par.named_parameters() if not torch.equal(full(p), want[n])],
+            "placements": {n: str(p.placements) for n, p in par.named_parameters()}}

@@ -134,3 +134,25 @@ def test_parameters_read_in_slices_are_listed_in_their_block():
     assert len({p for p, _ in rows}) == 1, rows  # the decoder layer's program
     assert "sliced      self_attn.q_norm" in render.text(e)
     assert Explanation.model_validate_json(e.model_dump_json()) == e
+
+
+def test_experts_are_rows_of_their_block_and_counted_sharded():
+    """Mixtral's 3-D expert Parameters are layers of their own: explain lists them in the
+    MLP segment with their placements (per part on dim 1, rowwise on dim 2), counts their
+    bytes as sharded, and the JSON round-trips the plan's layouts."""
+    import warnings
+
+    from models import hf_zoo
+    from tpcompile.cli import render
+    model = hf_zoo.build("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        e = explain(model, tp=2, seq=16, example_kwargs=hf_zoo.example_inputs("mixtral"))[0]
+    rows = {l.name: (l.style, l.placements) for b in e.blocks for s in b.segments
+            for l in s.layers if ".experts." in l.name}
+    assert rows == {"mlp.experts.gate_up_proj": ("colwise", {"weight": "_StridedShard(dim=1, sf=2)"}),
+                    "mlp.experts.down_proj": ("rowwise", {"weight": "Shard(dim=2)"})}, rows
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert e.memory.params_sharded_bytes >= experts // 2 * 4  # float32, halved over tp 2
+    assert "mlp.experts.down_proj        rowwise" in render.text(e)
+    assert Explanation.model_validate_json(e.model_dump_json()) == e

@@ -137,8 +137,8 @@ def test_gpt_oss_attention_sinks_keep_attention_sharded(pool, tp):
     attention scores: ``cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, q, -1)])``.
     Made from a parameter alone, the expanded sinks are read split by heads like the
     scores, their gradient gathered; attention stays sharded (it was replicated). Its
-    experts are 3-D Parameters read by a grouped matmul, and its router is narrow: both
-    replicated, with notes."""
+    experts add a bias per expert to the grouped matmul's output in place (``add_``, no
+    rule), and its router is narrow: both replicated, with notes."""
     res = pool.run(J.numerics, "gpt_oss", tp, tp == 2)
     check(res, None)
     for r in res:
@@ -182,15 +182,29 @@ def test_blocks_traced_inline_plan_again_from_the_trace_cache():
     assert styles[0] == styles[1] and "colwise" in styles[0].values(), styles
 
 
-def test_moe_experts_as_3d_parameters_stay_replicated_and_say_so(pool):
-    """Mixtral in transformers 5: the experts are 3-D Parameters read by a grouped
-    matmul, no Linear: right numbers, attention sharded, and a note for each expert
-    weight naming its shape and what reads it (there was no note at all)."""
-    res = pool.run(J.numerics, "mixtral", 2, True)
-    check(res, 0.1)
-    notes = res[0][0]["notes"]
-    experts = [n for n in notes if "experts." in n]
-    assert len(experts) == 2 and all("3-D weight" in n and "grouped_mm" in n for n in experts), notes
+@pytest.mark.parametrize("family, tp, sp", [("mixtral", 2, True), ("mixtral", 4, False),
+                                            ("qwen2_moe", 2, False)])
+def test_moe_experts_are_sharded_like_linears(pool, family, tp, sp):
+    """transformers 5's experts: 3-D Parameters [E, out, in] read transposed by a grouped
+    matmul (``grouped_mm_fallback`` on the CPU), no Linear. ``gate_up_proj`` is colwise per
+    part (its output is chunked into gate | up: each rank holds its slice of both, on dim
+    1), ``down_proj`` rowwise (dim 2), its partial sums all-reduced. They were replicated
+    (Mixtral: 10 % of the parameters sharded at tp 2). Judged by tpcompile's own judge on
+    every rank: each shard against its slice of the reference under the plan's placement,
+    every gradient with its placement, the outputs. Qwen2-MoE also has a shared expert
+    (plain Linears) beside them."""
+    for r in pool.run(J.judged, family, tp, sp):
+        assert not r["verdict"], r["verdict"]
+        experts = {n.rsplit(".", 1)[1]: pl for n, pl in r["placements"].items()
+                   if ".mlp.experts." in n}
+        assert set(experts.items()) == {("gate_up_proj", "_S(1, 2)"), ("down_proj", "S(2)")}, experts
+        assert not [n for n in r["notes"] if "experts" in n], r["notes"]
+
+
+def test_moe_experts_under_fsdp_dp2_tp2(pool):
+    """Mixtral's experts sharded over tp on their feature dims, and by FSDP2 over dp on
+    the experts' dim."""
+    check(pool.run(J.fsdp_numerics, "mixtral"), 0.95)
 
 
 @pytest.mark.parametrize("family, router", [("mixtral", "mlp.gate"), ("qwen2_moe", "mlp.gate"),

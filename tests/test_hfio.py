@@ -20,7 +20,7 @@ def _folder(tmp_path, family: str):
 
 
 @pytest.mark.parametrize("family,dp,shard", [("llama", 1, None), ("qwen2", 1, 40_000),
-                                            ("llama", 2, None)])
+                                            ("llama", 2, None), ("mixtral", 1, None)])
 def test_from_pretrained_matches_and_save_pretrained_round_trips(pool, tmp_path, family, dp,
                                                                 shard):
     """shard: files of at most 40 kB (this model holds ~360 kB): several safetensors files
@@ -45,6 +45,24 @@ def test_from_pretrained_matches_and_save_pretrained_round_trips(pool, tmp_path,
         for r in res:
             assert r["read"] <= 0.6 * r["total"], (r["read"], r["total"])
             assert r["read"] >= r["sharded_local"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt2"])
+def test_each_rank_reads_its_slice_of_every_part(pool, tmp_path, family):
+    """Mixtral's folder stores one Linear per expert (``block_sparse_moe.experts.N.w1``,
+    ``w2``, ``w3``), which transformers renames and stacks into 3-D Parameters as it
+    loads; GPT-2's ``c_attn`` holds q, k and v in one weight. Each rank reads its slice of
+    every expert and every part (half of each sharded parameter at tp 2; it read fused
+    weights whole, and could not load Mixtral's folder at all), and every parameter equals
+    transformers' own load."""
+    src = _folder(tmp_path, family)
+    for r in pool.run(J.read_per_part, str(src)):
+        assert not r["unequal"], r["unequal"]
+        sharded = [n for n, pl in r["placements"].items() if "Shard" in pl]
+        assert any(k in n for n in sharded for k in (".experts.", ".c_attn.")), sharded
+        wrong = {n: (r["read"][n], r["bytes"][n]) for n in sharded
+                 if r["read"][n] != r["bytes"][n] // 2}
+        assert not wrong, wrong
 
 
 def test_a_folder_that_does_not_fit_is_refused_by_name(pool, tmp_path):

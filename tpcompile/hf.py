@@ -6,9 +6,16 @@ parameters on the meta device (buffers such as rotary tables are computed for re
 are small and not in the checkpoint), plans it, and fills each rank's shards straight
 from the ``*.safetensors`` files with ``safe_open(...).get_slice``: a rank reads the
 rows (or columns) it holds and nothing else, so a checkpoint never exists whole in one
-process. A parameter whose placement is not one block per rank (a fused projection's
-per-part slices, FSDP's strided dp shard on top of tp) is read whole and sharded
+process. A fused projection's per-part slices are read part by part. A parameter whose
+placement is neither (FSDP's strided dp shard on top of tp) is read whole and sharded
 locally; that is counted in ``read_bytes`` too.
+
+Checkpoints of transformers 5's MoE families store one Linear per expert (Mixtral's
+``block_sparse_moe.experts.N.w1``), which transformers renames and stacks into one 3-D
+Parameter per projection as it loads them. tpcompile follows the same conversion mapping
+(transformers' own) for renames and for stacking along the experts (and concatenating
+gate and up): each rank reads its rows or columns of every expert's tensor. Any other
+conversion is not followed: the parameter is named as missing.
 
 ``save_pretrained(model, folder)`` gathers one parameter at a time (every rank takes
 part), and rank 0 writes ``config.json`` and safetensors under the original names, a file
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -99,22 +107,133 @@ def _block(p: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
 
 
-class _Reader:
-    """Reads this rank's part of each tensor from the safetensors files, counting bytes."""
+def _stored_layout(model_type: str | None, stored: list[str]
+                   ) -> tuple[dict[str, str], dict[str, list[list[str]]]]:
+    """How transformers 5 reads a checkpoint of ``model_type`` into its model, as far as
+    tpcompile follows it: (model name -> stored name) for tensors stored under their own
+    or a renamed name, and (model name -> stored names per source, in expert order) for a
+    3-D Parameter of experts that transformers merges from one Linear per expert
+    (Mixtral's ``experts.N.w1`` and ``w3`` into ``experts.gate_up_proj``). The renaming
+    is transformers' own (its checkpoint conversion mapping); any other conversion is not
+    followed, and its tensors stay unmatched (named as missing)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import (Concatenate, MergeModulelist,
+                                                     WeightConverter)
+    except ImportError:  # an older transformers: names as stored
+        return {n: n for n in stored}, {}
+    mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    direct: dict[str, str] = {}
+    merged: dict[str, dict[int, dict[int, str]]] = {}
+    for key in stored:
+        name: str | None = key
+        for t in mapping or []:
+            new, pattern = t.rename_source_key(name)  # type: ignore[arg-type]
+            if pattern is None:
+                continue
+            if isinstance(t, WeightConverter):
+                ops = [(type(o), getattr(o, "dim", None)) for o in t.operations]
+                stack = ops[:1] == [(MergeModulelist, 0)] and ops[1:] in ([], [(Concatenate, 1)])
+                expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)  # type: ignore[arg-type]
+                if stack and expert and (len(t.source_patterns) == 1 or len(ops) == 2):
+                    part = t.source_patterns.index(pattern)
+                    merged.setdefault(new, {}).setdefault(part, {})[int(expert.group(1))] = key
+                name = None  # merged, or a conversion not followed
+                break
+            name = new
+        if name is not None:
+            direct[name] = key
+    whole = {}
+    for target, parts in merged.items():  # every part, every expert 0..E-1
+        n = len(next(iter(parts.values())))
+        if sorted(parts) == list(range(len(parts))) and \
+                all(sorted(p) == list(range(n)) for p in parts.values()):
+            whole[target] = [[parts[i][e] for e in range(n)] for i in range(len(parts))]
+    return direct, whole
 
-    def __init__(self, files: dict[str, Path]) -> None:
-        self.files = files
+
+def _indices(p: torch.Tensor) -> list[list[int]] | None:
+    """The global indices, per dim, of this rank's shard of ``p`` (a tensor on a 1-D
+    mesh, sharded on one dim, in one block or in a block of each of equal parts: a fused
+    projection's), or None (anything else: FSDP's placements on a 2-D mesh)."""
+    if not isinstance(p, DTensor):
+        return [list(range(s)) for s in p.shape]
+    from torch.distributed.tensor.placement_types import _StridedShard
+    mesh, (pl,) = p.device_mesh, (p.placements if p.device_mesh.ndim == 1 else (None,))
+    out = [list(range(s)) for s in p.shape]
+    if isinstance(pl, Replicate):
+        return out
+    if not isinstance(pl, (Shard, _StridedShard)) or p.shape[pl.dim] % (mesh.size() * (
+            pl.split_factor if isinstance(pl, _StridedShard) else 1)):
+        return None
+    n, r = mesh.size(), mesh.get_local_rank()
+    parts = pl.split_factor if isinstance(pl, _StridedShard) else 1
+    size = p.shape[pl.dim] // parts
+    out[pl.dim] = [j * size + i for j in range(parts)
+                   for i in range(r * size // n, (r + 1) * size // n)]
+    return out
+
+
+def _runs(idx: list[int]) -> list[slice]:
+    """Consecutive runs of sorted indices, as slices."""
+    out: list[slice] = []
+    for i in idx:
+        if out and out[-1].stop == i:
+            out[-1] = slice(out[-1].start, i + 1)
+        else:
+            out.append(slice(i, i + 1))
+    return out
+
+
+class _Reader:
+    """Reads this rank's part of each tensor from the safetensors files, counting bytes.
+    ``files``: stored name -> file; ``model_type``: the config's, for transformers'
+    renaming and merging of per-expert tensors (see ``_stored_layout``)."""
+
+    def __init__(self, files: dict[str, Path], model_type: str | None = None) -> None:
+        self.stored, self.merged = _stored_layout(model_type, list(files))
+        self.files = {name: files[key] for name, key in self.stored.items()}
+        self.sources = {key: files[key] for parts in self.merged.values() for part in parts
+                        for key in part}
         self.handles = {f: _open(f) for f in sorted(set(files.values()))}
         self.read_bytes = 0
 
+    def _slice(self, name: str) -> Any:
+        """The stored tensor under a model name, or a merged one's source by its key."""
+        if name in self.files:
+            return self.handles[self.files[name]].get_slice(self.stored[name])
+        return self.handles[self.sources[name]].get_slice(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.files or name in self.merged
+
+    def where(self, name: str) -> str:
+        return self.files[name].name if name in self.files else \
+            self.sources[self.merged[name][0][0]].name
+
     def shape(self, name: str) -> list[int]:
-        return list(self.handles[self.files[name]].get_slice(name).get_shape())
+        if name in self.files:
+            return list(self._slice(name).get_shape())
+        parts = self.merged[name]  # [E, rows of every part, cols]
+        first = [list(self._slice(part[0]).get_shape()) for part in parts]
+        return [len(parts[0]), sum(s[0] for s in first), *first[0][1:]]
 
     @torch.no_grad()
     def fill(self, name: str, p: torch.Tensor) -> None:
         from .runtime.distribute import copy_full_into
-        piece = self.handles[self.files[name]].get_slice(name)
+        if name in self.merged:
+            return self._fill_merged(name, p)
+        piece = self._slice(name)
         block = _block(p) if isinstance(p, DTensor) else (tuple(p.shape), (0,) * p.dim())
+        idx = _indices(p) if block is None else None
+        if idx is not None:  # a block of each part (a fused projection's): part by part
+            runs = [_runs(i) for i in idx]
+            d = max(range(len(runs)), key=lambda k: len(runs[k]))
+            value = torch.cat([piece[tuple(r if k == d else rs[0] for k, rs in enumerate(runs))]
+                               for r in runs[d]], dim=d)
+            self.read_bytes += value.numel() * value.element_size()
+            p.to_local().copy_(value.to(p.dtype))  # type: ignore[union-attr]
+            return
         if block is None:  # not one block per rank: read whole, keep this rank's shard
             full = piece[:]
             self.read_bytes += full.numel() * full.element_size()
@@ -126,6 +245,36 @@ class _Reader:
         local = p.to_local() if isinstance(p, DTensor) else p
         local.copy_(value.to(local.dtype))
 
+    def _fill_merged(self, name: str, p: torch.Tensor) -> None:
+        """A Parameter of experts from one stored tensor per expert and part: this rank's
+        experts, rows and columns of each, read as slices (whole, then sharded here, for
+        placements that are not per dim, FSDP's on a 2-D mesh)."""
+        from .runtime.distribute import copy_full_into
+        parts = self.merged[name]
+        rows = [int(self._slice(part[0]).get_shape()[0]) for part in parts]
+        idx = _indices(p)
+        if idx is None:
+            idx = [list(range(s)) for s in p.shape]
+        experts, want, cols = idx
+        col_runs = _runs(cols)
+        blocks = []
+        for e in experts:
+            pieces, start = [], 0
+            for part, n in zip(parts, rows):
+                mine = [i - start for i in want if start <= i < start + n]
+                start += n
+                src = self._slice(part[e])
+                for r in _runs(mine):
+                    pieces.append(torch.cat([src[r, c] for c in col_runs], dim=1))
+            blocks.append(torch.cat(pieces, dim=0))
+        value = torch.stack(blocks)
+        self.read_bytes += value.numel() * value.element_size()
+        if list(value.shape) == list(p.shape) and isinstance(p, DTensor):  # read whole
+            copy_full_into(p, value)
+            return
+        local = p.to_local() if isinstance(p, DTensor) else p
+        local.copy_(value.to(local.dtype))
+
 
 def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
     """Every parameter of the model is in the checkpoint with the same shape; tensors the
@@ -133,12 +282,12 @@ def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
     problems, found = [], 0
     names = dict(model.named_parameters())  # tied parameters once, under their first name
     for name, p in names.items():
-        if name not in reader.files:
+        if not reader.has(name):
             problems.append(f"{name} is missing")
             continue
         found += 1
         if reader.shape(name) != list(p.shape):
-            problems.append(f"{name} is {reader.shape(name)} in {reader.files[name].name}, "
+            problems.append(f"{name} is {reader.shape(name)} in {reader.where(name)}, "
                             f"{list(p.shape)} in the model")
     kind = type(model).__name__
     if not found:
@@ -153,7 +302,7 @@ def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
             f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied: both names
     known |= {n for n, _ in model.named_buffers()}
-    extra = sorted(n for n in reader.files if n not in known)
+    extra = sorted(reader.stored[n] for n in reader.files if n not in known)
     if extra:
         warn(f"tpcompile.from_pretrained: {len(extra)} tensor(s) in {folder} that {kind} does "
              f"not have are not loaded: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
@@ -182,7 +331,7 @@ def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.train()
-    reader = _Reader(_tensor_files(folder))
+    reader = _Reader(_tensor_files(folder), getattr(config, "model_type", None))
     _check_names(model, reader, folder)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     for m in model.modules():  # everything on meta now; the init puts it back

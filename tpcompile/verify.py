@@ -383,22 +383,29 @@ def planned_placements(model: torch.nn.Module, plan: Any = None) -> dict[str, Pl
     ``model`` was parallelized with) gives it: ``Shard`` for the sharded parameters of
     colwise / rowwise / vocab-parallel layers, ``Replicate`` for every other one. A
     layer stored transposed (GPT-2's ``Conv1D``, weight (in, out)) is sharded on the other
-    weight dim; a fused projection the plan packs into parts holds each rank's slice of
+    weight dim, and a Parameter of experts on its out or in dim after the experts'; a
+    fused projection the plan packs into parts holds each rank's slice of
     every part (``_StridedShard`` with the part count); a layer with fewer heads than tp
     (kv heads shared by groups of ranks) is ``Replicate``."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
     from .analysis import param_role
     from .api import plan_of
-    from .planning.value import PLACEMENTS
+    from .planning.value import PLACEMENTS, placement
     plan = plan or plan_of(model)
     styles = plan.layer_styles()
     packed = {(f"{member}.{rel}" if member else rel): parts for m in plan.modules
               for member in m.members for rel, parts in m.packed.items()}
     grouped = {(f"{member}.{rel}" if member else rel) for m in plan.modules
                for member in m.members for rel in m.grouped}
+    experts = {(f"{member}.{rel}" if member else rel): kind for m in plan.modules
+               for member in m.members for rel, kind in m.experts.items()}
     out: dict[str, Placement] = {}
     for name, _ in model.named_parameters():
+        if name in experts:  # a 3-D Parameter of experts: a layer of its own
+            pl = placement(experts[name], styles.get(name), "weight", packed.get(name))
+            out[name] = Replicate() if pl is None else pl
+            continue
         owner, pname = param_role(name)
         base = PLACEMENTS.get((styles.get(owner), pname))
         if base is None or owner in grouped:

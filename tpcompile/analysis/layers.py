@@ -26,12 +26,17 @@ class Layer:
     parameter of the traced module. ``name`` is the module path (weight FQN less
     ``.weight``), relative to the traced module."""
 
-    kind: Literal["linear", "conv1d", "embedding", "norm"]
+    kind: Literal["linear", "conv1d", "embedding", "norm", "experts", "experts_io"]
     name: str
     weight: fx.Node
     bias: fx.Node | None
     shape: tuple[int, ...]
     options: tuple = ()  # embedding: (padding_idx, scale_grad_by_freq, sparse)
+    view: fx.Node | None = None  # experts: the transpose the grouped matmul reads the weight by
+
+
+# layers that multiply their input by their weight (a Linear in any of its forms)
+LINEAR_KINDS = ("linear", "conv1d", "experts", "experts_io")
 
 
 def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
@@ -59,6 +64,12 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
             w = n.args[2] if len(n.args) > 2 else None
             b = n.args[3] if n.target is aten.layer_norm.default and len(n.args) > 3 else None
             kind = "norm"
+        elif is_grouped_mm(n):
+            expert = _expert_weight(n, t.params)
+            if expert is not None:  # a layer named after its Parameter, found once
+                w, kind, view = expert
+                found[n] = Layer(kind, t.params[w], w, None, tuple(info(w).shape), view=view)  # type: ignore[arg-type, union-attr]
+            continue
         else:
             continue
         fqn = t.params.get(w)  # type: ignore[arg-type]
@@ -107,6 +118,44 @@ def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:
         n.meta["tpc_layer"] = layer
         out.setdefault(layer.name, layer)
     return out
+
+
+def is_grouped_mm(n: fx.Node) -> bool:
+    """A grouped matmul: rows of ``x`` [S, in], sorted by expert, times their expert's
+    matrix of ``w`` [E, in, out] (``offs``: where each expert's rows end). PyTorch's
+    ``_grouped_mm``, or transformers' own ``grouped_mm_fallback`` (its CPU path)."""
+    if n.op != "call_function":
+        return False
+    if n.target is aten._grouped_mm.default:
+        return True
+    op = getattr(n.target, "_schema", None)
+    return op is not None and op.name == "transformers::grouped_mm_fallback"
+
+
+def _expert_weight(n: fx.Node, params: dict[fx.Node, str]) -> tuple[fx.Node, str, fx.Node | None] | None:
+    """(parameter, kind, view) of a grouped matmul whose operand is a 3-D parameter of
+    experts: stored [E, out, in] and read transposed (transformers' ``gate_up_proj`` /
+    ``down_proj``, kind "experts"), or stored [E, in, out] and read as it is (gpt-oss's
+    ``is_transposed`` layout, kind "experts_io"). None for any other grouped matmul (no
+    ``offs``, a bias or an output dtype of its own, an input not 2-D)."""
+    offs = n.args[2] if len(n.args) > 2 else n.kwargs.get("offs")
+    if offs is None or any(a is not None for a in [*n.args[3:], n.kwargs.get("bias"),
+                                                   n.kwargs.get("out_dtype")]):
+        return None
+    x, w = n.args[0], n.args[1]
+    xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2 or not isinstance(w, fx.Node):
+        return None
+    if w in params:
+        return (w, "experts_io", None) if w.meta["val"].dim() == 3 else None
+    if w.op != "call_function" or not w.args or w.args[0] not in params or len(w.users) != 1:
+        return None
+    p = w.args[0]
+    if p.meta["val"].dim() != 3:  # type: ignore[union-attr]
+        return None
+    swaps = w.target is aten.transpose.int and {a % 3 for a in w.args[1:3]} == {1, 2} or \
+        w.target is aten.permute.default and [a % 3 for a in w.args[1]] == [0, 2, 1]  # type: ignore[union-attr, operator]
+    return (p, "experts", w) if swaps else None  # type: ignore[return-value]
 
 
 # a 2-D weight transposed: ``w.T``, ``w.t()``, ``w.transpose(0, 1)``, ``w.permute(1, 0)``
@@ -176,8 +225,9 @@ UNEMBED = "@linear"
 
 def layer_params(module: nn.Module, layer: str) -> dict[str, str]:
     """A layer's parameters, role ("weight", "bias") -> name relative to ``module``: a
-    module's own ``weight``/``bias``, or a Parameter pair ``<stem>_weight``/``<stem>_bias``
-    of the module above (``attn.in_proj`` -> ``attn.in_proj_weight``)."""
+    module's own ``weight``/``bias``, a Parameter pair ``<stem>_weight``/``<stem>_bias``
+    of the module above (``attn.in_proj`` -> ``attn.in_proj_weight``), or a 3-D Parameter
+    of experts, which is a layer of its own (``mlp.experts.gate_up_proj``)."""
     if layer.endswith(UNEMBED):  # the embedding's weight, read as a Linear's
         return {"weight": f"{layer.removesuffix(UNEMBED)}.weight"}
     try:
@@ -186,6 +236,8 @@ def layer_params(module: nn.Module, layer: str) -> dict[str, str]:
     except AttributeError:
         owner, _, stem = layer.rpartition(".")
         held = module.get_submodule(owner)._parameters
+        if held.get(stem) is not None and held[stem].dim() == 3:  # type: ignore[union-attr]
+            return {"weight": layer}
         return {r: f"{layer}_{r}" for r in ("weight", "bias") if held.get(f"{stem}_{r}") is not None}
 
 
@@ -241,7 +293,7 @@ def tied_pairs(gm: fx.GraphModule) -> list[tuple[Layer, Layer]]:
     """(embedding, linear) layers that share one weight."""
     layers = [l for n in gm.graph.nodes if (l := layer_of(n)) is not None]
     return [(e, h) for e in layers if e.kind == "embedding"
-            for h in layers if h.kind in ("linear", "conv1d") and h.weight is e.weight]
+            for h in layers if h.kind in LINEAR_KINDS and h.weight is e.weight]
 
 
 def layer_of(node: fx.Node) -> Layer | None:

@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .layers import Contract, Layer, Propagation, is_block, layer_of, source_line, where
+from .layers import (LINEAR_KINDS, Contract, Layer, Propagation, is_block, layer_of, source_line,
+                     where)
 from .ops import E, Layout, R, Unsafe, info, tensor_inputs
 
 # ------------------------------------------------------------------- tensor parallel
@@ -57,7 +58,7 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
                     res.gathered_outputs.append(p)
             continue
         layer = layer_of(node)
-        if layer is not None and layer.kind in ("linear", "conv1d"):
+        if layer is not None and layer.kind in LINEAR_KINDS:
             lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
             if styles.get(layer.name) == "colwise":
                 ctx.colwise[node] = layer.name
@@ -111,7 +112,7 @@ def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propag
     x = node.args[1] if layer.kind == "conv1d" else node.args[0]
     lx, tx = res.layouts[x], info(x)
     last = tx.rank - 1  # type: ignore[union-attr]
-    out_features, in_features = layer.shape[::-1] if layer.kind == "conv1d" else layer.shape
+    out_features, in_features = features(layer)
     if style == "colwise":
         if lx.sharded:
             raise Unsafe(f"{layer.name}: colwise layer fed by a tensor sharded on dim {lx.dim}")
@@ -134,6 +135,15 @@ def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propag
     if lx.sharded:
         raise Unsafe(f"{layer.name}: replicated layer fed by a tensor sharded on dim {lx.dim}")
     return R
+
+
+def features(layer: Layer) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear-like layer, whatever its weight's layout:
+    (out, in) for a Linear, (in, out) for GPT-2's Conv1D, [E, out, in] / [E, in, out] for
+    a Parameter of experts."""
+    shape = {"conv1d": layer.shape[::-1], "experts": layer.shape[1:],
+             "experts_io": layer.shape[:0:-1]}.get(layer.kind, layer.shape)
+    return shape[0], shape[1]
 
 
 def _same_spread(node: fx.Node, lays: list[Layout]) -> None:

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..errors import IndivisibleError, PlanError
 from . import ops
-from .layers import Contract, Note, Propagation, Segment, dataflow_graph, layer_of
+from .layers import LINEAR_KINDS, Contract, Note, Propagation, Segment, dataflow_graph, layer_of
 from .ops import Unsafe
 from .propagate import propagate
 
@@ -18,7 +18,7 @@ aten = torch.ops.aten
 
 def _linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if (l := layer_of(n)) is not None
-            and l.kind in ("linear", "conv1d")]
+            and l.kind in LINEAR_KINDS]
 
 
 def _backtrace(g: nx.DiGraph, start: fx.Node, free: set[str]) -> set[str]:
@@ -27,7 +27,7 @@ def _backtrace(g: nx.DiGraph, start: fx.Node, free: set[str]) -> set[str]:
     while todo:
         n = todo.pop()
         layer = layer_of(n)
-        if layer is not None and layer.kind in ("linear", "conv1d"):
+        if layer is not None and layer.kind in LINEAR_KINDS:
             if layer.name in free:
                 found.add(layer.name)
             continue
@@ -67,12 +67,14 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | Non
                     entries |= new
                     continue
                 reason, indivisible, no_rule = u.reason, u.indivisible, u.no_rule
+                node = linears[order[lin]]
+                narrow = _narrow(node) if entries == {lin} else ""
+                if narrow and u.indivisible is None and (_read_whole(node) or _is_head(g, gm, lin)):
+                    # a router: its scores are read whole (softmax, top-k) in the model
+                    reason = f"its output is read whole inside the model, and {narrow}"
+                    no_rule = None
+                    break
                 if entries == {lin} and u.indivisible is None and _is_head(g, gm, lin):
-                    narrow = _narrow(linears[order[lin]])
-                    if narrow:  # a router: its scores are read whole (top-k) in the model
-                        reason = f"its output is read whole inside the model, and {narrow}"
-                        no_rule = None
-                        break
                     try:  # the logits also feed a loss inside the model: gather at the head
                         res = propagate(gm, trial, 1, auto_rowwise=True, contracts=contracts,
                                         heads=heads | {lin})
@@ -140,9 +142,34 @@ def _narrow(node: fx.Node) -> str:
             "weight saves")
 
 
+# ops that read a whole row of scores at once (a router's softmax and top-k)
+_WHOLE_ROW = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
+              aten._log_softmax.default, aten.topk.default, aten.sort.default,
+              aten.argmax.default, aten.max.dim}
+
+
+def _read_whole(node: fx.Node, depth: int = 4) -> bool:
+    """The layer's output reaches an op that reads whole rows of it (softmax, top-k), past
+    casts, views and other elementwise ops of one operand."""
+    todo, seen = [(node, 0)], {node}
+    while todo:
+        n, d = todo.pop()
+        for u in n.users:
+            if u.op != "call_function" or u in seen:
+                continue
+            if u.target in _WHOLE_ROW:
+                return True
+            if d < depth and (ops.rule_for(u) is ops.unary or u.target in ops.VIEW_LIKE):
+                seen.add(u)
+                todo.append((u, d + 1))
+    return False
+
+
 def _is_head(g: nx.DiGraph, gm: fx.GraphModule, name: str) -> bool:
     """A Linear whose output reaches the graph's output and feeds no other layer."""
     node = next(n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.name == name)
+    if layer_of(node).kind in ("experts", "experts_io"):  # type: ignore[union-attr]
+        return False  # rows sorted by expert: no logits
     out = next(n for n in gm.graph.nodes if n.op == "output")
     below = nx.descendants(g, node)
     return out in below and not any(layer_of(n) is not None and layer_of(n).kind != "norm"  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .layers import NORM_OPS, Contract, Propagation, is_block, layer_of
+from .layers import LINEAR_KINDS, NORM_OPS, Contract, Propagation, is_block, layer_of
 from .layout import E, Q, R, info, tensor_inputs
 
 aten = torch.ops.aten
@@ -41,7 +41,7 @@ def _q_eligible(node: fx.Node, styles: dict[str, str], params: set[fx.Node],
     if node.op == "placeholder":
         return not is_root and node not in params
     layer = layer_of(node)
-    if layer is not None and layer.kind in ("linear", "conv1d", "embedding"):
+    if layer is not None and layer.kind in (*LINEAR_KINDS, "embedding"):
         return styles.get(layer.name) in ("rowwise", "vocab_parallel")
     if node.op == "call_function" and node.target is operator.getitem and is_block(node.args[0]):
         return True  # a block output: the block's contract decides (see sequence_parallel)
@@ -110,7 +110,7 @@ def sequence_parallel(gm: fx.GraphModule, prop: Propagation, styles: dict[str, s
         if n.op == "placeholder":
             continue
         layer = layer_of(n)
-        if layer is not None and layer.kind in ("linear", "conv1d", "embedding"):
+        if layer is not None and layer.kind in (*LINEAR_KINDS, "embedding"):
             continue  # partial sums reduce-scattered inside; input needs unchanged
         if n.op == "call_function" and n.args and is_block(n.args[0]):
             continue  # a block output; the block call's needs are set below

@@ -184,10 +184,12 @@ def megatron_min(c: Compiled) -> int:
 
 # ------------------------------------------------------------------- blocks, memory
 
-def _placements(style: str, owner: nn.Module, layer: str, packed: int | None) -> dict[str, str]:
+def _placements(style: str, owner: nn.Module, layer: str, packed: int | None,
+                kind: str | None = None) -> dict[str, str]:
     out = {}
     for pn in layer_params(owner, layer):
-        pl = placement("conv1d" if _is_conv1d(owner, layer) else "linear", style, pn, packed)
+        pl = placement(kind or ("conv1d" if _is_conv1d(owner, layer) else "linear"), style, pn,
+                       packed)
         out[pn] = repr(pl) if pl is not None else (
             "Replicate (grad summed over tp)" if style == "sequence_parallel" else
             "Replicate (added once, after the reduction)" if style == "rowwise" else "Replicate")
@@ -207,7 +209,7 @@ def blocks(c: Compiled, model: nn.Module) -> list[BlockReport]:
         mp, owner = u.plan, model.get_submodule(u.members[0])
         layer = lambda n: LayerReport(name=n, style=mp.styles[n],  # noqa: E731
                                       placements=_placements(mp.styles[n], owner, n,
-                                                             mp.packed.get(n)))
+                                                             mp.packed.get(n), mp.experts.get(n)))
         segs = [SegmentReport(kind=s.kind, layers=[layer(n) for n in s.colwise + s.rowwise])
                 for s in mp.segments]
         in_seg = {n for s in mp.segments for n in s.colwise + s.rowwise}
@@ -234,8 +236,10 @@ def param_memory(c: Compiled, model: nn.Module, dp: int) -> tuple[int, int, int]
     shared = {f"{m}.{rel}" if m else rel for mp in c.plan.modules for m in mp.members
               for rel in mp.grouped}  # kv heads shared by groups of ranks: held whole
     sharded = replicated = total = 0
+    experts = {f"{m}.{rel}" if m else rel for mp in c.plan.modules for m in mp.members
+               for rel in mp.experts}  # a Parameter of experts: a layer of its own
     for name, p in model.named_parameters():
-        owner, pn = param_role(name)
+        owner, pn = (name, "weight") if name in experts else param_role(name)
         b = p.numel() * p.dtype.itemsize
         total += b
         if (styles.get(owner), pn) in PLACEMENTS and owner not in shared:

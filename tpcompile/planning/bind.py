@@ -88,7 +88,8 @@ def expand(plan: Plan, model: nn.Module) -> dict[str, str]:
     layer different styles are an error."""
     names = [n for n, _ in model.named_modules() if n] + [  # and packed Parameter pairs
         n[:-len("_weight")] for n, _ in model.named_parameters() if n.endswith(PACKED_WEIGHT)] + [
-        n + UNEMBED for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        n + UNEMBED for n, m in model.named_modules() if isinstance(m, nn.Embedding)] + [
+        n for n, p in model.named_parameters() if p.dim() == 3]  # Parameters of experts
     traced = list(traced_modules(model))
     globbed: dict[str, tuple[str, str]] = {}
     exact: dict[str, str] = {}
@@ -132,11 +133,11 @@ def check_fit(name: str, module: nn.Module, style: str) -> None:
         raise PlanError(f"{name}: {style} splits a Linear's {what}, but {name} is {kind}; {fix}")
     if style == "vocab_parallel":
         if isinstance(module, nn.Embedding):
-            if module.max_norm is None and module.padding_idx is None:
+            if module.max_norm is None:  # padding_idx: kept by the rank holding its row
                 return
-            raise PlanError(f"{name}: vocab_parallel needs an Embedding without max_norm and "
-                            f"padding_idx (got max_norm={module.max_norm}, padding_idx="
-                            f"{module.padding_idx}); use replicate")
+            raise PlanError(f"{name}: vocab_parallel needs an Embedding without max_norm (got "
+                            f"max_norm={module.max_norm}, which renormalizes rows of the whole "
+                            "table in place); use replicate")
         raise PlanError(f"{name}: vocab_parallel splits an Embedding's vocabulary, but {name} "
                         f"is {kind}; {_fix_for(module)}")
     if style == "sequence_parallel":
@@ -171,9 +172,14 @@ def bind(plan: Plan, model: nn.Module) -> Plan:
     """The plan in the compiler's form for ``model``: one ModulePlan per traced unit."""
     styles = expand(plan, model)
     modules = dict(model.named_modules())
+    experts = {n for n, p in model.named_parameters() if p.dim() == 3}
     for name, style in styles.items():
         if name in modules:
             check_fit(name, modules[name], style)
+        elif name in experts:
+            if style not in ("colwise", "rowwise", "replicate"):
+                raise PlanError(f"{name}: a Parameter of experts (read by a grouped matmul) "
+                                f"is colwise, rowwise or replicate, not {style}")
         elif style not in ("colwise", "replicate"):  # nn.MultiheadAttention's in_proj
             raise PlanError(f"{name}: a packed q/k/v projection is colwise (sharded per part) "
                             f"or replicate, not {style}")

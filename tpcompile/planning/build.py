@@ -305,6 +305,8 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         seq_dims=_seq_dims(gm, styles) if sp else {},
         summed=_summed(t, prop, all_styles),
         sliced=sorted(_sliced(t, prop)),
+        experts={l.name: l.kind for n in gm.graph.nodes if (l := A.layer_of(n)) is not None
+                 and l.kind in ("experts", "experts_io") and styles.get(l.name)},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
 

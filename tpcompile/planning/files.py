@@ -44,7 +44,7 @@ def dumps(plan: Plan, fmt: str = "yaml") -> str:
     data = plan.model_dump(mode="json")
     for m in data["modules"]:  # detection fills styles in set order: sort for stable files
         m["styles"] = dict(sorted(m["styles"].items()))
-        for key in ("packed", "grouped", "seq_dims", "summed", "sliced"):
+        for key in ("packed", "grouped", "seq_dims", "summed", "sliced", "experts"):
             if not m[key]:
                 del m[key]
     if fmt == "json":

@@ -50,6 +50,7 @@ def _abs(prefix: str, rel: str) -> str:
 def to_hf_tp_plan(plan: Plan) -> dict[str, str]:
     """``{fqn_or_glob: hf_style}``; a colwise head is ``colwise_rep`` (output gathered)."""
     _check_unembed(plan, "Hugging Face's tp_plan")
+    _check_experts(plan, "Hugging Face's tp_plan")
     _check_packed(plan, "a Hugging Face 'colwise'")
     _check_grouped(plan, "a Hugging Face 'colwise'")
     _check_sliced(plan, "Hugging Face's tp_plan")
@@ -87,6 +88,7 @@ def to_parallelize_plan(plan: Plan) -> dict[str, Any]:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
     _check_unembed(plan, "parallelize_module")
+    _check_experts(plan, "parallelize_module")
     _check_sp_entry(plan)
     _check_packed(plan, "a parallelize_module ColwiseParallel")
     _check_grouped(plan, "a parallelize_module ColwiseParallel")
@@ -178,6 +180,15 @@ def _check_unembed(plan: Plan, tool: str) -> None:
             f"of its own), sharded by tpcompile on the embedding's vocabulary shards; {tool} "
             "styles modules by name and has nothing to style here. Use "
             "tpcompile.auto_parallelize, or give the head an nn.Linear tied to the embedding")
+
+
+def _check_experts(plan: Plan, tool: str) -> None:
+    """A 3-D Parameter of experts read by a grouped matmul is sharded by tpcompile on its
+    feature dims; it is no module, so a style keyed by module name cannot reach it."""
+    _refuse(plan, lambda mp: [(rel, "") for rel in mp.experts],
+            f"a Parameter of experts (read by a grouped matmul), sharded by tpcompile on "
+            f"its feature dims like a colwise or rowwise Linear; {tool} styles modules by "
+            "name and has no style for it. Use tpcompile.auto_parallelize")
 
 
 def _has_sp(mp: ModulePlan) -> bool:

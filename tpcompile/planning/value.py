@@ -22,6 +22,7 @@ def placement(kind: str, style: str | None, pname: str, parts: int | None = None
               grouped: bool = False) -> Any:
     """A layer parameter's placement on the tp mesh (None: replicated). ``kind``
     "conv1d" (GPT-2's Conv1D) stores its weight as (in, out), the transpose of a Linear's;
+    "experts" a weight per expert, [E, out, in], and "experts_io" [E, in, out];
     ``parts``: a fused projection, each rank holding its slice of every part;
     ``grouped``: a colwise layer shared by groups of ranks (fewer kv heads than tp), whose
     weight each rank holds whole and slices its group's rows from."""
@@ -31,6 +32,10 @@ def placement(kind: str, style: str | None, pname: str, parts: int | None = None
     dim = pl.dim
     if kind == "conv1d" and pname == "weight":
         dim = 1 - dim
+    elif kind == "experts":
+        dim += 1
+    elif kind == "experts_io":
+        dim = 2 - dim
     if parts and style == "colwise":
         from torch.distributed.tensor.placement_types import _StridedShard
         return _StridedShard(dim, split_factor=parts)
@@ -82,6 +87,10 @@ class ModulePlan(_Model):
     # norm over a whole sharded projection: OLMo 2's q/k norms), their gradient summed
     # over tp. Found by the analysis, not read from plan files.
     sliced: list[str] = []
+    # Parameters of experts (3-D, read by a grouped matmul) that are layers of their own ->
+    # their layout: "experts" [E, out, in], "experts_io" [E, in, out]. Found by the
+    # analysis, not read from plan files.
+    experts: dict[str, Literal["experts", "experts_io"]] = {}
 
 
 class Plan(_Model):

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..analysis import ops
-from ..analysis.layers import NORM_OPS, Contract, Propagation, is_block, layer_of, where
+from ..analysis.layers import LINEAR_KINDS, NORM_OPS, Contract, Propagation, is_block, layer_of, where
 from ..analysis.layout import Layout, R, info
 from ..errors import PlanError
 from ..frontend.blocks import TensorInfo
@@ -124,13 +124,15 @@ class _Builder:
             layer = layer_of(n)
             if layer is not None and self._placement(layer.weight) is not None:
                 self.owner.setdefault(layer.weight, set()).add(n)
+                if layer.view is not None:  # experts: read through the transpose
+                    self.owner[layer.weight].add(layer.view)
                 if layer.bias is not None and self._placement(layer.bias) is not None:
                     self.owner.setdefault(layer.bias, set()).add(n)
 
     def _placement(self, p: fx.Node) -> Any:
         """The tp placement of a parameter placeholder (None: replicated), from the style
         of any layer that uses it (tied layers agree, the analysis made sure)."""
-        for n in p.users:
+        for n in [*p.users, *(v for u in p.users for v in u.users)]:  # experts: a view between
             layer = layer_of(n)
             if layer is not None and p in (layer.weight, layer.bias):
                 pname = "weight" if p is layer.weight else "bias"
@@ -273,7 +275,9 @@ class _Builder:
         if n.target is aten._assert_tensor_metadata.default:
             return None  # a dtype/device assertion of the trace; shapes are local now
         layer = layer_of(n)
-        if layer is not None and layer.kind in ("linear", "conv1d"):
+        if layer is not None and layer.kind in ("experts", "experts_io"):
+            return self._experts(n, layer)
+        if layer is not None and layer.kind in LINEAR_KINDS:
             return self._linear(n, layer)
         if layer is not None and layer.kind == "embedding" and \
                 self.styles.get(layer.name) == "vocab_parallel":
@@ -451,6 +455,15 @@ class _Builder:
             g.call_function(aten.linear.default, (x, w))
         y = self._reduce(n, layer.name, y)
         return g.call_function(aten.add.Tensor, (y, b)) if b is not None else y
+
+    def _experts(self, n: fx.Node, layer: Any) -> fx.Node:
+        """A grouped matmul over this rank's slice of every expert (its weight, or the
+        transpose the model reads it by, is the local shard already): colwise, each rank's
+        features of every row; rowwise, each rank's partial sums, reduced."""
+        args = [self.env[a] if a is (layer.view or layer.weight) else self.value(a, n)
+                if isinstance(a, fx.Node) else a for a in n.args]
+        y = self.g.call_function(n.target, tuple(args), dict(n.kwargs))
+        return self._reduce(n, layer.name, y) if self.styles.get(layer.name) == "rowwise" else y
 
     def _reduce(self, n: fx.Node, name: str, partial: fx.Node) -> fx.Node:
         style = self.styles.get(name)
