@@ -4,7 +4,7 @@
 hidden size 64, 2 layers, 4 heads (2 key/value heads where the family has GQA),
 intermediate 128, vocab 128, 64 positions, no cache, no dropout. Overrides are config
 fields (``num_hidden_layers=4``, ``tie_word_embeddings=True``, ...) under this module's
-common names, mapped to GPT-2's and Starcoder2's own names where they differ;
+common names, mapped to GPT-2's, Starcoder2's and MPT's own names where they differ;
 ``attn_implementation`` is "sdpa" by default ("eager" for the explicit softmax path),
 except Gemma2, which refuses "sdpa" (its attention logits are soft-capped) and gets "eager".
 
@@ -46,6 +46,12 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "apertus": ("ApertusConfig", "ApertusForCausalLM"),  # xIELU: min(x, eps), expm1
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),  # attention sinks, 3-D experts
     "cohere": ("CohereConfig", "CohereForCausalLM"),  # parallel residual, [H, hd] q/k norms
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),  # experts as 3-D Parameters
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),  # experts, q/k norms over the projection
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM"),  # experts, scaled residuals
+    "mpt": ("MptConfig", "MptForCausalLM"),  # ALiBi built in forward from arange
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),  # q/k norms, sliding then full
+    "phi": ("PhiConfig", "PhiForCausalLM"),  # Phi-2: parallel attention, partial rotary
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -56,12 +62,17 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, POSITIONS = 64, 2, 4, 2, 1
 # (Phi-3-mini has as many key/value heads as query heads, so phi3 is built that way; pass
 # num_key_value_heads= for the GQA layout of Phi-3-medium)
 _GQA = {"llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "olmo2", "granite",
-        "starcoder2", "qwen2_moe", "mixtral", "apertus", "gpt_oss", "cohere"}
+        "starcoder2", "qwen2_moe", "mixtral", "apertus", "gpt_oss", "cohere", "qwen3_moe",
+        "olmoe", "granitemoe", "gemma3"}
 # families whose config takes head_dim (several default it to 128 or 256, not hidden/heads)
-_HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2", "gpt_oss"}
+_HEAD_DIM = {"llama", "mistral", "gemma", "qwen3", "gemma2", "gpt_oss", "qwen3_moe", "gemma3"}
 
 # families that cannot take "sdpa" (transformers raises at construction)
-_DEFAULT_ATTN = {"gemma2": "eager", "bloom": "eager", "gpt_oss": "eager"}
+_DEFAULT_ATTN = {"gemma2": "eager", "bloom": "eager", "gpt_oss": "eager", "mpt": "eager"}
+
+# MPT spells the common fields its own way too
+_MPT_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layers",
+              "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}
 
 # GPT-2 spells the common fields its own way
 _GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
@@ -123,6 +134,21 @@ def _common(family: str) -> dict[str, Any]:
         cfg.update(attention_dropout=0.0, moe_intermediate_size=32,
                    shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                    router_aux_loss_coef=0.0)
+    elif family in ("qwen3_moe", "olmoe", "granitemoe"):  # 4 experts, top 2
+        experts = "num_local_experts" if family == "granitemoe" else "num_experts"
+        cfg.update({"attention_dropout": 0.0, experts: 4, "num_experts_per_tok": 2,
+                    "router_aux_loss_coef": 0.0})
+        if family == "qwen3_moe":
+            cfg["moe_intermediate_size"] = 32
+    elif family == "gemma3":  # a 4-token window, shorter than the tests' 8
+        cfg.update(attention_dropout=0.0, query_pre_attn_scalar=HIDDEN // HEADS,
+                   sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    elif family == "phi":
+        cfg.update(attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    elif family == "mpt":  # its MLP is expansion_ratio x d_model
+        cfg.pop("intermediate_size")
+        cfg.update(expansion_ratio=INTERMEDIATE // HIDDEN, resid_pdrop=0.0, emb_pdrop=0.0,
+                   attn_config={"attn_pdrop": 0})  # its config type-checks an int
     return cfg
 
 
@@ -135,8 +161,9 @@ def config(family: str, **overrides: Any):
     cfg = _common(family)
     attn = overrides.pop("attn_implementation", _DEFAULT_ATTN.get(family, "sdpa"))
     cfg.update(overrides)
-    if family == "gpt2":
-        cfg = {_GPT2_NAMES.get(k, k): v for k, v in cfg.items()}
+    if family in ("gpt2", "mpt"):
+        names = _GPT2_NAMES if family == "gpt2" else _MPT_NAMES
+        cfg = {names.get(k, k): v for k, v in cfg.items()}
     config_cls = getattr(transformers, _CLASSES[family][0])
     return config_cls(attn_implementation=attn, **cfg)
 

@@ -10,7 +10,8 @@ import pytest
 from tests import jobs_hf as J
 
 HELD_IN = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "bert"]
-OTHERS = ["qwen3", "gemma2", "olmo2", "granite", "starcoder2", "gpt_neox", "falcon", "apertus"]
+OTHERS = ["qwen3", "gemma2", "olmo2", "granite", "starcoder2", "gpt_neox", "falcon", "apertus",
+          "gemma3", "phi"]
 # share of parameters sharded at tp 2 the issue asks for (BERT: its position embeddings)
 MIN_SHARDED = {"bert": 0.5}
 # Apertus: its xIELU activation (``torch.min(x, eps)``, ``expm1``) between up and down
@@ -165,25 +166,32 @@ def test_blocks_that_return_more_than_hidden_states_are_traced_inline(pool):
 def test_blocks_traced_inline_plan_again_from_the_trace_cache():
     """Planning BLOOM a second time in one process replays the first trace from the cache:
     it replayed the request for a block that had been traced inline too, and raised the
-    OpaqueBlockError the first planning had caught (found planning with and without SP)."""
+    OpaqueBlockError the first planning had caught (found planning with and without SP).
+    Both plannings warn the same, once per layer left replicated."""
     import warnings
 
     import tpcompile
     from models import hf_zoo
     from tpcompile.frontend import clear_cache
     clear_cache()
-    styles = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for sp in (False, True):
+    styles, said = [], []
+    for sp in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             p = tpcompile.plan(hf_zoo.build("bloom"), tp=2, sequence_parallel=sp,
                                example_kwargs=hf_zoo.example_inputs("bloom"))
-            styles.append({k: v for k, v in p.layer_styles().items() if v != "sequence_parallel"})
+        styles.append({k: v for k, v in p.layer_styles().items() if v != "sequence_parallel"})
+        said.append(sorted(str(w.message) for w in caught if "stays" in str(w.message)))
     assert styles[0] == styles[1] and "colwise" in styles[0].values(), styles
+    # the warnings of the first planning's block analysis, abandoned when the parent traced
+    # the block inline, were said too (with names relative to the block): one per note
+    assert said[0] == said[1] and said[0], said
+    assert all(w.startswith("tpcompile: transformer.h.") for w in said[0]), said[0]
 
 
 @pytest.mark.parametrize("family, tp, sp", [("mixtral", 2, True), ("mixtral", 4, False),
-                                            ("qwen2_moe", 2, False)])
+                                            ("qwen2_moe", 2, False), ("qwen3_moe", 2, True),
+                                            ("olmoe", 2, False), ("granitemoe", 2, True)])
 def test_moe_experts_are_sharded_like_linears(pool, family, tp, sp):
     """transformers 5's experts: 3-D Parameters [E, out, in] read transposed by a grouped
     matmul (``grouped_mm_fallback`` on the CPU), no Linear. ``gate_up_proj`` is colwise per
@@ -192,13 +200,25 @@ def test_moe_experts_are_sharded_like_linears(pool, family, tp, sp):
     (Mixtral: 10 % of the parameters sharded at tp 2). Judged by tpcompile's own judge on
     every rank: each shard against its slice of the reference under the plan's placement,
     every gradient with its placement, the outputs. Qwen2-MoE also has a shared expert
-    (plain Linears) beside them."""
+    (plain Linears) beside them; OLMoE q/k norms over the whole projections; GraniteMoE
+    its experts under ``block_sparse_moe`` and scaled residuals."""
     for r in pool.run(J.judged, family, tp, sp):
         assert not r["verdict"], r["verdict"]
         experts = {n.rsplit(".", 1)[1]: pl for n, pl in r["placements"].items()
-                   if ".mlp.experts." in n}
+                   if ".experts." in n}
         assert set(experts.items()) == {("gate_up_proj", "_S(1, 2)"), ("down_proj", "S(2)")}, experts
         assert not [n for n in r["notes"] if "experts" in n], r["notes"]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_alibi_built_in_forward_is_read_split_by_heads(pool, tp):
+    """MPT (transformers) builds its ALiBi bias in forward from ``arange`` and per-head
+    slopes, then adds it to the head-sharded scores: made from no input and no
+    parameter, each rank reads its heads' slice of it, and attention stays sharded (it
+    was replicated: 69 % of the parameters sharded at tp 2)."""
+    res = pool.run(J.numerics, "mpt", tp, tp == 2)
+    check(res, 0.95)
+    assert all(r[0]["notes"] == [] for r in res), res[0][0]["notes"]
 
 
 def test_moe_experts_under_fsdp_dp2_tp2(pool):

@@ -201,15 +201,17 @@ def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
     that lines up with the sharded dim of ``src`` over its full size: the op reads this
     rank's slice of it (of a parameter itself, its group's slice too, for kv heads shared
     by groups of ranks). The parameter stays replicated; its gradient, zero outside each
-    rank's slice, is summed over tp. (An activation in its place is left to the analysis:
-    a Linear feeding it could be sharded instead.)"""
+    rank's slice, is summed over tp. A value made from no input and no parameter at all
+    (MPT's ALiBi bias, ``arange`` times per-head slopes) is read in slices the same way; it
+    has no gradient. (An activation in its place is left to the analysis: a Linear
+    feeding it could be sharded instead.)"""
     t, ts = info(p), info(src)
     if lay.kind != "S" or lay.inner >= 0 or lay.outer or t is None or ts is None or \
             t.shape[pos] != ts.shape[lay.dim]:
         return False
     if p.op == "placeholder":
         return "tpc_param" in p.meta and not _sharded_layer_param(p)
-    return params_alone(p) is not None
+    return params_alone(p) is not None or constant(p)
 
 
 def _sharded_layer_param(p: fx.Node) -> bool:
@@ -240,6 +242,30 @@ def params_alone(n: fx.Node) -> set[fx.Node] | None:
             return None
         todo.extend(tensor_inputs(m))
     return found
+
+
+def constant(n: fx.Node) -> bool:
+    """``n`` is computed from no input, parameter or buffer (factories such as ``arange``,
+    then any ops but layers and random draws; sizes read off tensors are fine): the same
+    on every rank, with no gradient."""
+    from .layers import layer_of
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op != "call_function" or layer_of(m) is not None or _random(m):
+            return False
+        if not is_meta_op(m):
+            todo.extend(tensor_inputs(m))
+    return True
+
+
+def _random(n: fx.Node) -> bool:
+    name = getattr(n.target, "__name__", str(n.target))
+    return any(w in name for w in ("rand", "bernoulli", "normal", "uniform", "dropout",
+                                   "multinomial", "exponential", "geometric", "poisson"))
 
 
 def view_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class Unit:
     members: list[str] = field(default_factory=list)
     shapes: BlockShapes | None = None
     nested: list[tuple[str, Any]] = field(default_factory=list)  # (relative member, unit key)
+    said: list[warnings.WarningMessage] = field(default_factory=list)  # by the analysis
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -166,8 +168,11 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
             contracts[node] = units[sig].contract  # type: ignore[assignment]
             if (call.member, sig) not in nested:
                 nested.append((call.member, sig))
-        unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
-                        is_root, given, shared_names)
+        with warnings.catch_warnings(record=True) as said:  # said once the unit is kept
+            warnings.simplefilter("always")
+            unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
+                            is_root, given, shared_names)
+        unit.said = list(said)
         dump(f"{path or 'root'}.2-layouts.txt", "\n".join(
             f"{n.name:40s} {unit.prop.layouts.get(n, '-')!r:8s} {n.format_node()}"
             for n in t.gm.graph.nodes))
@@ -186,6 +191,9 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     add_member("<root>", "")
     plans = []
     keys = list(reversed(order))  # root first, then blocks in the order first met
+    for key in reversed(keys):  # blocks then the root, as analysed; not a block's whose
+        for w in units[key].said if units[key].members else []:  # parent traced it inline
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     for key in keys:
         u = units[key]
         u.plan.members = list(u.members)
