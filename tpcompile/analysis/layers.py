@@ -300,6 +300,7 @@ def layer_of(node: fx.Node) -> Layer | None:
     return node.meta.get("tpc_layer")
 
 
+META_READS = (aten._assert_tensor_metadata.default, aten.sym_size.int)
 _PASS_THROUGH = {"transpose", "t", "numpy_T", "permute", "view", "reshape", "_unsafe_view",
                  "select", "slice", "unsqueeze", "squeeze", "expand", "contiguous", "clone",
                  "_to_copy", "to", "alias", "detach", "index", "chunk", "split", "getitem"}
@@ -309,7 +310,7 @@ def _readers(node: fx.Node, depth: int = 4) -> set[str]:
     """The ops that compute with ``node``, past the views and indexing that pick from it."""
     out: set[str] = set()
     for u in node.users:
-        if u.op != "call_function":
+        if u.op != "call_function" or u.target in META_READS:  # an export assertion: no read
             continue
         name = getattr(u.target, "__name__", str(u.target)).split(".")[0]
         if name in _PASS_THROUGH and depth > 0:

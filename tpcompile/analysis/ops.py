@@ -792,7 +792,8 @@ def split(node: fx.Node, ctx: Ctx) -> Layout:
         if layer is not None and parts is None and len(src.users) == 1:
             sizes = node.args[1] if node.target is aten.split_with_sizes.default else None
             raise Unsafe(f"{node.name}: splits the output of {layer} into unequal parts"
-                         + (f" {list(sizes)} (a fused q/k/v under GQA: q larger than k and v)"
+                         + (f" {list(sizes)} (a fused q/k/v under GQA, q larger than k and "
+                            "v; or a latent beside a rope key, as in MLA)"
                             if sizes is not None else "") +
                          ": no DTensor placement holds a slice of each of unequal parts "
                          "(separate Linears per part, or equal parts, would be sharded)")
