@@ -366,6 +366,20 @@ def test_comm_per_block_is_the_megatron_minimum(pool, family):
     assert c["fwd"] == {"all_reduce": 2} and c["bwd"] == {"all_reduce": 2}
 
 
+def test_experts_reduce_per_token_not_per_expert_row(pool):
+    """Mixtral's experts (top 2) compute on rows of (token, expert) pairs. The down
+    projection's partial sums are weighted, put back in token order and summed over the
+    two experts before the all-reduce, and the input gradient of gate_up is summed over tp
+    per token, before the rows were picked: each all-reduce is [tokens, hidden], not
+    [2 x tokens, hidden] (that was the bytes at the layer). The routing weights, which
+    scale partial sums now, get their gradient summed too: [2 x tokens, 1]."""
+    act = 4 * 8 * 64 * 4  # batch x seq x hidden x float32
+    c = per_block(pool, "mixtral", 2, False)
+    assert c["fwd"] == {"all_reduce": 2} and c["fwd_bytes"] == {"all_reduce": 2 * act}, c
+    assert c["bwd"] == {"all_reduce": 3}, c  # attention's input, the experts', the weights'
+    assert c["bwd_bytes"] == {"all_reduce": 2 * act + 2 * 4 * 8 * 4}, c
+
+
 def test_an_op_without_a_rule_keeps_its_segment_replicated(pool):
     for r in pool.run(J.no_rule):
         check([r], None)

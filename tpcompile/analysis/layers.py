@@ -370,6 +370,9 @@ class Propagation:
     # colwise layer -> n < tp: its output cut into n chunks, each computed by tp // n ranks
     # (n kv heads at a larger tp); its weight stays replicated, its gradient summed over tp
     grouped: dict[str, int] = field(default_factory=dict)
+    # rowwise experts -> (the node whose value is reduced, the nodes between): the expert
+    # rows' partial sums are weighted and combined per token first, then reduced
+    deferred: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -3,6 +3,7 @@ graph, op by op through the op table."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -12,6 +13,8 @@ from . import ops
 from .layers import (LINEAR_KINDS, Contract, Layer, Propagation, is_block, layer_of, source_line,
                      where)
 from .ops import E, Layout, R, Unsafe, info, tensor_inputs
+
+aten = torch.ops.aten
 
 # ------------------------------------------------------------------- tensor parallel
 
@@ -45,6 +48,7 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
     res = Propagation({}, defaultdict(dict), heads=heads, grouped=dict(grouped))
     lay = res.layouts
     ctx = ops.Ctx(tp, lay, packed=res.packed)
+    experts: list[tuple[fx.Node, str | None]] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):
             lay[node] = R
@@ -62,6 +66,8 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
             lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
             if styles.get(layer.name) == "colwise":
                 ctx.colwise[node] = layer.name
+            if layer.kind in ("experts", "experts_io"):
+                experts.append((node, styles.get(layer.name)))
             if layer.name in res.heads:
                 lay[node] = R  # gathered inside the rewritten layer
                 res.gathered_outputs.append(node)
@@ -104,6 +110,8 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
         for p in ins:
             res.need[node][p] = lay[p] if lay[p].sharded else ctx.splits.get((node, p)) or \
                 (E if _differentiable(p) else R)
+    for node, style in experts:
+        _experts_collectives(node, style, res)
     return res
 
 
@@ -135,6 +143,100 @@ def _linear(node: fx.Node, layer: Layer, style: str | None, tp: int, res: Propag
     if lx.sharded:
         raise Unsafe(f"{layer.name}: replicated layer fed by a tensor sharded on dim {lx.dim}")
     return R
+
+
+def _numel(n: fx.Node) -> int:
+    t = info(n)
+    return math.prod(t.shape) if t is not None else 1 << 62
+
+
+def _nbytes(n: fx.Node) -> int:
+    t = info(n)
+    return _numel(n) * t.dtype.itemsize if t is not None else 1 << 62
+
+
+def _users(n: fx.Node) -> list[fx.Node]:
+    return [u for u in n.users if not ops.is_meta_op(u)]
+
+
+_ROW_PICKS = (aten.index.Tensor,)  # rows picked by replicated integer indices
+_SHAPES = tuple(ops.VIEW_LIKE) + (aten.permute.default, aten.transpose.int)
+_CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
+def _widening(n: fx.Node) -> bool:
+    """A cast that loses nothing (a sum of partial terms then cast is not the same)."""
+    a, b = info(n.args[0]), info(n)
+    return a is not None and b is not None and b.dtype.itemsize >= a.dtype.itemsize and \
+        b.dtype.is_floating_point
+
+
+def _experts_collectives(node: fx.Node, style: str | None, res: Propagation) -> None:
+    """Where a grouped matmul of experts sums over tp (after propagation: every layout
+    known). Its rows are (token, expert) pairs, top_k of them per token: a rowwise
+    expert's partial sums are weighted, put back in token order and summed over the top_k
+    experts first (all linear in them), then reduced per token; a colwise expert's input
+    gradient is summed over tp per token, before the rows were picked from the tokens.
+    Each is top_k times fewer bytes than at the layer. Only through replicated, single-use
+    nodes (no other reader may see a partial sum), two-dim where sequence parallelism could
+    claim an op."""
+    lay = res.layouts
+    if style == "rowwise":
+        steps: list[tuple[fx.Node, list[fx.Node]]] = []
+        cur = node
+        while len(_users(cur)) == 1:
+            u = _users(cur)[0]
+            t, others = info(u), []
+            if t is None or lay.get(u, R) != R:
+                break
+            if u.target in (aten.mul.Tensor, aten.div.Tensor) and t.rank <= 2 and \
+                    sum(a is cur for a in u.args[:2]) == 1 and \
+                    (u.args[0] is cur or u.target is aten.mul.Tensor):
+                others = [a for a in u.args[:2] if isinstance(a, fx.Node) and a is not cur]
+                if any(lay.get(o, R) != R or _numel(o) > _numel(u) for o in others):
+                    break
+            elif not (u.args and u.args[0] is cur and (
+                    u.target in _ROW_PICKS or u.target in _SHAPES or
+                    u.target is aten.sum.dim_IntList and (t.rank <= 2 or not ops.arg(u, 2, "keepdim", False)) or
+                    u.target in _CASTS and t.rank <= 2 and _widening(u))):
+                break
+            steps.append((u, others))
+            cur = u
+        if not steps:
+            return
+        best = min(range(len(steps)), key=lambda i: (_nbytes(steps[i][0]), i))
+        if _nbytes(steps[best][0]) >= _nbytes(node):
+            return
+        for u, others in steps[:best + 1]:
+            for o in others:  # weights of the partial sums: their gradients are partial too
+                if _differentiable(o):
+                    res.need[u][o] = E
+        res.deferred[node] = (steps[best][0], [u for u, _ in steps[:best + 1]])
+        return
+    if style != "colwise":
+        return
+    x = node.args[0]
+    readers = _users(x)  # type: ignore[arg-type]
+    if not all((l := layer_of(r)) is not None and l.kind in ("experts", "experts_io") and
+               r.args[0] is x and res.need.get(r, {}).get(x) == E for r in readers):
+        return
+    best, cur = None, x
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.args and \
+            isinstance(cur.args[0], fx.Node) and lay.get(cur, R) == R and (
+                cur.target in _ROW_PICKS or cur.target in _SHAPES or
+                cur.target in _CASTS and _widening(cur)):
+        src = cur.args[0]
+        if (cur is not x and len(_users(cur)) != 1) or lay.get(src, R) != R:
+            break
+        if _nbytes(src) < _nbytes(best[1] if best else x):
+            best = (cur, src)
+        if len(_users(src)) != 1:
+            break  # read by others too (the router): entered here, not above
+        cur = src
+    if best is not None:
+        for r in readers:
+            res.need[r][x] = R
+        res.need[best[0]][best[1]] = E
 
 
 def features(layer: Layer) -> tuple[int, int]:

@@ -260,10 +260,14 @@ class _Builder:
     # -- the walk
     def build(self) -> fx.Graph:
         self._inputs()
+        # rowwise experts whose partial sums are reduced further on: where, and for whom
+        reduce_at = {point: (n, layer_of(n).name) for n, (point, _) in self.prop.deferred.items()}  # type: ignore[union-attr]
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 continue
             self.env[n] = self._node(n)
+            if n in reduce_at:
+                self.env[n] = self._reduce(n, reduce_at[n][1], self.env[n])
         return self.g
 
     def _node(self, n: fx.Node) -> Any:
@@ -459,11 +463,21 @@ class _Builder:
     def _experts(self, n: fx.Node, layer: Any) -> fx.Node:
         """A grouped matmul over this rank's slice of every expert (its weight, or the
         transpose the model reads it by, is the local shard already): colwise, each rank's
-        features of every row; rowwise, each rank's partial sums, reduced."""
+        features of every row; rowwise, each rank's partial sums, reduced here or, once
+        weighted and combined per token, where the analysis says (``deferred``)."""
         args = [self.env[a] if a is (layer.view or layer.weight) else self.value(a, n)
                 if isinstance(a, fx.Node) else a for a in n.args]
         y = self.g.call_function(n.target, tuple(args), dict(n.kwargs))
-        return self._reduce(n, layer.name, y) if self.styles.get(layer.name) == "rowwise" else y
+        if self.styles.get(layer.name) != "rowwise":
+            return y
+        if n in self.prop.deferred:  # reduced once the rows are combined per token
+            claimed = [c for c in self.prop.deferred[n][1] if c in self.q]
+            if claimed:
+                raise PlanError(f"{layer.name}: its partial sums pass through {claimed[0].name}, "
+                                "which sequence parallelism shards (a tpcompile bug: please "
+                                "report it)")
+            return y
+        return self._reduce(n, layer.name, y)
 
     def _reduce(self, n: fx.Node, name: str, partial: fx.Node) -> fx.Node:
         style = self.styles.get(name)
