@@ -171,6 +171,11 @@ def _widening(n: fx.Node) -> bool:
         b.dtype.is_floating_point
 
 
+def _same_dtype(n: fx.Node) -> bool:
+    a, b = info(n.args[0]), info(n)
+    return a is not None and b is not None and a.dtype == b.dtype
+
+
 def _experts_collectives(node: fx.Node, style: str | None, res: Propagation) -> None:
     """Where a grouped matmul of experts sums over tp (after propagation: every layout
     known). Its rows are (token, expert) pairs, top_k of them per token: a rowwise
@@ -224,8 +229,8 @@ def _experts_collectives(node: fx.Node, style: str | None, res: Propagation) -> 
     while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.args and \
             isinstance(cur.args[0], fx.Node) and lay.get(cur, R) == R and (
                 cur.target in _ROW_PICKS or cur.target in _SHAPES or
-                cur.target in _CASTS and _widening(cur)):
-        src = cur.args[0]
+                cur.target in _CASTS and _same_dtype(cur)):
+        src = cur.args[0]  # (past a real cast, the gradient would be summed in another dtype)
         if (cur is not x and len(_users(cur)) != 1) or lay.get(src, R) != R:
             break
         if _nbytes(src) < _nbytes(best[1] if best else x):
