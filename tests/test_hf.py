@@ -138,8 +138,8 @@ def test_gpt_oss_attention_sinks_keep_attention_sharded(pool, tp):
     attention scores: ``cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, q, -1)])``.
     Made from a parameter alone, the expanded sinks are read split by heads like the
     scores, their gradient gathered; attention stays sharded (it was replicated). Its
-    experts add a bias per expert to the grouped matmul's output in place (``add_``, no
-    rule), and its router is narrow: both replicated, with notes."""
+    router is narrow: replicated, with a note (its experts: see
+    ``test_moe_experts_are_sharded_like_linears``)."""
     res = pool.run(J.numerics, "gpt_oss", tp, tp == 2)
     check(res, None)
     for r in res:
@@ -189,9 +189,18 @@ def test_blocks_traced_inline_plan_again_from_the_trace_cache():
     assert all(w.startswith("tpcompile: transformer.h.") for w in said[0]), said[0]
 
 
+EXPERTS = {("gate_up_proj", "_S(1, 2)"), ("down_proj", "S(2)")}
+# gpt-oss: [E, in, out] read as stored, gate and up interleaved (gate_up[..., ::2] and
+# [..., 1::2]) in blocks that stay whole per rank, a bias per expert added in place
+# (gate_up's read in slices, down's after the reduction)
+EXPERTS_IO = {("gate_up_proj", "S(2)"), ("down_proj", "S(1)"), ("gate_up_proj_bias", "R"),
+              ("down_proj_bias", "R")}
+
+
 @pytest.mark.parametrize("family, tp, sp", [("mixtral", 2, True), ("mixtral", 4, False),
                                             ("qwen2_moe", 2, False), ("qwen3_moe", 2, True),
-                                            ("olmoe", 2, False), ("granitemoe", 2, True)])
+                                            ("olmoe", 2, False), ("granitemoe", 2, True),
+                                            ("gpt_oss", 2, True), ("gpt_oss", 4, False)])
 def test_moe_experts_are_sharded_like_linears(pool, family, tp, sp):
     """transformers 5's experts: 3-D Parameters [E, out, in] read transposed by a grouped
     matmul (``grouped_mm_fallback`` on the CPU), no Linear. ``gate_up_proj`` is colwise per
@@ -201,13 +210,15 @@ def test_moe_experts_are_sharded_like_linears(pool, family, tp, sp):
     every rank: each shard against its slice of the reference under the plan's placement,
     every gradient with its placement, the outputs. Qwen2-MoE also has a shared expert
     (plain Linears) beside them; OLMoE q/k norms over the whole projections; GraniteMoE
-    its experts under ``block_sparse_moe`` and scaled residuals."""
+    its experts under ``block_sparse_moe`` and scaled residuals; gpt-oss (replicated
+    before) its own layout and biases."""
     for r in pool.run(J.judged, family, tp, sp):
         assert not r["verdict"], r["verdict"]
         experts = {n.rsplit(".", 1)[1]: pl for n, pl in r["placements"].items()
                    if ".experts." in n}
-        assert set(experts.items()) == {("gate_up_proj", "_S(1, 2)"), ("down_proj", "S(2)")}, experts
-        assert not [n for n in r["notes"] if "experts" in n], r["notes"]
+        want = EXPERTS_IO if family == "gpt_oss" else EXPERTS
+        assert set(experts.items()) == want, experts
+        assert not [n for n in r["notes"] if "experts" in n and "_bias" not in n], r["notes"]
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -186,6 +186,16 @@ def elementwise(node: fx.Node, ctx: Ctx) -> Layout:
     return lay.at(d)
 
 
+@register(aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor)
+def inplace_binary(node: fx.Node, ctx: Ctx) -> Layout:
+    """In place, as written in forward (transformers' experts add their bias per expert
+    with ``out.add_(bias[expert_ids])``): as the op out of place, when the tensor written
+    is a sharded one (a replicated tensor cannot take a shard in place)."""
+    if not ctx.of(node.args[0]).sharded:
+        raise Unsafe(f"{node.name}: writes a sharded operand into a replicated tensor in place")
+    return elementwise(node, ctx)
+
+
 def _read_split(node: fx.Node, p: fx.Node, pos: int, src: fx.Node, lay: Layout, ctx: Ctx) -> bool:
     """Let ``node`` read ``p`` split on ``pos`` like its sharded operand ``src``, if it may
     (``_splittable_param``)."""
@@ -224,7 +234,10 @@ def _sharded_layer_param(p: fx.Node) -> bool:
 
 def params_alone(n: fx.Node) -> set[fx.Node] | None:
     """The parameters ``n`` is computed from, if from parameters alone (through ops with a
-    rule, none a layer): a cast or reshape of a weight. None if anything else feeds it."""
+    rule, none a layer): a cast or reshape of a weight, or its rows picked by integer
+    indices (transformers' experts pick each row's bias, ``bias[expert_ids]``: integers
+    carry no gradient, and replicated ones are the same on every rank). None if anything
+    else feeds it."""
     from .layers import layer_of
     todo, seen, found = [n], set(), set()
     while todo:
@@ -232,16 +245,24 @@ def params_alone(n: fx.Node) -> set[fx.Node] | None:
         if m in seen:
             continue
         seen.add(m)
+        if m is not n and _integers(m):
+            continue
         if m.op == "placeholder":
             if "tpc_param" not in m.meta or _sharded_layer_param(m):
                 return None
             found.add(m)
             continue
         if m.op != "call_function" or layer_of(m) is not None or rule_for(m) is None and \
-                not is_meta_op(m):
+                not is_meta_op(m) and m.target is not aten.index.Tensor:
             return None
         todo.extend(tensor_inputs(m))
     return found
+
+
+def _integers(m: fx.Node) -> bool:
+    """An integer (or boolean) tensor: no gradient flows through it."""
+    t = info(m)
+    return t is not None and not t.dtype.is_floating_point and not t.dtype.is_complex
 
 
 def constant(n: fx.Node) -> bool:
@@ -540,6 +561,17 @@ def slice_(node: fx.Node, ctx: Ctx) -> Layout:
         full = info(src).shape[d]  # type: ignore[union-attr]
         if (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= full)) \
                 and step in (None, 1):
+            return lay
+        if isinstance(step, int) and step > 1 and (start is None or isinstance(start, int) and
+                                                   0 <= start < step) and \
+                (end is None or isinstance(end, int) and end >= full) and lay.standard:
+            # every step-th element from the start (gpt-oss's gate_up[..., ::2] and [..., 1::2],
+            # gate and up interleaved): each rank's block, starting at a multiple of step,
+            # picks its own elements, the same slice locally
+            if (full // ctx.tp) % step:
+                raise Unsafe(f"{node.name}: takes every {step}th element of the sharded dim "
+                             f"{d}, whose {full // ctx.tp} per rank is no multiple of {step}",
+                             indivisible=("interleaved features per rank", full // ctx.tp))
             return lay
         parts = _sliced_parts(src, d, full)
         layer = ctx.colwise.get(src)
