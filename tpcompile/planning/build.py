@@ -280,7 +280,11 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         notes += more
         prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
         sliced = _sliced(t, prop)  # read in slices: their compute is sharded
-        loose = [n for n in A.unlayered_weights(t) if n.layer not in sliced]
+        # a rowwise expert's bias per expert (gpt-oss's down_proj_bias) is added after the
+        # reduction, replicated like a rowwise Linear's: no note
+        biases = {f"{prefix}{layer}_bias" for layer, st in styles.items() if st == "rowwise"}
+        loose = [n for n in A.unlayered_weights(t) if n.layer not in sliced and
+                 f"{prefix}{n.layer}" not in biases]
         if tp > 1:
             for n in loose:
                 warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
