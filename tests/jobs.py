@@ -186,9 +186,37 @@ class ExpertsInOut(nn.Module):
         return torch.zeros_like(h).index_add(0, order // 2, y).reshape(b, s, d)
 
 
+class _ScaledBy(nn.Module):
+    """A block of another kind that scales its output by a statistic of a weight it was
+    handed (another block's)."""
+
+    def __init__(self, w: nn.Parameter) -> None:
+        super().__init__()
+        self.w, self.fc = w, nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.w.square().mean()
+
+
+class ExpertsReadElsewhere(nn.Module):
+    """Experts in one block whose w1 another kind of block also reads, whole: one
+    Parameter in two traced modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        first = ExpertsInOut()
+        self.layers = nn.ModuleList([first, _ScaledBy(first.w1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 EDGES = {c.__name__: c for c in (ScaleReadTwice, FusedReadWhole, ClampedFusedNormed,
                                  MeanIntoResidual, NormWeightReadTwice, NormWeightAsGate,
-                                 WeightNormScaled, UnembedOnly, ExpertsInOut)}
+                                 WeightNormScaled, UnembedOnly, ExpertsInOut,
+                                 ExpertsReadElsewhere)}
 
 
 def numerics(rank: int, name: str, tp: int, sp: bool, kw: dict | None = None,

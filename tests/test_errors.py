@@ -180,6 +180,24 @@ def test_two_linears_sharing_one_weight_are_reported():
     assert not any("has no rule" in str(x.message) for x in w)
 
 
+def test_planning_warnings_point_at_the_callers_line_and_obey_its_filters():
+    """The analysis's warnings are said once planning is done (a block's own analysis,
+    dropped when its parent traces it inline, says nothing), through the caller's line:
+    a filter on the caller's module silences them, as it did when they were said at once."""
+    import warnings
+    args = (torch.randn(2, 4, 8),)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tpcompile.plan(SharedWeight(), tp=2, example_inputs=args)
+    said = [w for w in caught if str(w.message).startswith("tpcompile")]
+    assert said and all(w.filename == __file__ for w in said), [(w.filename, str(w.message)) for w in said]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module=__name__)
+        tpcompile.plan(SharedWeight(), tp=2, example_inputs=args)
+    assert not [w for w in caught if str(w.message).startswith("tpcompile")]
+
+
 class AssignsAttributes(nn.Module):
     def __init__(self, what: str) -> None:
         super().__init__()

@@ -75,6 +75,7 @@ def test_sums_over_the_sharded_dim(pool, tp, dtype):
     ("WeightNormScaled", False, {"fc2": "colwise"}),
     ("UnembedOnly", False, {"inp": "colwise", "wte": "rowwise"}),
     ("ExpertsInOut", False, {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}),
+    ("ExpertsReadElsewhere", False, {"layers.1.fc": "colwise"}),
 ])
 def test_partial_sums_and_sliced_weights_read_other_ways(pool, name, sp, sharded):
     """Found by review, each once wrong: a weight read in slices and whole (its gradient
@@ -87,7 +88,10 @@ def test_partial_sums_and_sliced_weights_read_other_ways(pool, name, sp, sharded
     replicated: each rank holds only its rows); an embedding's weight read by F.linear
     in a graph with no lookup of it (named ``wte@linear``, it got no placement: the full
     weight read as a shard, 2x the logits); experts stored [E, in, out] and read by a
-    grouped matmul as they are (sharded on the mirrored dims: colwise on dim 2)."""
+    grouped matmul as they are (sharded on the mirrored dims: colwise on dim 2); an
+    experts Parameter another kind of block also reads (it was sharded, the other block
+    read its shard as the whole: 13 % off, no word; now replicated with a note, and the
+    rest of those experts, w3 and w2, with it)."""
     res = pool.run(jobs.numerics, name, 2, sp)
     check(res)
     assert {k: v for k, v in res[0]["styles"].items() if v != "sequence_parallel"} == sharded

@@ -215,3 +215,12 @@ def test_experts_plan_saved_and_given_back_and_refused_by_other_tools(tmp_path):
         with pytest.raises(PlanError, match=r"mlp\.experts\.down_proj.*grouped matmul") as e:
             convert(plan)
         assert "auto_parallelize" in str(e.value)
+    # experts a given plan keeps replicated are no such layer: the conversions take it
+    kept = plan.model_copy(update={"modules": [m.model_copy(update={"styles": {
+        k: "replicate" if ".experts." in k else v for k, v in m.styles.items()}})
+        for m in plan.modules]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = compile_model(model, tp=2, example_kwargs=kwargs, given=kept).plan
+    assert all(not m.experts for m in whole.modules), [m.experts for m in whole.modules]
+    assert "model.layers.0.mlp.experts.down_proj" not in tpcompile.to_parallelize_plan(whole)

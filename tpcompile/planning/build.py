@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,7 @@ class Unit:
     members: list[str] = field(default_factory=list)
     shapes: BlockShapes | None = None
     nested: list[tuple[str, Any]] = field(default_factory=list)  # (relative member, unit key)
-    said: list[warnings.WarningMessage] = field(default_factory=list)  # by the analysis
+    said: list[str] = field(default_factory=list)  # the analysis's warnings
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -168,11 +167,11 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
             contracts[node] = units[sig].contract  # type: ignore[assignment]
             if (call.member, sig) not in nested:
                 nested.append((call.member, sig))
-        with warnings.catch_warnings(record=True) as said:  # said once the unit is kept
-            warnings.simplefilter("always")
-            unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
-                            is_root, given, shared_names)
-        unit.said = list(said)
+        said: list[str] = []  # warnings, said once the plan keeps the unit (or on an error)
+        spoken.append(said)
+        unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
+                        is_root, given, shared_names, said)
+        unit.said = said
         dump(f"{path or 'root'}.2-layouts.txt", "\n".join(
             f"{n.name:40s} {unit.prop.layouts.get(n, '-')!r:8s} {n.format_node()}"
             for n in t.gm.graph.nodes))
@@ -185,15 +184,21 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         return unit
 
     grads = any(p.requires_grad for p in model.parameters())  # for the whole model
-    with FE.fake_state(sk) as mode, ops.packing(packing), FE.grads_wanted(grads):
-        args, kwargs = FE.example_for(mode, example_inputs, kwargs)
-        process(sk, "", args, kwargs, True)
+    spoken: list[list[str]] = []
+    try:
+        with FE.fake_state(sk) as mode, ops.packing(packing), FE.grads_wanted(grads):
+            args, kwargs = FE.example_for(mode, example_inputs, kwargs)
+            process(sk, "", args, kwargs, True)
+    except BaseException:
+        for message in (m for said in spoken for m in said):  # what was found before it
+            warn(message)
+        raise
     add_member("<root>", "")
     plans = []
     keys = list(reversed(order))  # root first, then blocks in the order first met
     for key in reversed(keys):  # blocks then the root, as analysed; not a block's whose
-        for w in units[key].said if units[key].members else []:  # parent traced it inline
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for message in units[key].said if units[key].members else []:  # parent traced it inline
+            warn(message)
     for key in keys:
         u = units[key]
         u.plan.members = list(u.members)
@@ -232,7 +237,8 @@ def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
 
 def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],
              tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
-             shared_names: set[str] = frozenset()) -> Unit:  # type: ignore[assignment]
+             shared_names: set[str] = frozenset(), said: list[str] | None = None) -> Unit:  # type: ignore[assignment]
+    said = [] if said is None else said
     gm = t.gm
     prefix = f"{path}." if path else ""
     notes: list[A.Note] = []
@@ -253,7 +259,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
     else:
         styles, segments, notes = A.detect_segments(gm, contracts)
         notes += _stock_attention(t, module, styles)
-        _report_unsharded(notes, prefix, tp, on_indivisible)
+        said += _report_unsharded(notes, prefix, tp, on_indivisible)
         styles.update(A.embedding_styles(gm))
         pairs = A.tied_pairs(gm)
         for emb, head in pairs:
@@ -265,18 +271,19 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
                     notes.append(A.replicate_layer(
                         styles, segments, layer, "its weight is tied to another layer's, "
                         "which cannot be sharded the same way"))
-        tied_elsewhere = {n.rpartition(".")[0] for n in shared_names}
         local = {l.name for n in gm.graph.nodes if (l := A.layer_of(n)) is not None}
-        for layer in sorted(set(styles) & local):
-            if f"{prefix}{layer}" in tied_elsewhere and not any(
-                    layer in (e.name, h.name) for e, h in pairs):
+        for layer in sorted(set(styles) & local):  # by its parameters' names: a module's
+            # weight, a packed in_proj_weight, a Parameter of experts (a layer of its own)
+            names = {f"{prefix}{p}" for p in A.layer_params(module, layer).values()}
+            if names & shared_names and not any(layer in (e.name, h.name) for e, h in pairs):
                 notes.append(A.replicate_layer(styles, segments, layer,
                                                "its weight is tied to a layer in another module"))
+                if tp > 1:
+                    said.append(f"tpcompile: {prefix}{notes[-1].layer} stay {notes[-1].reason}")
         heads = A.head_layers(gm, styles, segments, 1, contracts)
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
                                                       prefix, contracts, heads)
-        for n in more:
-            warn(f"tpcompile: {prefix}{n.layer} {n.reason}")
+        said += [f"tpcompile: {prefix}{n.layer} {n.reason}" for n in more]
         notes += more
         prop = A.propagate(gm, styles, tp, contracts=contracts, heads=heads & set(styles))
         sliced = _sliced(t, prop)  # read in slices: their compute is sharded
@@ -286,15 +293,14 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         loose = [n for n in A.unlayered_weights(t) if n.layer not in sliced and
                  f"{prefix}{n.layer}" not in biases]
         if tp > 1:
-            for n in loose:
-                warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
+            said += [f"tpcompile: {prefix}{n.layer} stays {n.reason}" for n in loose]
         notes += loose
     SQ.apply_block_needs(gm, prop, contracts)
     params = set(t.params) | set(t.buffers)
     q = SQ.sequence_parallel(gm, prop, styles, contracts, params, is_root) if sp else set()
     hidden = _norms_in_regions(gm) if sp and given is None else []
     if hidden:
-        warn(f"tpcompile: {path or 'the root'}: the norm of {', '.join(hidden)} "
+        said.append(f"tpcompile: {path or 'the root'}: the norm of {', '.join(hidden)} "
              "runs inside a torch.autocast region (traced as one higher-order op, as in "
              "llm-foundry's LPLayerNorm); sequence parallelism does not reach into it, so "
              "such norms and the residual stream around them stay whole on every rank (the "
@@ -318,7 +324,8 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         summed=_summed(t, prop, all_styles),
         sliced=sorted(_sliced(t, prop)),
         experts={l.name: l.kind for n in gm.graph.nodes if (l := A.layer_of(n)) is not None
-                 and l.kind in ("experts", "experts_io") and styles.get(l.name)},
+                 and l.kind in ("experts", "experts_io")
+                 and styles.get(l.name) in ("colwise", "rowwise")},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)
 
@@ -390,17 +397,19 @@ def _seq_dims(gm: fx.GraphModule, styles: dict[str, str]) -> dict[str, int]:
     return out
 
 
-def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible: str) -> None:
+def _report_unsharded(notes: list[A.Note], prefix: str, tp: int, on_indivisible: str) -> list[str]:
     """Linears the analysis leaves replicated are never silent at tp > 1: a size that
     cannot be split (one kv head at tp 4) raises under ``on_indivisible='error'``; every
-    other reason is a warning (and stays in the plan's notes)."""
+    other reason is a warning (returned, to be said; it stays in the plan's notes)."""
     if tp == 1:
-        return
+        return []
+    out = []
     for n in notes:
         if n.indivisible is not None and on_indivisible == "error":
             what, size = n.indivisible
             raise IndivisibleError(prefix + n.layer, what, size, tp)
-        warn(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
+        out.append(f"tpcompile: {prefix}{n.layer} stays {n.reason}")
+    return out
 
 
 def plan(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
