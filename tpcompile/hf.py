@@ -107,49 +107,57 @@ def _block(p: DTensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     return compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
 
 
-def _stored_layout(model_type: str | None, stored: list[str]
-                   ) -> tuple[dict[str, str], dict[str, list[list[str]]]]:
+def _stored_layout(model_type: str | None, stored: list[str], names: set[str]
+                   ) -> tuple[dict[str, str], dict[str, list[list[str]]], list[str]]:
     """How transformers 5 reads a checkpoint of ``model_type`` into its model, as far as
-    tpcompile follows it: (model name -> stored name) for tensors stored under their own
-    or a renamed name, and (model name -> stored names per source, in expert order) for a
-    3-D Parameter of experts that transformers merges from one Linear per expert
-    (Mixtral's ``experts.N.w1`` and ``w3`` into ``experts.gate_up_proj``). The renaming
-    is transformers' own (its checkpoint conversion mapping); any other conversion is not
-    followed, and its tensors stay unmatched (named as missing)."""
+    tpcompile follows it: (model name -> stored name) for tensors stored under a model
+    name (``names``) or one transformers' renamings give, (model name -> stored names per
+    source, in expert order) for a 3-D Parameter of experts that transformers merges from
+    one Linear per expert (Mixtral's ``experts.N.w1`` and ``w3`` into
+    ``experts.gate_up_proj``), and the stored names of any other conversion, not followed
+    (their parameter is named as missing). The matching is transformers' own
+    (``rename_source_key`` over its checkpoint conversion mapping)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import (Concatenate, MergeModulelist,
-                                                     WeightConverter)
+                                                     WeightConverter, WeightRenaming,
+                                                     rename_source_key)
     except ImportError:  # an older transformers: names as stored
-        return {n: n for n in stored}, {}
-    mapping = get_checkpoint_conversion_mapping(model_type) if model_type else None
+        return {n: n for n in stored}, {}, []
+    mapping = (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
     direct: dict[str, str] = {}
     merged: dict[str, dict[int, dict[int, str]]] = {}
+    sources: dict[str, list[str]] = {}
+    dropped: list[str] = []
     for key in stored:
-        name: str | None = key
-        for t in mapping or []:
-            new, pattern = t.rename_source_key(name)  # type: ignore[arg-type]
-            if pattern is None:
-                continue
-            if isinstance(t, WeightConverter):
-                ops = [(type(o), getattr(o, "dim", None)) for o in t.operations]
-                stack = ops[:1] == [(MergeModulelist, 0)] and ops[1:] in ([], [(Concatenate, 1)])
-                expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)  # type: ignore[arg-type]
-                if stack and expert and (len(t.source_patterns) == 1 or len(ops) == 2):
-                    part = t.source_patterns.index(pattern)
-                    merged.setdefault(new, {}).setdefault(part, {})[int(expert.group(1))] = key
-                name = None  # merged, or a conversion not followed
-                break
-            name = new
-        if name is not None:
-            direct[name] = key
+        if key in names:
+            direct[key] = key
+            continue
+        new, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            direct[new] = key
+            continue
+        t = next(c for c in converters if pattern in c.source_patterns)
+        ops = [(type(o), getattr(o, "dim", None)) for o in t.operations]
+        stack = ops[:1] == [(MergeModulelist, 0)] and ops[1:] in ([], [(Concatenate, 1)])
+        expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        if stack and expert and (len(t.source_patterns) == 1 or len(ops) == 2):
+            part = t.source_patterns.index(pattern)
+            merged.setdefault(new, {}).setdefault(part, {})[int(expert.group(1))] = key
+            sources.setdefault(new, []).append(key)
+        else:
+            dropped.append(key)
     whole = {}
     for target, parts in merged.items():  # every part, every expert 0..E-1
         n = len(next(iter(parts.values())))
         if sorted(parts) == list(range(len(parts))) and \
                 all(sorted(p) == list(range(n)) for p in parts.values()):
             whole[target] = [[parts[i][e] for e in range(n)] for i in range(len(parts))]
-    return direct, whole
+        else:
+            dropped += sources[target]
+    return direct, whole, sorted(dropped)
 
 
 def _indices(p: torch.Tensor) -> list[list[int]] | None:
@@ -190,8 +198,9 @@ class _Reader:
     ``files``: stored name -> file; ``model_type``: the config's, for transformers'
     renaming and merging of per-expert tensors (see ``_stored_layout``)."""
 
-    def __init__(self, files: dict[str, Path], model_type: str | None = None) -> None:
-        self.stored, self.merged = _stored_layout(model_type, list(files))
+    def __init__(self, files: dict[str, Path], model_type: str | None = None,
+                 names: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.stored, self.merged, self.dropped = _stored_layout(model_type, list(files), names)
         self.files = {name: files[key] for name, key in self.stored.items()}
         self.sources = {key: files[key] for parts in self.merged.values() for part in parts
                         for key in part}
@@ -302,7 +311,7 @@ def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
             f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied: both names
     known |= {n for n, _ in model.named_buffers()}
-    extra = sorted(reader.stored[n] for n in reader.files if n not in known)
+    extra = sorted([reader.stored[n] for n in reader.files if n not in known] + reader.dropped)
     if extra:
         warn(f"tpcompile.from_pretrained: {len(extra)} tensor(s) in {folder} that {kind} does "
              f"not have are not loaded: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
@@ -331,7 +340,9 @@ def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.train()
-    reader = _Reader(_tensor_files(folder), getattr(config, "model_type", None))
+    reader = _Reader(_tensor_files(folder), getattr(config, "model_type", None),
+                     {n for n, _ in [*model.named_parameters(remove_duplicate=False),
+                                     *model.named_buffers()]})
     _check_names(model, reader, folder)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     for m in model.modules():  # everything on meta now; the init puts it back
