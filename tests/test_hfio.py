@@ -20,7 +20,8 @@ def _folder(tmp_path, family: str):
 
 
 @pytest.mark.parametrize("family,dp,shard", [("llama", 1, None), ("qwen2", 1, 40_000),
-                                            ("llama", 2, None), ("mixtral", 1, None)])
+                                            ("llama", 2, None), ("mixtral", 1, None),
+                                            ("mixtral", 2, None)])
 def test_from_pretrained_matches_and_save_pretrained_round_trips(pool, tmp_path, family, dp,
                                                                 shard):
     """shard: files of at most 40 kB (this model holds ~360 kB): several safetensors files
