@@ -35,8 +35,11 @@ class Layer:
     view: fx.Node | None = None  # experts: the transpose the grouped matmul reads the weight by
 
 
+# a Parameter of experts read by a grouped matmul: [E, out, in] read transposed, or
+# [E, in, out] read as stored
+EXPERT_KINDS = ("experts", "experts_io")
 # layers that multiply their input by their weight (a Linear in any of its forms)
-LINEAR_KINDS = ("linear", "conv1d", "experts", "experts_io")
+LINEAR_KINDS = ("linear", "conv1d", *EXPERT_KINDS)
 
 
 def mark_layers(t: Traced, module: nn.Module | None = None) -> dict[str, Layer]:

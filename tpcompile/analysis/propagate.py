@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .layers import (LINEAR_KINDS, Contract, Layer, Propagation, is_block, layer_of, source_line,
+from .layers import (EXPERT_KINDS, LINEAR_KINDS, Contract, Layer, Propagation, is_block, layer_of, source_line,
                      where)
 from .ops import E, Layout, R, Unsafe, info, tensor_inputs
 
@@ -66,7 +66,7 @@ def _propagate(gm: fx.GraphModule, styles: dict[str, str], tp: int, auto_rowwise
             lay[node] = _linear(node, layer, styles.get(layer.name), tp, res, auto_rowwise)
             if styles.get(layer.name) == "colwise":
                 ctx.colwise[node] = layer.name
-            if layer.kind in ("experts", "experts_io"):
+            if layer.kind in EXPERT_KINDS:
                 experts.append((node, styles.get(layer.name)))
             if layer.name in res.heads:
                 lay[node] = R  # gathered inside the rewritten layer
@@ -222,7 +222,7 @@ def _experts_collectives(node: fx.Node, style: str | None, res: Propagation) -> 
         return
     x = node.args[0]
     readers = _users(x)  # type: ignore[arg-type]
-    if not all((l := layer_of(r)) is not None and l.kind in ("experts", "experts_io") and
+    if not all((l := layer_of(r)) is not None and l.kind in EXPERT_KINDS and
                r.args[0] is x and res.need.get(r, {}).get(x) == E for r in readers):
         return
     best, cur = None, x

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from ..errors import IndivisibleError, PlanError
 from . import ops
-from .layers import LINEAR_KINDS, Contract, Note, Propagation, Segment, dataflow_graph, layer_of
+from .layers import EXPERT_KINDS, LINEAR_KINDS, Contract, Note, Propagation, Segment, dataflow_graph, layer_of
 from .ops import Unsafe
 from .propagate import propagate
 
@@ -168,7 +168,7 @@ def _read_whole(node: fx.Node, depth: int = 4) -> bool:
 def _is_head(g: nx.DiGraph, gm: fx.GraphModule, name: str) -> bool:
     """A Linear whose output reaches the graph's output and feeds no other layer."""
     node = next(n for n in gm.graph.nodes if (l := layer_of(n)) is not None and l.name == name)
-    if layer_of(node).kind in ("experts", "experts_io"):  # type: ignore[union-attr]
+    if layer_of(node).kind in EXPERT_KINDS:  # type: ignore[union-attr]
         return False  # rows sorted by expert: no logits
     out = next(n for n in gm.graph.nodes if n.op == "output")
     below = nx.descendants(g, node)

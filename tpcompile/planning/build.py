@@ -324,7 +324,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         summed=_summed(t, prop, all_styles),
         sliced=sorted(_sliced(t, prop)),
         experts={l.name: l.kind for n in gm.graph.nodes if (l := A.layer_of(n)) is not None
-                 and l.kind in ("experts", "experts_io")
+                 and l.kind in A.EXPERT_KINDS
                  and styles.get(l.name) in ("colwise", "rowwise")},
     )
     return Unit(t, prop, styles, q, contracts, contract, mp)

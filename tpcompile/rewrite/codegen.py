@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from ..analysis import ops
-from ..analysis.layers import LINEAR_KINDS, NORM_OPS, Contract, Propagation, is_block, layer_of, where
+from ..analysis.layers import EXPERT_KINDS, LINEAR_KINDS, NORM_OPS, Contract, Propagation, is_block, layer_of, where
 from ..analysis.layout import Layout, R, info
 from ..errors import PlanError
 from ..frontend.blocks import TensorInfo
@@ -260,14 +260,14 @@ class _Builder:
     # -- the walk
     def build(self) -> fx.Graph:
         self._inputs()
-        # rowwise experts whose partial sums are reduced further on: where, and for whom
-        reduce_at = {point: (n, layer_of(n).name) for n, (point, _) in self.prop.deferred.items()}  # type: ignore[union-attr]
+        # rowwise experts whose partial sums are reduced further on: where -> whose
+        reduce_at = {point: layer_of(n).name for n, (point, _) in self.prop.deferred.items()}  # type: ignore[union-attr]
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 continue
             self.env[n] = self._node(n)
             if n in reduce_at:
-                self.env[n] = self._reduce(n, reduce_at[n][1], self.env[n])
+                self.env[n] = self._reduce(n, reduce_at[n], self.env[n])
         return self.g
 
     def _node(self, n: fx.Node) -> Any:
@@ -279,7 +279,7 @@ class _Builder:
         if n.target is aten._assert_tensor_metadata.default:
             return None  # a dtype/device assertion of the trace; shapes are local now
         layer = layer_of(n)
-        if layer is not None and layer.kind in ("experts", "experts_io"):
+        if layer is not None and layer.kind in EXPERT_KINDS:
             return self._experts(n, layer)
         if layer is not None and layer.kind in LINEAR_KINDS:
             return self._linear(n, layer)
