@@ -31,7 +31,7 @@ from bench import common as C  # noqa: E402
 
 from tpcompile.counting import CollectiveCounter  # noqa: E402
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send")
 PHASES = ("fwd", "bwd", "opt")
 
 

@@ -25,14 +25,15 @@ def in_flight(rank: int, family: str, tp: int, sp: bool) -> dict:
     return {"in_flight": t.in_flight(), "layers": ref.config.num_hidden_layers}
 
 
-def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> dict:
+def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int, p2p: bool) -> dict:
     """The head's logits all-gathered in ``chunks`` pieces (the chunk size set so that
     this small model's logits make exactly that many): for each piece's all-gather, the
     ops of one forward run between its launch and the next wait; the works registered for
     a wait_tensor after each launch, and left after the forward; the bytes each piece's
     own columns still hold after the forward (the process group's work object keeps a
     reference a while longer; the memory must go when the piece lands); then every output
-    and gradient against the unsharded model."""
+    and gradient against the unsharded model. ``p2p``: each piece gathered by sends and
+    receives (gloo's way for large ones) instead of one all-gather."""
     from tpcompile.rewrite import collectives as C
     ref, args, kwargs = jobs_hf.build(family)
     pieces: list[torch.Tensor] = []
@@ -46,7 +47,7 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
         registered.append(works())  # its work registered (a wait_tensor then waits for it)
         return out
 
-    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), chunks):
+    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), chunks, p2p):
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs, sequence_parallel=sp)
         before = works()
@@ -56,13 +57,14 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int) -> di
         jobs_hf.loss_of(out).backward()
     o_ref = ref(*args, **kwargs)
     jobs_hf.loss_of(o_ref).backward()
-    return {"in_flight": t.in_flight(("all_gather_into_tensor", "allgather_")),
+    return {"in_flight": t.in_flight(("all_gather_into_tensor", "allgather_", "send")),
+            "sends": sum(e[0] == "c10d.send" for e in t.events),
             "held": [y.untyped_storage().nbytes() for y in pieces],
             "registered": [n - before for n in registered], "left": after - before,
             "verdict": jobs_hf.judge(ref, par, o_ref, out)}
 
 
-def head_fails_mid_way(rank: int, family: str, tp: int) -> dict:
+def head_fails_mid_way(rank: int, family: str, tp: int, p2p: bool) -> dict:
     """The head's third chunk fails (as an out-of-memory in its matmul would) after two
     gathers were launched: the error reaches the caller and no work is left registered
     (each would hold the logits until the process ends)."""
@@ -77,7 +79,7 @@ def head_fails_mid_way(rank: int, family: str, tp: int) -> dict:
             raise MemoryError("planted: the third chunk")
         return real(y, *rest)
 
-    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), 4):
+    with jobs_hf.head_in_chunks(ref, kwargs["input_ids"].numel(), 4, p2p):
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs)
         before, error = works(), None

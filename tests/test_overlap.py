@@ -27,9 +27,11 @@ def test_weight_gradients_compute_while_the_input_gradient_reduces(pool, sp):
             sorted([3, 2] * r["layers"] + [1]), r["in_flight"]
 
 
-def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool):
+@pytest.mark.parametrize("p2p", [False, True], ids=["all_gather", "send_recv"])
+def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool, p2p):
     """HF Llama at tp 2 with SP, its logits split into 4 chunks, at most 2 gathers in
-    flight: each chunk's all-gather (into the output's column blocks) is in flight while
+    flight: each chunk's all-gather (into the output's column blocks; or, as gloo gathers
+    large chunks, a send to the other rank and a receive from it) is in flight while
     the next two chunks' matmuls run (the third chunk's: one, the last's: none, waited
     on at once), every other all-gather (sequence-parallel inputs) waited on at once;
     each chunk's gather registered for its wait and none left registered after; each
@@ -37,18 +39,32 @@ def test_head_logits_gather_in_chunks_while_the_next_chunks_compute(pool):
     group's work object); and the logits, loss and every gradient match the unsharded
     model (every rank's columns of every chunk in their place)."""
     from tests.test_hf import check
-    res = pool.run(J.head_pipelined, "llama", 2, True, 4)
+    res = pool.run(J.head_pipelined, "llama", 2, True, 4, p2p)
     check([r["verdict"] for r in res])
+    works = 2 if p2p else 1  # per chunk: its send and its receive, or the all-gather
     for r in res:
         mms = [sum(op in ("aten.mm", "aten.addmm") for op in ops) for ops in r["in_flight"]]
         assert sorted(m for m in mms if m) == [1, 2, 2], r["in_flight"]
+        assert r["sends"] == (4 if p2p else 0), r["sends"]
         assert len(r["held"]) == 4 and not any(r["held"]), r["held"]
-        assert r["registered"] == [1, 2, 2, 2] and r["left"] == 0, r
+        assert r["registered"] == [works, 2 * works, 2 * works, 2 * works] and r["left"] == 0, r
 
 
-def test_a_head_failing_mid_way_leaves_no_work_registered(pool):
+@pytest.mark.parametrize("p2p", [False, True], ids=["all_gather", "send_recv"])
+def test_a_head_failing_mid_way_leaves_no_work_registered(pool, p2p):
     """An error in the head's third chunk, after two gathers were launched, reaches the
     caller, and both gathers are waited on first: none stays registered holding the
     logits."""
-    for r in pool.run(J.head_fails_mid_way, "llama", 2):
+    for r in pool.run(J.head_fails_mid_way, "llama", 2, p2p):
         assert r["error"] == "planted: the third chunk" and r["left"] == 0, r
+
+
+def test_head_chunks_sent_to_three_ranks_at_tp4(pool):
+    """At tp 4 a chunk gathered by sends goes to each of the three other ranks and comes
+    from each (every rank's columns in their block, on every rank): the logits, loss and
+    every gradient match the unsharded model; nothing held or left registered."""
+    from tests.test_hf import check
+    res = pool.run(J.head_pipelined, "llama", 4, True, 4, True)
+    check([r["verdict"] for r in res])
+    for r in res:
+        assert r["sends"] == 4 * 3 and not any(r["held"]) and r["left"] == 0, r

@@ -31,6 +31,9 @@ _KINDS = {
     "allreduce_": "all_reduce", "_allgather_base_": "all_gather", "allgather_": "all_gather",
     "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
     "broadcast_": "broadcast",
+    # a large head's gather on gloo goes as a send to every other rank (and as many
+    # receives, not counted: the bytes are the sends'); see rewrite.collectives
+    "send": "send",
 }
 
 
@@ -97,8 +100,10 @@ class OpTimeline(TorchDispatchMode):
         key, t = None, None
         if func.namespace == "_c10d_functional":
             t = args[0] if func._opname == "wait_tensor" else out
-        elif func.namespace == "c10d" and func._opname == "allgather_":
-            t = args[1][0]  # its input: a wait_tensor on it waits for it (_gather_columns)
+        elif func.namespace == "c10d" and func._opname in ("allgather_", "send"):
+            # the gathered input (the tensor sent): a wait_tensor on it waits for it
+            # (_gather_columns)
+            t = args[1][0] if func._opname == "allgather_" else args[0][0]
         if isinstance(t, torch.Tensor):
             key = t.data_ptr()
         self.buffers.append(key)

@@ -4,7 +4,8 @@ Each conversion is a pair (forward collective, backward collective), built on
 ``torch.distributed._functional_collectives`` so that every collective is a c10d
 functional op (visible to a ``TorchDispatchMode`` and to compilers); the one exception is
 the eager head's all-gather into the output's column blocks (``_gather_columns``), a
-c10d in-place op, which a dispatch mode sees too. The process group
+c10d in-place op (or, for large chunks on gloo, c10d sends and receives), which a
+dispatch mode sees too. The process group
 is named by its c10d group name, a string, so the graphs print and pickle.
 
     conversion          forward             backward        used for
@@ -289,10 +290,10 @@ class _ColwiseHead(torch.autograd.Function):
         itemsize = (dtype or w.dtype).itemsize if dtype or not autocast else 2  # 16-bit
         parts = rows.tensor_split(_chunks(rows.shape[0], n * cols * itemsize))
         out = flat = mine = None
-        pending: list[tuple[torch.Tensor, int, int]] = []
+        pending: list[tuple[torch.Tensor, int, int, list | None]] = []
         start = 0
         try:
-            for part in parts:
+            for i, part in enumerate(parts):
                 r, z = part.shape[0], None
                 if not direct:
                     z = torch.nn.functional.linear(part, w, b)
@@ -314,15 +315,16 @@ class _ColwiseHead(torch.autograd.Function):
                 if in_place:
                     if len(pending) == HEAD_CHUNKS["depth"]:  # enough in flight: land one
                         _land(pending.pop(0), flat, n, cols, True)
-                    launched = _gather_columns(y, flat[start:start + r], cols, group)
+                    launched, received = _gather_columns(y, flat[start:start + r], cols, group, i)
                 else:
                     launched = _c10d.all_gather_into_tensor(y.contiguous(), n, group)
+                    received = None
                 if mine is not None:  # read, not written, while the gather reads it
                     mine.view(-1, cols)[start:start + r].copy_(y)
-                pending.append((launched, start, r))
+                pending.append((launched, start, r, received))
                 start += r
         except BaseException:  # (an out-of-memory in a later chunk, say) no work left
-            for launched, _, _ in pending:  # registered, holding the output, for good
+            for launched, *_ in pending:  # registered, holding the output, for good
                 with contextlib.suppress(Exception):
                     _c10d.wait_tensor(launched)
             raise
@@ -363,25 +365,64 @@ def _gathers_into_views(group: str) -> bool:
     return {part.split(":")[-1] for part in backend.split(",")} <= {"gloo", "nccl", "fake"}
 
 
-def _gather_columns(y: torch.Tensor, dest: torch.Tensor, cols: int, group: str
-                    ) -> torch.Tensor:
-    """Launch the all-gather of ``y`` (r, cols) with each rank's part written straight
-    into its column block of ``dest`` (r, n * cols; rows of the output) by the process
-    group: no buffer of ours, no copy after. Returns ``y``: a ``wait_tensor`` on it waits
-    for the gather (the work is registered under it, as the functional collectives do)."""
-    work = dist.all_gather(list(dest.split(cols, dim=1)), y, group=_pg(group), async_op=True)
-    torch._C._distributed_c10d._register_work(y, work)
-    return y
+# Above this many bytes of a chunk's own columns, a gloo head gathers them by sends and
+# receives (``_gather_columns``): gloo's all-gather moved ~0.7 GB/s on the 2-core CPU
+# machine where a pair's batched send and receive moved 1.7-2.2 GB/s (world 2, 8 MiB a
+# rank: 12.1 ms all-gathered into the columns, 5.7 ms sent, received and copied into
+# them; 31 MiB: 96 and 29 ms; world 4, 16 MiB: 144 and 75 ms). Below ~256 KiB the one
+# all-gather was as fast or faster. NCCL's all-gather is the ring of sends itself.
+P2P_GATHER_BYTES = 256 << 10
 
 
-def _land(item: tuple[torch.Tensor, int, int], flat: torch.Tensor, n: int, cols: int,
-          in_place: bool) -> None:
+def _p2p_gathers(y: torch.Tensor, group: str) -> bool:
+    """Whether this chunk is gathered by sends and receives: a gloo backend for its
+    device, and large enough that gloo's all-gather is the slower way."""
+    if y.numel() * y.element_size() < P2P_GATHER_BYTES:
+        return False
+    try:
+        backend = _pg(group)._get_backend(y.device)
+    except RuntimeError:  # no backend for this device in the group
+        return False
+    return isinstance(backend, dist.ProcessGroupGloo)
+
+
+def _gather_columns(y: torch.Tensor, dest: torch.Tensor, cols: int, group: str, tag: int
+                    ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]] | None]:
+    """Launch the all-gather of ``y`` (r, cols) into the column blocks of ``dest`` (r,
+    n * cols; rows of the output), rank by rank. Returns ``y``, under which the work is
+    registered (a ``wait_tensor`` on it waits for the gather, as the functional
+    collectives do), and the receive buffers still to be copied into their columns once
+    it lands (``None``: nothing to copy). Usually the process group writes every rank's
+    part straight into its block (no buffer of ours, no copy after); a large chunk on gloo
+    is sent to every other rank and received from each into a buffer of its own
+    (``P2P_GATHER_BYTES``), ``tag`` telling the chunks in flight apart."""
+    pg = _pg(group)
+    if not _p2p_gathers(y, group):
+        work = dist.all_gather(list(dest.split(cols, dim=1)), y, group=pg, async_op=True)
+        torch._C._distributed_c10d._register_work(y, work)
+        return y, None
+    me, n = _group(group)
+    received = [(o, torch.empty_like(y)) for o in range(n) if o != me]
+    ops = [op for o, buf in received for op in (
+        dist.P2POp(dist.isend, y, group=pg, tag=tag, group_peer=o),
+        dist.P2POp(dist.irecv, buf, group=pg, tag=tag, group_peer=o))]
+    for work in dist.batch_isend_irecv(ops):
+        torch._C._distributed_c10d._register_work(y, work)
+    dest.narrow(1, me * cols, cols).copy_(y)  # read, not written, while it is sent
+    return y, received
+
+
+def _land(item: tuple[torch.Tensor, int, int, list | None], flat: torch.Tensor, n: int,
+          cols: int, in_place: bool) -> None:
     """Wait for one chunk's gather; unless it was gathered ``in_place`` (eager), its result,
     ``(n * r, cols)``, rank after rank, r rows each, is then written into its rows of the
-    output, rank by rank along the columns."""
-    launched, start, r = item
+    output, rank by rank along the columns; gathered by sends and receives, the received
+    parts are copied into their columns."""
+    launched, start, r, received = item
     got = _c10d.wait_tensor(launched)
     if in_place:  # done with: its memory goes now, not when the work object does
+        for o, buf in received or ():
+            flat[start:start + r].narrow(1, o * cols, cols).copy_(buf)
         launched.untyped_storage().resize_(0)
     else:
         flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
