@@ -383,7 +383,7 @@ def _p2p_gathers(y: torch.Tensor, group: str) -> bool:
         backend = _pg(group)._get_backend(y.device)
     except RuntimeError:  # no backend for this device in the group
         return False
-    return isinstance(backend, dist.ProcessGroupGloo)
+    return isinstance(backend, getattr(dist, "ProcessGroupGloo", ()))  # () on builds without gloo
 
 
 def _gather_columns(y: torch.Tensor, dest: torch.Tensor, cols: int, group: str, tag: int
