@@ -375,9 +375,9 @@ P2P_GATHER_BYTES = 256 << 10
 
 
 def _p2p_gathers(y: torch.Tensor, group: str) -> bool:
-    """Whether this chunk is gathered by sends and receives: a gloo backend for its
-    device, and large enough that gloo's all-gather is the slower way."""
-    if y.numel() * y.element_size() < P2P_GATHER_BYTES:
+    """Whether this chunk is gathered by sends and receives: a CPU tensor, gloo its
+    group's backend, and large enough that gloo's all-gather is the slower way."""
+    if y.device.type != "cpu" or y.numel() * y.element_size() < P2P_GATHER_BYTES:
         return False
     try:
         backend = _pg(group)._get_backend(y.device)
