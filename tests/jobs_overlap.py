@@ -30,7 +30,7 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int, p2p: 
     this small model's logits make exactly that many): for each piece's all-gather, the
     ops of one forward run between its launch and the next wait; the works registered for
     a wait_tensor after each launch, and left after the forward; the bytes each piece's
-    own columns still hold after the forward (the process group's work object keeps a
+    own columns (and the buffers its parts were received into) still hold after the forward (the process group's work object keeps a
     reference a while longer; the memory must go when the piece lands); then every output
     and gradient against the unsharded model. ``p2p``: each piece gathered by sends and
     receives (gloo's way for large ones) instead of one all-gather."""
@@ -41,9 +41,10 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int, p2p: 
     works = torch._C._distributed_c10d._get_work_registry_size
     registered: list[int] = []
 
-    def spy(y: torch.Tensor, *rest: Any) -> torch.Tensor:
+    def spy(y: torch.Tensor, *rest: Any) -> Any:
         pieces.append(y)
         out = real(y, *rest)
+        pieces.extend(buf for _, buf in out[1] or ())  # its receive buffers, if any
         registered.append(works())  # its work registered (a wait_tensor then waits for it)
         return out
 

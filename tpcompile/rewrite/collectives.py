@@ -377,7 +377,8 @@ P2P_GATHER_BYTES = 256 << 10
 def _p2p_gathers(y: torch.Tensor, group: str) -> bool:
     """Whether this chunk is gathered by sends and receives: a CPU tensor, gloo its
     group's backend, and large enough that gloo's all-gather is the slower way."""
-    if y.device.type != "cpu" or y.numel() * y.element_size() < P2P_GATHER_BYTES:
+    if y.device.type != "cpu" or y.numel() * y.element_size() < P2P_GATHER_BYTES or \
+            _size(group) == 1:
         return False
     try:
         backend = _pg(group)._get_backend(y.device)
@@ -423,6 +424,7 @@ def _land(item: tuple[torch.Tensor, int, int, list | None], flat: torch.Tensor, 
     if in_place:  # done with: its memory goes now, not when the work object does
         for o, buf in received or ():
             flat[start:start + r].narrow(1, o * cols, cols).copy_(buf)
+            buf.untyped_storage().resize_(0)  # (the receive's work object holds it too)
         launched.untyped_storage().resize_(0)
     else:
         flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
