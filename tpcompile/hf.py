@@ -196,10 +196,11 @@ def _runs(idx: list[int]) -> list[slice]:
 class _Reader:
     """Reads this rank's part of each tensor from the safetensors files, counting bytes.
     ``files``: stored name -> file; ``model_type``: the config's, for transformers'
-    renaming and merging of per-expert tensors (see ``_stored_layout``)."""
+    renaming and merging of per-expert tensors (see ``_stored_layout``); ``names``: the
+    model's parameter (tied: every name) and buffer names."""
 
-    def __init__(self, files: dict[str, Path], model_type: str | None = None,
-                 names: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, files: dict[str, Path], model_type: str | None, names: set[str]) -> None:
+        self.names = names
         self.stored, self.merged, self.dropped = _stored_layout(model_type, list(files), names)
         self.files = {name: files[key] for name, key in self.stored.items()}
         self.sources = {key: files[key] for parts in self.merged.values() for part in parts
@@ -309,9 +310,8 @@ def _check_names(model: nn.Module, reader: _Reader, folder: Path) -> None:
         raise CheckpointFolderError(
             f"{folder} does not fit the model its config.json builds ({kind}): "
             f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}")
-    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied: both names
-    known |= {n for n, _ in model.named_buffers()}
-    extra = sorted([reader.stored[n] for n in reader.files if n not in known] + reader.dropped)
+    extra = sorted([reader.stored[n] for n in reader.files if n not in reader.names] +
+                   reader.dropped)
     if extra:
         warn(f"tpcompile.from_pretrained: {len(extra)} tensor(s) in {folder} that {kind} does "
              f"not have are not loaded: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
@@ -342,7 +342,7 @@ def from_pretrained(folder: str | os.PathLike, mesh: DeviceMesh, *,
     model.train()
     reader = _Reader(_tensor_files(folder), getattr(config, "model_type", None),
                      {n for n, _ in [*model.named_parameters(remove_duplicate=False),
-                                     *model.named_buffers()]})
+                                     *model.named_buffers()]})  # tied: both names
     _check_names(model, reader, folder)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     for m in model.modules():  # everything on meta now; the init puts it back

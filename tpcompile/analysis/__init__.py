@@ -14,15 +14,15 @@ is: replicated, sharded, partial), ``layers`` (which nodes compute which layer),
 (sequence-parallel regions and block contracts).
 """
 
-from .layers import (EXPERT_KINDS, NORM_OPS, Contract, Layer, Note, Propagation, Segment, canonical_linears,
-                     dataflow_graph,
-                     is_block, layer_of, layer_params, mark_layers, param_role, source_line,
-                     tied_pairs, unlayered_weights, where)
+from .layers import (EXPERT_KINDS, NORM_OPS, Contract, Layer, Note, Propagation, Segment,
+                     canonical_linears, dataflow_graph, is_block, layer_of, layer_params,
+                     mark_layers, param_role, source_line, tied_pairs, unlayered_weights, where)
 from .propagate import propagate
 from .segments import (check_divisibility, detect_segments, embedding_styles, head_layers,
                        replicate_layer)
 
-__all__ = ["EXPERT_KINDS", "NORM_OPS", "Contract", "Layer", "Note", "Propagation", "Segment", "canonical_linears",
-           "check_divisibility", "dataflow_graph", "detect_segments", "embedding_styles",
-           "head_layers", "is_block", "layer_of", "layer_params", "mark_layers", "param_role", "propagate", "replicate_layer",
-           "source_line", "tied_pairs", "unlayered_weights", "where"]
+__all__ = ["EXPERT_KINDS", "NORM_OPS", "Contract", "Layer", "Note", "Propagation", "Segment",
+           "canonical_linears", "check_divisibility", "dataflow_graph", "detect_segments",
+           "embedding_styles", "head_layers", "is_block", "layer_of", "layer_params",
+           "mark_layers", "param_role", "propagate", "replicate_layer", "source_line",
+           "tied_pairs", "unlayered_weights", "where"]

@@ -10,8 +10,8 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .layers import (EXPERT_KINDS, LINEAR_KINDS, Contract, Layer, Propagation, is_block, layer_of, source_line,
-                     where)
+from .layers import (EXPERT_KINDS, LINEAR_KINDS, Contract, Layer, Propagation, is_block,
+                     layer_of, source_line, where)
 from .ops import E, Layout, R, Unsafe, info, tensor_inputs
 
 aten = torch.ops.aten

@@ -9,7 +9,8 @@ import torch.fx as fx
 
 from ..errors import IndivisibleError, PlanError
 from . import ops
-from .layers import EXPERT_KINDS, LINEAR_KINDS, Contract, Note, Propagation, Segment, dataflow_graph, layer_of
+from .layers import (EXPERT_KINDS, LINEAR_KINDS, Contract, Note, Propagation, Segment,
+                     dataflow_graph, layer_of)
 from .ops import Unsafe
 from .propagate import propagate
 

@@ -171,7 +171,6 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         spoken.append(said)
         unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
                         is_root, given, shared_names, said)
-        unit.said = said
         dump(f"{path or 'root'}.2-layouts.txt", "\n".join(
             f"{n.name:40s} {unit.prop.layouts.get(n, '-')!r:8s} {n.format_node()}"
             for n in t.gm.graph.nodes))
@@ -237,8 +236,9 @@ def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
 
 def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],
              tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
-             shared_names: set[str] = frozenset(), said: list[str] | None = None) -> Unit:  # type: ignore[assignment]
-    said = [] if said is None else said
+             shared_names: set[str], said: list[str]) -> Unit:
+    """One traced module's analysis; its warnings are added to ``said`` as found (said by
+    the caller once the plan keeps the unit, or on an error)."""
     gm = t.gm
     prefix = f"{path}." if path else ""
     notes: list[A.Note] = []
@@ -279,7 +279,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
                 notes.append(A.replicate_layer(styles, segments, layer,
                                                "its weight is tied to a layer in another module"))
                 if tp > 1:
-                    said.append(f"tpcompile: {prefix}{notes[-1].layer} stay {notes[-1].reason}")
+                    said.append(f"tpcompile: {prefix}{notes[-1].layer} stays {notes[-1].reason}")
         heads = A.head_layers(gm, styles, segments, 1, contracts)
         styles, segments, more = A.check_divisibility(gm, styles, segments, tp, on_indivisible,
                                                       prefix, contracts, heads)
@@ -327,7 +327,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
                  and l.kind in A.EXPERT_KINDS
                  and styles.get(l.name) in ("colwise", "rowwise")},
     )
-    return Unit(t, prop, styles, q, contracts, contract, mp)
+    return Unit(t, prop, styles, q, contracts, contract, mp, said=said)
 
 
 def _stock_attention(t: Traced, module: nn.Module, styles: dict[str, str]) -> list[A.Note]:
