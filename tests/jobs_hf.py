@@ -32,17 +32,17 @@ def head_in_chunks(ref: nn.Module, rows: int, chunks: int, p2p: bool | None = No
     gathers its logits in ``chunks`` chunks of rows, as large logits are (0: unchanged);
     with ``p2p`` True each chunk (on gloo) is gathered by sends and receives, as a large
     chunk is, False by the one all-gather, as a small one is (None: by its size)."""
-    from tpcompile.rewrite import collectives as C
-    saved, saved_p2p = dict(C.HEAD_CHUNKS), C.P2P_GATHER_BYTES
+    from tpcompile.rewrite import head as H
+    saved, saved_p2p = dict(H.HEAD_CHUNKS), H.P2P_GATHER_BYTES
     if chunks:  # the bytes of the gathered logits (float32) per chunk; any rows
-        C.HEAD_CHUNKS.update(bytes=rows * ref.config.vocab_size * 4 // chunks, rows=1)
+        H.HEAD_CHUNKS.update(bytes=rows * ref.config.vocab_size * 4 // chunks, rows=1)
     if p2p is not None:
-        C.P2P_GATHER_BYTES = 0 if p2p else 1 << 62
+        H.P2P_GATHER_BYTES = 0 if p2p else 1 << 62
     try:
         yield
     finally:
-        C.HEAD_CHUNKS.update(saved)
-        C.P2P_GATHER_BYTES = saved_p2p
+        H.HEAD_CHUNKS.update(saved)
+        H.P2P_GATHER_BYTES = saved_p2p
 
 
 def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tuple, dict]:

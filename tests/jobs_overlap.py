@@ -34,10 +34,10 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int, p2p: 
     reference a while longer; the memory must go when the piece lands); then every output
     and gradient against the unsharded model. ``p2p``: each piece gathered by sends and
     receives (gloo's way for large ones) instead of one all-gather."""
-    from tpcompile.rewrite import collectives as C
+    from tpcompile.rewrite import head as H
     ref, args, kwargs = jobs_hf.build(family)
     pieces: list[torch.Tensor] = []
-    real = C._gather_columns
+    real = H._gather_columns
     works = torch._C._distributed_c10d._get_work_registry_size
     registered: list[int] = []
 
@@ -52,7 +52,7 @@ def head_pipelined(rank: int, family: str, tp: int, sp: bool, chunks: int, p2p: 
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs, sequence_parallel=sp)
         before = works()
-        with mock.patch.object(C, "_gather_columns", spy), OpTimeline() as t:
+        with mock.patch.object(H, "_gather_columns", spy), OpTimeline() as t:
             out = par(*args, **kwargs)
         after = works()
         jobs_hf.loss_of(out).backward()
@@ -69,10 +69,10 @@ def head_fails_mid_way(rank: int, family: str, tp: int, p2p: bool) -> dict:
     """The head's third chunk fails (as an out-of-memory in its matmul would) after two
     gathers were launched: the error reaches the caller and no work is left registered
     (each would hold the logits until the process ends)."""
-    from tpcompile.rewrite import collectives as C
+    from tpcompile.rewrite import head as H
     ref, args, kwargs = jobs_hf.build(family)
     works = torch._C._distributed_c10d._get_work_registry_size
-    real, calls = C._gather_columns, []
+    real, calls = H._gather_columns, []
 
     def fails_third(y: torch.Tensor, *rest: Any) -> torch.Tensor:
         calls.append(1)
@@ -84,7 +84,7 @@ def head_fails_mid_way(rank: int, family: str, tp: int, p2p: bool) -> dict:
         par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
                                          example_kwargs=kwargs)
         before, error = works(), None
-        with mock.patch.object(C, "_gather_columns", fails_third):
+        with mock.patch.object(H, "_gather_columns", fails_third):
             try:
                 par(*args, **kwargs)
             except MemoryError as e:

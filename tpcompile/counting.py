@@ -32,7 +32,7 @@ _KINDS = {
     "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
     "broadcast_": "broadcast",
     # a large head's gather on gloo goes as a send to every other rank (and as many
-    # receives, not counted: the bytes are the sends'); see rewrite.collectives
+    # receives, not counted: the bytes are the sends'); see rewrite.head
     "send": "send",
 }
 
@@ -102,7 +102,7 @@ class OpTimeline(TorchDispatchMode):
             t = args[0] if func._opname == "wait_tensor" else out
         elif func.namespace == "c10d" and func._opname in ("allgather_", "send"):
             # the gathered input (the tensor sent): a wait_tensor on it waits for it
-            # (_gather_columns)
+            # (rewrite.head._gather_columns)
             t = args[1][0] if func._opname == "allgather_" else args[0][0]
         if isinstance(t, torch.Tensor):
             key = t.data_ptr()

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ..analysis import ops
 from . import collectives as C
+from .head import colwise_head
 
 aten = torch.ops.aten
 
@@ -102,7 +103,7 @@ def _head(graph: fx.Graph, conv: fx.Node, chain: list[fx.Node], gather: fx.Node,
     linear = chain[0]
     dtype = chain[1].args[1] if len(chain) > 1 else None
     with graph.inserting_before(linear):
-        call = graph.call_function(C.colwise_head, (
+        call = graph.call_function(colwise_head, (
             conv.args[0], dim, conv.args[-1], linear.args[1],
             linear.args[2] if len(linear.args) > 2 else None, dtype, bool(readers)))
         call.meta.update(conv.meta)  # the conversion's site
