@@ -22,8 +22,9 @@ from .blocks import (_SHAPES, BLOCK_OP, TENSOR, BlockCall, BlockShapes, TensorIn
                      _NeedBlock, _plain, block_signature, canonical_call, find_blocks)
 from .export import GRADS, Traced, _export, _fx_lowered
 from .fake import _describe, _Described, _hint, fake_like
+from .guards import guards_for, shape_mismatch
 
-_CACHE: "OrderedDict[Any, tuple[Traced, list]]" = OrderedDict()
+_CACHE: "OrderedDict[Any, list[tuple[Traced, list]]]" = OrderedDict()
 _CACHE_SIZE = 64
 
 
@@ -35,7 +36,10 @@ def clear_cache() -> None:
 def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where: str,
                dynamic: bool) -> Any:
     flat, spec = pytree.tree_flatten((args, kwargs))
-    leaves = tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad)
+    # a dynamic trace serves other sizes too (within its guards, checked on a hit): only
+    # the sizes export specialises whatever the code (0 and 1) are part of its key
+    leaves = tuple((tuple(d if d <= 1 or not dynamic else None for d in x.shape), x.dtype,
+                    x.device, x.requires_grad)
                    if isinstance(x, torch.Tensor) else ("leaf", _plain(x)) for x in flat)
     modes = tuple(m.training for m in module.modules())
     devices = tuple(t.device for t in [*module.parameters(), *module.buffers()])
@@ -43,6 +47,12 @@ def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where:
     #   wanted (export._refuse_custom_backward)
     return (block_signature(module), modes, devices, grads, repr(spec), leaves, tracer, where,
             dynamic)
+
+
+def _serves(t: Traced, args: tuple, kwargs: dict) -> bool:
+    """Whether a dynamic trace made on other sizes serves these inputs' sizes."""
+    flat = pytree.tree_leaves((args, kwargs))
+    return shape_mismatch(guards_for(t.inputs, t.positions, {}, 1), t.ranges, flat, {}) is None
 
 
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
@@ -57,20 +67,22 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
         hash(key)
     except TypeError:
         key = None
-    if key is not None and key in _CACHE:
-        _CACHE.move_to_end(key)
-        t, requested = _CACHE[key]
-        blocks = find_blocks(module)
-        for rel, a, k in requested:
-            a, k = pytree.tree_map(lambda x: fake_like(mode, x), (a, k),
-                                   is_leaf=lambda x: isinstance(x, _Described))
-            on_block(rel, blocks[rel], a, k)
-        return t
+    held = _CACHE.get(key, []) if key is not None else []
+    for t, requested in held:
+        if not dynamic or _serves(t, args, kwargs):
+            _CACHE.move_to_end(key)
+            blocks = find_blocks(module)
+            for rel, a, k in requested:
+                a, k = pytree.tree_map(lambda x: fake_like(mode, x), (a, k),
+                                       is_leaf=lambda x: isinstance(x, _Described))
+                on_block(rel, blocks[rel], a, k)
+            return t
     requested: list = []
     t = trace_module(module, args, kwargs, tracer=tracer, where=where, on_block=on_block,
                      mode=mode, requested=requested, dynamic=dynamic)
     if key is not None:
-        _CACHE[key] = (t, requested)
+        _CACHE[key] = [*held, (t, requested)]
+        _CACHE.move_to_end(key)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return t

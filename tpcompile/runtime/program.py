@@ -17,26 +17,18 @@ import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-import sympy
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import RuntimeShapeError, UnsupportedError
 from ..frontend.blocks import canonical_call, signature_of
+from ..frontend.guards import Guard, guards_for, shape_mismatch  # noqa: F401 (re-exported)
 
 
 # how ``Program.fits`` starts its answer for a length sequence parallelism cannot split
 # (the root then makes a program without it)
 UNSPLITTABLE = "a sequence-parallel length"
-
-
-@dataclass
-class Guard:
-    pos: int  # position in the flat inputs
-    dims: tuple[Any, ...]  # int (static) or a sympy expression of the export's symbols
-    scale: dict[int, int] = field(default_factory=dict)  # dim -> tp (a sequence-sharded input)
-    dtype: torch.dtype | None = None  # a trace bakes dtypes in (casts, factories)
 
 
 @dataclass
@@ -69,29 +61,9 @@ class Program:
             if flat[pos] != value:
                 return f"made for input {pos} = {value!r}, got {flat[pos]!r}"
         bound: dict[Any, int] = {}
-        later: list[tuple[Any, int]] = []
-        for g in self.guards:
-            x = flat[g.pos]
-            if not isinstance(x, torch.Tensor) or x.dim() != len(g.dims):
-                return f"input {g.pos} is not a tensor of rank {len(g.dims)}"
-            if g.dtype is not None and x.dtype != g.dtype:
-                return f"input {g.pos} is {x.dtype}, the program has {g.dtype}"
-            for d, want in enumerate(g.dims):
-                got = int(x.shape[d]) * g.scale.get(d, 1)
-                if isinstance(want, int):
-                    if got != want:
-                        return f"input {g.pos} dim {d} is {got}, the program has {want}"
-                elif isinstance(want, sympy.Symbol):
-                    if bound.setdefault(want, got) != got:
-                        return f"input {g.pos} dim {d} is {got}, but {want} = {bound[want]}"
-                    lo, hi = self.ranges.get(want, (0, float("inf")))
-                    if not lo <= got <= hi:
-                        return f"input {g.pos} dim {d} = {got} is outside [{lo}, {hi}]"
-                else:
-                    later.append((want, got))
-        for expr, got in later:
-            if expr.free_symbols <= set(bound) and int(expr.subs(bound)) != got:
-                return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
+        why = shape_mismatch(self.guards, self.ranges, flat, bound)
+        if why is not None:
+            return why
         for expr in self.divisible:  # every call of every program: no sympy for the
             if expr.is_Integer:            # usual cases, a constant or one symbol
                 size = int(expr)
@@ -261,18 +233,3 @@ def install(module: nn.Module, program: Program, replan: Callable | None = None,
         module.forward = types.MethodType(_dispatch, module)  # type: ignore[method-assign]
     rt.programs.append(program)
     module.__dict__.setdefault("_tpcompile_code", program.code)  # the first program
-
-
-def guards_for(inputs: list[Any], positions: list[int], q_dims: dict[Any, int],
-               tp: int) -> list[Guard]:
-    """Shape guards of a program from its input placeholders' symbolic shapes."""
-    out = []
-    for pos, ph in zip(positions, inputs):
-        val = ph.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
-        dims = tuple(int(s) if not isinstance(s, torch.SymInt) else s.node.expr for s in val.shape)
-        dims = tuple(int(d) if isinstance(d, sympy.Integer) else d for d in dims)
-        scale = {q_dims[ph]: tp} if ph in q_dims else {}
-        out.append(Guard(pos, dims, scale, val.dtype))
-    return out
