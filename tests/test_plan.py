@@ -274,3 +274,66 @@ def test_timm_vit_heads_tp_does_not_divide_are_refused_like_separate_qkv():
         p = tpcompile.plan(m, tp=2, example_kwargs=kw, on_indivisible="replicate")
     styles = p.layer_styles()
     assert "blocks.0.attn.qkv" not in styles and styles["blocks.0.mlp.fc1"] == "colwise"
+
+
+class _BranchOnLength(nn.Module):
+    """An MLP whose code branches on the length: a dynamic export of it holds for the
+    lengths on its side of the branch only (its guards say which)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.down(F.gelu(h) if x.shape[1] > 6 else F.relu(h))
+
+
+class _StackOfBranches(nn.Module):
+    """The branching MLP as the blocks of a stack (each traced on its own): the parent's
+    trace holds for every length, each block's for its side of the branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_BranchOnLength(), _BranchOnLength()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_a_dynamic_trace_serves_the_sizes_its_guards_admit_and_no_others(monkeypatch, stack):
+    """A dynamic trace (what a call at a new size plans with) is remembered for every
+    size its guards admit: planning again at another batch and length exports nothing.
+    A length on the other side of the model's branch, or a batch of one (export
+    specialises 0 and 1), is traced anew, and gets the other branch's graph. In a stack
+    the parent's trace serves every length, and replays its blocks' requests at the new
+    sizes: each block's own trace decides (a replay at the traced sizes gave the block
+    the wrong branch's graph)."""
+    import importlib
+
+    from tpcompile.frontend import clear_cache
+    from tpcompile.planning.build import compile_model
+    T = importlib.import_module("tpcompile.frontend.trace")  # (the package's trace is a function)
+    exports = []
+    real = T._export
+    monkeypatch.setattr(T, "_export", lambda *a, **k: exports.append(1) or real(*a, **k))
+    clear_cache()
+    model = _StackOfBranches() if stack else _BranchOnLength()
+
+    def graph(batch: int, seq: int) -> tuple[int, set[str]]:
+        before = len(exports)
+        c = compile_model(model, tp=2, example_inputs=(torch.randn(batch, seq, 8),), dynamic=True)
+        ops = {str(n.target) for u in c.units for n in u.t.gm.graph.nodes if n.op == "call_function"}
+        return len(exports) - before, {op for op in ops if "gelu" in op or "relu" in op}
+
+    first = 3 if stack else 1  # the stack: the parent (stopped at its block), the block, the parent
+    assert graph(2, 8) == (first, {"aten.gelu.default"})
+    assert graph(3, 12) == (0, {"aten.gelu.default"})  # the same traces, no export
+    assert graph(2, 4) == (1, {"aten.relu.default"})  # outside the guards: traced again
+    assert graph(4, 5) == (0, {"aten.relu.default"})  # ... and that one remembered too
+    assert graph(3, 9) == (0, {"aten.gelu.default"})
+    assert graph(1, 8) == (first, {"aten.gelu.default"})  # a batch of one: traces of its own
+    clear_cache()

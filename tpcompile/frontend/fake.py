@@ -105,11 +105,16 @@ class _Described:
     dtype: torch.dtype
     device: torch.device
     requires_grad: bool
+    # in a dynamic trace, each size as the trace knows it: an int, or an expression of its
+    # symbols (a block's input sizes in terms of the parent's), None if all are ints
+    exprs: tuple[Any, ...] | None = None
 
 
 def _describe(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return _Described(tuple(_hint(s) for s in x.shape), x.dtype, x.device, x.requires_grad)
+        exprs = tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in x.shape)
+        return _Described(tuple(_hint(s) for s in x.shape), x.dtype, x.device, x.requires_grad,
+                          exprs if any(not isinstance(e, int) for e in exprs) else None)
     return x
 
 

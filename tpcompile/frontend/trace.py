@@ -4,6 +4,7 @@ the block requests learnt on the way, and the graph read into a :class:`Traced`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import traceback
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
@@ -49,10 +50,28 @@ def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where:
             dynamic)
 
 
-def _serves(t: Traced, args: tuple, kwargs: dict) -> bool:
-    """Whether a dynamic trace made on other sizes serves these inputs' sizes."""
+def _serves(t: Traced, args: tuple, kwargs: dict, requested: list) -> list | None:
+    """Whether a dynamic trace made on other sizes serves these inputs' sizes: if it
+    does, its block requests at these sizes (each block's own trace then decides whether
+    it serves them), else None."""
     flat = pytree.tree_leaves((args, kwargs))
-    return shape_mismatch(guards_for(t.inputs, t.positions, {}, 1), t.ranges, flat, {}) is None
+    bound: dict[Any, int] = {}
+    if shape_mismatch(guards_for(t.inputs, t.positions, {}, 1), t.ranges, flat, bound):
+        return None
+
+    def resized(x: Any) -> Any:
+        if not isinstance(x, _Described) or x.exprs is None:
+            return x
+        if any(not isinstance(e, int) and not e.free_symbols <= bound.keys() for e in x.exprs):
+            raise LookupError  # a size these inputs do not give
+        return dataclasses.replace(x, shape=tuple(
+            e if isinstance(e, int) else int(e.subs(bound)) for e in x.exprs))
+
+    try:
+        return [(rel, *pytree.tree_map(resized, (a, k), is_leaf=lambda x: isinstance(x, _Described)))
+                for rel, a, k in requested]
+    except (LookupError, TypeError):
+        return None
 
 
 def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, where: str,
@@ -61,7 +80,8 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
     """:func:`trace_module`, remembered: a model of the same structure traced on inputs
     of the same description (shapes, dtypes, structure, mode) gives the same graph, so
     the second time only the block requests are replayed (planning the same model again
-    costs milliseconds)."""
+    costs milliseconds). A dynamic trace serves every size its guards admit, its block
+    requests replayed at the new sizes."""
     try:
         key = _trace_key(module, args, kwargs, tracer, where, dynamic)
         hash(key)
@@ -69,14 +89,16 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
         key = None
     held = _CACHE.get(key, []) if key is not None else []
     for t, requested in held:
-        if not dynamic or _serves(t, args, kwargs):
-            _CACHE.move_to_end(key)
-            blocks = find_blocks(module)
-            for rel, a, k in requested:
-                a, k = pytree.tree_map(lambda x: fake_like(mode, x), (a, k),
-                                       is_leaf=lambda x: isinstance(x, _Described))
-                on_block(rel, blocks[rel], a, k)
-            return t
+        replay = _serves(t, args, kwargs, requested) if dynamic else requested
+        if replay is None:
+            continue
+        _CACHE.move_to_end(key)
+        blocks = find_blocks(module)
+        for rel, a, k in replay:
+            a, k = pytree.tree_map(lambda x: fake_like(mode, x), (a, k),
+                                   is_leaf=lambda x: isinstance(x, _Described))
+            on_block(rel, blocks[rel], a, k)
+        return t
     requested: list = []
     t = trace_module(module, args, kwargs, tracer=tracer, where=where, on_block=on_block,
                      mode=mode, requested=requested, dynamic=dynamic)
