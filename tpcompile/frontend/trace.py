@@ -38,9 +38,10 @@ def _trace_key(module: nn.Module, args: tuple, kwargs: dict, tracer: str, where:
                dynamic: bool) -> Any:
     flat, spec = pytree.tree_flatten((args, kwargs))
     # a dynamic trace serves other sizes too (within its guards, checked on a hit): only
-    # the sizes export specialises whatever the code (0 and 1) are part of its key
-    leaves = tuple((tuple(d if d <= 1 or not dynamic else None for d in x.shape), x.dtype,
-                    x.device, x.requires_grad)
+    # the sizes export specialises whatever the code (0 and 1) are part of its key (a
+    # symbolic size stays itself: unhashable, no key)
+    leaves = tuple((tuple(None if dynamic and isinstance(d, int) and d > 1 else d
+                          for d in x.shape), x.dtype, x.device, x.requires_grad)
                    if isinstance(x, torch.Tensor) else ("leaf", _plain(x)) for x in flat)
     modes = tuple(m.training for m in module.modules())
     devices = tuple(t.device for t in [*module.parameters(), *module.buffers()])
