@@ -14,8 +14,10 @@ retry is never forgotten.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import queue
+import signal
 import tempfile
 import time
 import traceback
@@ -39,6 +41,10 @@ class WorkerError(RuntimeError):
 def _serve(rank: int, world: int, store_path: str, jobs: Any, results: Any) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    # on SIGUSR1 (a job that timed out), every thread's Python stack to a file the pool
+    # reads into its restart log
+    stacks = open(_stacks_file(store_path, rank), "w")  # noqa: SIM115 - for the process's life
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -52,6 +58,10 @@ def _serve(rank: int, world: int, store_path: str, jobs: Any, results: Any) -> N
         except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
             results.put((rank, False, (type(e).__name__, str(e), traceback.format_exc())))
     dist.destroy_process_group()
+
+
+def _stacks_file(store_path: str, rank: int) -> str:
+    return os.path.join(os.path.dirname(store_path), f"stacks.{rank}")
 
 
 class WorkerPool:
@@ -94,6 +104,27 @@ class WorkerPool:
         self.restart_log.append(why)
         self._start()
 
+    def _stacks(self, done: set[int]) -> str:
+        """Where each rank that gave no result is (its Python stacks, innermost frames)."""
+        out = []
+        for r, p in enumerate(self._procs):
+            if r in done or not p.is_alive():
+                continue
+            os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(2.0)
+        for r in range(self.world):
+            if r in done:
+                continue
+            try:
+                with open(_stacks_file(os.path.join(self._tmp, "store"), r)) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            blocks = text.strip().split("\n\n")
+            main = next((b for b in blocks if b.startswith("Current thread")), blocks[-1])
+            out.append(f"\n  rank {r}:\n" + "\n".join(main.strip().splitlines()[:25]))
+        return "".join(out)
+
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> list[Any]:
         """``[fn(rank, *args, **kwargs) for each rank]``, run concurrently on the workers.
         Raises ``WorkerError`` if a rank raised. A job the pool itself lost (a worker
@@ -134,7 +165,7 @@ class WorkerPool:
                     return got, f"worker(s) {dead} died (exit codes " \
                                 f"{[self._procs[r].exitcode for r in dead]})"
                 if time.monotonic() > deadline:
-                    return got, f"no result within {JOB_TIMEOUT_S}s"
+                    return got, f"no result within {JOB_TIMEOUT_S}s" + self._stacks(set(got))
         return got, None
 
 

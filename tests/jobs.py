@@ -425,6 +425,16 @@ def die_once(rank: int, marker: str) -> int:
     return rank
 
 
+def stall_once(rank: int, marker: str) -> int:
+    """Rank 1 stalls the first time (the marker file does not exist yet)."""
+    import os
+    import time
+    if rank == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(60)
+    return rank
+
+
 def divide_by_zero(rank: int) -> int:
     return rank // 0
 

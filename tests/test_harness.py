@@ -25,6 +25,20 @@ def test_a_lost_worker_is_replaced_and_the_job_rerun(pool, tmp_path):
 
 
 @pytest.mark.pool_restart
+def test_a_stalled_job_is_rerun_and_its_stack_logged(pool, tmp_path, monkeypatch):
+    """A job with no result in time is rerun on a fresh pool, and the restart log says
+    where each rank that gave none was (what a hang in CI needs to be found)."""
+    from tests import harness
+    monkeypatch.setattr(harness, "JOB_TIMEOUT_S", 3.0)
+    restarts = pool.restarts
+    assert pool.run(jobs.stall_once, str(tmp_path / "marker")) == [0, 1, 2, 3]
+    assert pool.restarts == restarts + 1
+    why = pool.restart_log[-1]
+    assert "no result within 3.0s" in why and "rank 1:" in why and "rank 0:" not in why, why
+    assert "in stall_once" in why, why
+
+
+@pytest.mark.pool_restart
 def test_a_job_error_is_reported_not_retried(pool):
     with pytest.raises(WorkerError, match="ZeroDivisionError"):
         pool.run(jobs.divide_by_zero)
