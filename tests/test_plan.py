@@ -337,3 +337,38 @@ def test_a_dynamic_trace_serves_the_sizes_its_guards_admit_and_no_others(monkeyp
     assert graph(3, 9) == (0, {"aten.gelu.default"})
     assert graph(1, 8) == (first, {"aten.gelu.default"})  # a batch of one: traces of its own
     clear_cache()
+
+
+class _Scaled:
+    """An activation held as a plain object (not a module): it counts by identity."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.k
+
+
+def test_a_signature_never_matches_a_new_object_at_a_dead_ones_address(monkeypatch):
+    """Block signatures (the trace cache's keys) hold an attribute no plain value stands
+    for by identity. A bare ``id`` matched a new object that CPython put at the address of
+    a collected one, so a remembered trace of one model served another. (The reused
+    address is made certain here: every ``_Scaled`` gets the same id.)"""
+    import gc
+    import importlib
+
+    from tpcompile.frontend.blocks import block_signature
+    blocks = importlib.import_module("tpcompile.frontend.blocks")
+    monkeypatch.setattr(blocks, "id", lambda o: 0xADD7E55 if isinstance(o, _Scaled) else id(o),
+                        raising=False)
+    m = nn.Linear(4, 4)
+    m.act = _Scaled(2.0)  # callable: by identity, whatever its settings
+    first = block_signature(m)
+    assert first == block_signature(m)  # the same living object: equal
+    other = nn.Linear(4, 4)
+    other.act = _Scaled(2.0)  # alive at "the same address": still another object
+    assert block_signature(other) != first
+    m.act = other.act = None
+    gc.collect()
+    m.act = _Scaled(2.0)  # the first one is gone; a new one at its address
+    assert block_signature(m) != first

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -96,7 +97,35 @@ def _plain(v: Any, depth: int = 0) -> Any:
     if depth < 2 and not isinstance(v, (nn.Module, torch.Tensor)) and not callable(v) and \
             hasattr(v, "__dict__"):
         return (type(v), tuple(sorted((k, _plain(x, depth + 1)) for k, x in vars(v).items())))
-    return ("id", id(v))
+    return ("id", _Same(v))
+
+
+class _Same:
+    """An attribute value that counts by identity. Not its bare ``id``: once the object
+    is gone a new one can get the same address, and a remembered trace would be taken for
+    the new one's. It holds the object weakly where it can (a tensor attribute is not
+    kept alive by the trace cache) and equals only the very same living object."""
+
+    __slots__ = ("_id", "_ref")
+
+    def __init__(self, obj: Any) -> None:
+        self._id = id(obj)
+        try:
+            self._ref: Callable[[], Any] = weakref.ref(obj)
+        except TypeError:  # not weakly referable: held
+            self._ref = lambda: obj
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same) or other._id != self._id:
+            return False
+        mine = self._ref()
+        return mine is not None and mine is other._ref()
+
+    def __hash__(self) -> int:
+        return self._id
+
+    def __repr__(self) -> str:
+        return f"<the object at {self._id:#x}>"
 
 
 @dataclass
