@@ -425,6 +425,10 @@ def die_once(rank: int, marker: str) -> int:
     return rank
 
 
+def ready(rank: int) -> int:
+    return rank
+
+
 def stall_once(rank: int, marker: str) -> int:
     """Rank 1 stalls the first time (the marker file does not exist yet)."""
     import os
