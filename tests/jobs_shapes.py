@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils.flop_counter import FlopCounterMode
@@ -102,6 +103,36 @@ def case(rank: int, name: str, tp: int, sp: bool) -> dict:
     result["placements"] = {k: str(p.placements[-1]) for k, p in par.named_parameters()
                             if isinstance(p, DTensor)}
     return result
+
+
+class BranchOnRows(nn.Module):
+    """Branches on batch x length, a condition no single size's range holds (torch.export
+    keeps it as Python source beside the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.down(F.gelu(h) if x.shape[0] * x.shape[1] > 64 else F.relu(h))
+
+
+def branch_on_rows(rank: int, tp: int) -> list[dict]:
+    """Planned at 4 x 8; called at 3 x 6 (a dynamic program, made where batch x length
+    <= 64), 16 x 16 (the other branch), 2 x 6: each call against the unsharded model, with
+    the number of programs the model holds after it."""
+    torch.manual_seed(0)
+    ref = BranchOnRows()
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp),
+                                     example_inputs=(torch.randn(4, 8, 8),))
+    out = []
+    for batch, seq in ((4, 8), (3, 6), (16, 16), (2, 6)):
+        x = torch.randn(batch, seq, 8, generator=torch.Generator().manual_seed(batch * seq))
+        result = numerics_result(ref, par, (x,))
+        result["programs"] = len(par.__dict__["_tpcompile_runtime"].programs)
+        out.append(result)
+    return out
 
 
 # the config field that sets the number of blocks, by model

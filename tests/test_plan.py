@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -336,6 +337,35 @@ def test_a_dynamic_trace_serves_the_sizes_its_guards_admit_and_no_others(monkeyp
     assert graph(4, 5) == (0, {"aten.relu.default"})  # ... and that one remembered too
     assert graph(3, 9) == (0, {"aten.gelu.default"})
     assert graph(1, 8) == (first, {"aten.gelu.default"})  # a batch of one: traces of its own
+    clear_cache()
+
+
+def test_a_dynamic_trace_keeps_the_conditions_beyond_ranges():
+    """A trace made where batch x length <= 64 has each size's range [2, inf) and the
+    product's condition only in torch.export's guard code: it must not serve 16 x 128
+    (the other branch), neither from the trace cache nor as a program (whose check reads
+    the same conditions)."""
+    from tpcompile.frontend import clear_cache
+    from tpcompile.planning.build import compile_model
+    from tpcompile.runtime import guards_for
+    from tpcompile.runtime.program import shape_mismatch
+    from tests.jobs_shapes import BranchOnRows
+    clear_cache()
+    model = BranchOnRows()
+
+    def traced(batch: int, seq: int) -> tuple[Any, set[str]]:
+        c = compile_model(model, tp=2, example_inputs=(torch.randn(batch, seq, 8),), dynamic=True)
+        t = c.units[0].t
+        return t, {str(n.target) for n in t.gm.graph.nodes if "elu" in str(n.target)}
+
+    small, ops = traced(4, 8)
+    assert ops == {"aten.relu.default"} and small.conditions, small.ep._guards_code
+    assert traced(16, 128)[1] == {"aten.gelu.default"}
+    assert traced(3, 5) == (small, {"aten.relu.default"})  # inside all of them: remembered
+    guards = guards_for(small.inputs, small.positions, {}, 1)
+    why = shape_mismatch(guards, small.ranges, [torch.empty(16, 128, 8)], {}, small.conditions)
+    assert why is not None and "<= 64" in why, why
+    assert shape_mismatch(guards, small.ranges, [torch.empty(3, 20, 8)], {}, small.conditions) is None
     clear_cache()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests import jobs_shapes as J
+from tests.harness import assert_numerics
 from tests.test_numerics import check as matches
 
 
@@ -224,3 +225,14 @@ def test_experts_plan_saved_and_given_back_and_refused_by_other_tools(tmp_path):
         whole = compile_model(model, tp=2, example_kwargs=kwargs, given=kept).plan
     assert all(not m.experts for m in whole.modules), [m.experts for m in whole.modules]
     assert "model.layers.0.mlp.experts.down_proj" not in tpcompile.to_parallelize_plan(whole)
+
+
+def test_a_program_serves_only_the_sizes_its_traced_code_decided_for(pool):
+    """The program made at 3 x 6 took the branch of batch x length <= 64; at 16 x 16 the
+    model takes the other one. Each size's range admits 16 x 16, the condition on their
+    product does not: it gets a program of its own, and every call matches the
+    unsharded model (the 3 x 6 program once served it, with the other branch's numbers)."""
+    res = pool.run(J.branch_on_rows, 2)
+    for i in range(4):
+        assert_numerics([r[i] for r in res], context=f"call {i}")
+    assert [r["programs"] for r in res[0]] == [1, 2, 3, 3]

@@ -327,7 +327,8 @@ def _programs(compiled: Compiled, sk: nn.Module, tp: int, group: str,
                            t.in_spec, dict(t.constants),
                            guards_for(t.inputs, t.positions, q_dims, tp), t.ranges,
                            len(t.outputs), t.out_spec, [f for _, f in t.mutations], t.positions,
-                           t.out_type, _sequence_sizes(u), tp, compiled.plan.sequence_parallel))
+                           t.out_type, _sequence_sizes(u), tp, compiled.plan.sequence_parallel,
+                           t.conditions))
     return out
 
 

@@ -45,6 +45,8 @@ class Traced:
     #   a frozen plan could not check (export._refuse_custom_backward)
     input_grads: list[bool] = field(default_factory=list)  # per flat input: needs a gradient
     param_grads: dict[fx.Node, bool] = field(default_factory=dict)
+    # the export's shape conditions beyond ranges (guards.conditions_of)
+    conditions: list[tuple[str, Any]] = field(default_factory=list)
 
 
 class _Flat(nn.Module):

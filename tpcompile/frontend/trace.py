@@ -23,10 +23,11 @@ from .blocks import (_SHAPES, BLOCK_OP, TENSOR, BlockCall, BlockShapes, TensorIn
                      _NeedBlock, _plain, block_signature, canonical_call, find_blocks)
 from .export import GRADS, Traced, _export, _fx_lowered
 from .fake import _describe, _Described, _hint, fake_like
-from .guards import guards_for, shape_mismatch
+from .guards import conditions_of, guards_for, shape_mismatch
 
 _CACHE: "OrderedDict[Any, list[tuple[Traced, list]]]" = OrderedDict()
 _CACHE_SIZE = 64
+_PER_KEY = 4  # dynamic traces of one key, each for the sizes its guards admit
 
 
 def clear_cache() -> None:
@@ -57,10 +58,16 @@ def _serves(t: Traced, args: tuple, kwargs: dict, requested: list) -> list | Non
     it serves them), else None."""
     flat = pytree.tree_leaves((args, kwargs))
     bound: dict[Any, int] = {}
-    if shape_mismatch(guards_for(t.inputs, t.positions, {}, 1), t.ranges, flat, bound):
+    try:
+        if shape_mismatch(guards_for(t.inputs, t.positions, {}, 1), t.ranges, flat, bound,
+                          t.conditions):
+            return None
+    except (TypeError, ValueError):
         return None
 
     def resized(x: Any) -> Any:
+        if isinstance(x, torch.SymInt):  # a size passed as a number: not re-sized here
+            raise LookupError
         if not isinstance(x, _Described) or x.exprs is None:
             return x
         if any(not isinstance(e, int) and not e.free_symbols <= bound.keys() for e in x.exprs):
@@ -103,8 +110,9 @@ def trace(module: nn.Module, args: tuple, kwargs: dict, *, tracer: TracerName, w
     requested: list = []
     t = trace_module(module, args, kwargs, tracer=tracer, where=where, on_block=on_block,
                      mode=mode, requested=requested, dynamic=dynamic)
-    if key is not None:
-        _CACHE[key] = [*held, (t, requested)]
+    if key is not None:  # the newest few per key (one whose block sizes it cannot
+        # re-size is traced again at each new size)
+        _CACHE[key] = [*held, (t, requested)][-_PER_KEY:]
         _CACHE.move_to_end(key)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -186,6 +194,7 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
                 break
             _unpatch(blocks)
             t = _read(ep, front, calls, leaves, spec)
+            t.conditions = conditions_of(ep)
             t.out_type = ep.__dict__.get("_tpcompile_out_type")
             t.unchecked = ep.__dict__.get("_tpcompile_unchecked", [])
             flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]

@@ -50,6 +50,8 @@ class Program:
     divisible: list[Any] = field(default_factory=list)
     tp: int = 1
     sp: bool = True  # made with sequence parallelism (a block runs its parent's variant)
+    # what the traced code decided on the sizes beyond their ranges (guards.conditions_of)
+    conditions: list[tuple[str, Any]] = field(default_factory=list)
 
     def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
         """None if this program serves the call, else why not."""
@@ -61,7 +63,7 @@ class Program:
             if flat[pos] != value:
                 return f"made for input {pos} = {value!r}, got {flat[pos]!r}"
         bound: dict[Any, int] = {}
-        why = shape_mismatch(self.guards, self.ranges, flat, bound)
+        why = shape_mismatch(self.guards, self.ranges, flat, bound, self.conditions)
         if why is not None:
             return why
         for expr in self.divisible:  # every call of every program: no sympy for the
