@@ -110,7 +110,9 @@ def shape_mismatch(guards: list[Guard], ranges: dict[Any, tuple[int, float]], fl
     for expr, got in later:
         if expr.free_symbols <= set(bound) and int(expr.subs(bound)) != got:
             return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
-    if conditions and bound:  # (a program of static sizes is held to each of them)
+    # (a program of static sizes is held to each size; under torch.compile they are not
+    # read: dynamo cannot trace ``eval``, so a compiled call is checked as before)
+    if conditions and bound and not torch.compiler.is_compiling():
         sizes = {g.index: tuple(int(n) * g.scale.get(d, 1) for d, n in enumerate(flat[g.pos].shape))
                  for g in guards}
         broken = _broken(conditions, sizes)
