@@ -21,9 +21,10 @@ from .analysis import layer_of, layer_params
 from .debug import dump
 from .errors import PlanError, TPCompileError, UnsupportedError, warn
 from .frontend import cast_floats, follow_devices, skeleton
+from .frontend.guards import guards_for
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
-from .runtime import Program, guards_for, install
+from .runtime import Program, install
 from .runtime.program import UNSPLITTABLE, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
 

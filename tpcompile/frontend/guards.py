@@ -83,10 +83,10 @@ def _broken(conditions: list[tuple[str, Any]], sizes: dict[int, tuple[int, ...]]
 
 
 def shape_mismatch(guards: list[Guard], ranges: dict[Any, tuple[int, float]], flat: list[Any],
-                   bound: dict[Any, int], conditions: list[tuple[str, Any]] = ()) -> str | None:
+                   bound: dict[Any, int]) -> str | None:
     """None if the flat call's tensors fit ``guards`` (each symbol one size, inside its
-    range; each expression of them what the call gives) and keep the export's other
-    ``conditions``, else why not. Fills ``bound`` (symbol -> size)."""
+    range; each expression of them what the call gives), else why not. Fills ``bound``
+    (symbol -> size)."""
     later: list[tuple[Any, int]] = []
     for g in guards:
         x = flat[g.pos]
@@ -110,12 +110,15 @@ def shape_mismatch(guards: list[Guard], ranges: dict[Any, tuple[int, float]], fl
     for expr, got in later:
         if expr.free_symbols <= set(bound) and int(expr.subs(bound)) != got:
             return f"a dim is {got}, the program needs {expr} = {int(expr.subs(bound))}"
-    # (a program of static sizes is held to each size; under torch.compile they are not
-    # read: dynamo cannot trace ``eval``, so a compiled call is checked as before)
-    if conditions and bound and not torch.compiler.is_compiling():
-        sizes = {g.index: tuple(int(n) * g.scale.get(d, 1) for d, n in enumerate(flat[g.pos].shape))
-                 for g in guards}
-        broken = _broken(conditions, sizes)
-        if broken is not None:
-            return f"the traced code decided on its sizes that {broken}"
     return None
+
+
+def broken_condition(conditions: list[tuple[str, Any]], guards: list[Guard],
+                     flat: list[Any]) -> str | None:
+    """Why the flat call's tensors, which fit ``guards``, break one of the export's other
+    ``conditions`` (read on their logical sizes), else None. Not under torch.compile:
+    dynamo cannot trace ``eval``."""
+    sizes = {g.index: tuple(int(n) * g.scale.get(d, 1) for d, n in enumerate(flat[g.pos].shape))
+             for g in guards}
+    broken = _broken(conditions, sizes)
+    return None if broken is None else f"the traced code decided on its sizes that {broken}"

@@ -23,7 +23,7 @@ from .blocks import (_SHAPES, BLOCK_OP, TENSOR, BlockCall, BlockShapes, TensorIn
                      _NeedBlock, _plain, block_signature, canonical_call, find_blocks)
 from .export import GRADS, Traced, _export, _fx_lowered
 from .fake import _describe, _Described, _hint, fake_like
-from .guards import conditions_of, guards_for, shape_mismatch
+from .guards import broken_condition, conditions_of, guards_for, shape_mismatch
 
 _CACHE: "OrderedDict[Any, list[tuple[Traced, list]]]" = OrderedDict()
 _CACHE_SIZE = 64
@@ -58,9 +58,10 @@ def _serves(t: Traced, args: tuple, kwargs: dict, requested: list) -> list | Non
     it serves them), else None."""
     flat = pytree.tree_leaves((args, kwargs))
     bound: dict[Any, int] = {}
+    guards = guards_for(t.inputs, t.positions, {}, 1)
     try:
-        if shape_mismatch(guards_for(t.inputs, t.positions, {}, 1), t.ranges, flat, bound,
-                          t.conditions):
+        if shape_mismatch(guards, t.ranges, flat, bound) or \
+                broken_condition(t.conditions, guards, flat):
             return None
     except (TypeError, ValueError):
         return None

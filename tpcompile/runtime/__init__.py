@@ -3,6 +3,6 @@
 meta-device materialisation (``distribute``), and the checks that keep every rank on the
 same plan and the same inputs (``agreement``)."""
 
-from .program import Program, guards_for, install
+from .program import Program, install
 
-__all__ = ["Program", "guards_for", "install"]
+__all__ = ["Program", "install"]

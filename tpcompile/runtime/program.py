@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import RuntimeShapeError, UnsupportedError
 from ..frontend.blocks import canonical_call, signature_of
-from ..frontend.guards import Guard, guards_for, shape_mismatch  # noqa: F401 (re-exported)
+from ..frontend.guards import Guard, broken_condition, shape_mismatch
 
 
 # how ``Program.fits`` starts its answer for a length sequence parallelism cannot split
@@ -50,8 +50,10 @@ class Program:
     divisible: list[Any] = field(default_factory=list)
     tp: int = 1
     sp: bool = True  # made with sequence parallelism (a block runs its parent's variant)
-    # what the traced code decided on the sizes beyond their ranges (guards.conditions_of)
+    # what the traced code decided on the sizes beyond their ranges (guards.conditions_of),
+    # and the input shapes last found to keep them (a training loop's every call)
     conditions: list[tuple[str, Any]] = field(default_factory=list)
+    _kept: tuple | None = field(default=None, repr=False, compare=False)
 
     def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
         """None if this program serves the call, else why not."""
@@ -63,9 +65,18 @@ class Program:
             if flat[pos] != value:
                 return f"made for input {pos} = {value!r}, got {flat[pos]!r}"
         bound: dict[Any, int] = {}
-        why = shape_mismatch(self.guards, self.ranges, flat, bound, self.conditions)
+        why = shape_mismatch(self.guards, self.ranges, flat, bound)
         if why is not None:
             return why
+        # a program of static sizes is held to each size; under torch.compile the
+        # conditions are not read (dynamo cannot trace ``eval``): checked as before
+        if self.conditions and bound and not torch.compiler.is_compiling():
+            shapes = tuple(flat[g.pos].shape for g in self.guards)
+            if shapes != self._kept:
+                why = broken_condition(self.conditions, self.guards, flat)
+                if why is not None:
+                    return why
+                self._kept = shapes
         for expr in self.divisible:  # every call of every program: no sympy for the
             if expr.is_Integer:            # usual cases, a constant or one symbol
                 size = int(expr)
