@@ -143,6 +143,39 @@ def unplanned_size(rank: int) -> dict:
     return {"message": message, "verdict": H.judge(ref, par, o_ref, o_par)}
 
 
+def branch_on_rows(rank: int) -> dict:
+    """A dynamic program of a model that branches on batch x length (planned at 4 x 8, where
+    the product is <= 64), compiled: at 3 x 6 (the same branch) it serves, at 16 x 16 (the
+    other branch) fullgraph stops with tpcompile's message, and without fullgraph the call
+    breaks the graph and gets a program of its own. Each served call against the unsharded
+    model; the programs held after each."""
+    from tests.jobs_shapes import BranchOnRows
+    _fresh()
+    torch.manual_seed(0)
+    ref = BranchOnRows()
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2),
+                                     example_inputs=(torch.randn(4, 8, 8),), dynamic=True)
+    full, plain = (torch.compile(par, backend="eager", fullgraph=f) for f in (True, False))
+    out: dict = {"verdicts": [], "programs": [], "message": ""}
+    for batch, seq, run in ((4, 8, full), (3, 6, full), (16, 16, None), (16, 16, plain),
+                            (2, 6, plain)):
+        x = torch.randn(batch, seq, 8, generator=torch.Generator().manual_seed(batch * seq))
+        if run is None:
+            try:
+                full(x)
+            except Exception as e:  # noqa: BLE001 - dynamo's Unsupported
+                out["message"] = f"{type(e).__name__}: {e}"
+            continue
+        ref.zero_grad(set_to_none=True)
+        par.zero_grad(set_to_none=True)
+        o_ref, o_par = ref(x), run(x)
+        H.loss_of(o_ref).backward()
+        H.loss_of(o_par).backward()
+        out["verdicts"].append(H.judge(ref, par, o_ref, o_par))
+        out["programs"].append(len(par.__dict__["_tpcompile_runtime"].programs))
+    return out
+
+
 def dropout_refused(rank: int) -> dict:
     """nanoGPT with dropout 0.1 in train mode: compiling its sharded dropouts is refused
     by name, and the eager model still runs."""

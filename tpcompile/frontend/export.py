@@ -18,6 +18,7 @@ from torch.export import Dim, ExportedProgram
 
 from ..errors import UnsupportedError, warn
 from .blocks import TENSOR, BlockCall, _is_torch_leaf
+from .guards import Condition
 
 # ----------------------------------------------------------------------------- export
 
@@ -46,7 +47,7 @@ class Traced:
     input_grads: list[bool] = field(default_factory=list)  # per flat input: needs a gradient
     param_grads: dict[fx.Node, bool] = field(default_factory=dict)
     # the export's shape conditions beyond ranges (guards.conditions_of)
-    conditions: list[tuple[str, Any]] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
 
 
 class _Flat(nn.Module):

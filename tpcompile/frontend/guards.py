@@ -3,9 +3,12 @@ static or expressions of the export's symbols, and the ranges the export proved.
 
 from __future__ import annotations
 
+import dis
 import math
+import re
+import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
@@ -35,51 +38,53 @@ def guards_for(inputs: list[Any], positions: list[int], q_dims: dict[Any, int],
     return out
 
 
-def conditions_of(ep: Any) -> list[tuple[str, Any]]:
-    """The export's shape conditions as (text, compiled expression): what its code
-    decided on the sizes beyond each size's range (``x.size(0) * x.size(1) <= 64`` where
-    the model branches on a product, ``x.size(1) != 16``), which the graph does not hold
-    and torch.export keeps as Python source (``ExportedProgram._guards_code``)."""
-    out = []
-    for text in getattr(ep, "_guards_code", None) or ():
-        try:
-            out.append((text, compile(text, "<export shape condition>", "eval")))
-        except SyntaxError:
-            continue
-    return out
+@dataclass(frozen=True)
+class Condition:
+    """One of the export's shape conditions: its text, and ``holds(sizes)``, the same
+    test on the sizes of the tensor inputs it ``reads`` (export index -> sizes) as a plain
+    Python function, which torch.compile traces (a broken one then fails dynamo's guards
+    and the call looks for another program)."""
+
+    text: str
+    holds: Callable[[dict[int, tuple[Any, ...]]], Any]
+    reads: frozenset[int]
 
 
-class _Sizes:
-    """A tensor input as a shape condition reads it: its (logical) sizes."""
-
-    def __init__(self, sizes: tuple[int, ...]) -> None:
-        self._sizes = sizes
-
-    def size(self, dim: int | None = None) -> Any:
-        return torch.Size(self._sizes) if dim is None else self._sizes[dim]
-
-    def dim(self) -> int:
-        return len(self._sizes)
-
-
+# a size the export's condition source reads: ``L['tensors'][i].size()[d]``
+_SIZE = re.compile(r"L\['tensors'\]\[(\d+)\]\.size\(\)\[(\d+)\]")
 _NAMESPACE: dict[str, Any] = {}
 
 
-def _broken(conditions: list[tuple[str, Any]], sizes: dict[int, tuple[int, ...]]) -> str | None:
-    """The first condition these sizes (tensor input index -> sizes) break, else None.
-    One the sizes alone cannot decide (it reads something else) is passed over."""
+def _namespace() -> dict[str, Any]:
     if not _NAMESPACE:
         from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
         _NAMESPACE.update(SYMPY_INTERP, math=math, inf=float("inf"), torch=torch)
-    local = {"L": {"tensors": {i: _Sizes(s) for i, s in sizes.items()}}}
-    for text, code in conditions:
-        try:
-            holds = eval(code, _NAMESPACE, local)  # noqa: S307 - torch.export's own guard code
-        except Exception:  # noqa: BLE001 - not about these inputs' sizes
+    return _NAMESPACE
+
+
+def conditions_of(ep: Any) -> list[Condition]:
+    """The export's shape conditions: what its code decided on the sizes beyond each
+    size's range (``x.size(0) * x.size(1) <= 64`` where the model branches on a product,
+    ``x.size(1) != 16``), which the graph does not hold and torch.export keeps as Python
+    source (``ExportedProgram._guards_code``). One that reads anything but the tensor
+    inputs' sizes (strides, a number input) is passed over."""
+    out = []
+    for text in getattr(ep, "_guards_code", None) or ():
+        source = _SIZE.sub(lambda m: f"S[{m[1]}][{m[2]}]", text)
+        if "L[" in source:
             continue
-        if not holds:
-            return text
-    return None
+        try:
+            code = compile(f"lambda S: ({source})", "<export shape condition>", "eval")
+        except SyntaxError:
+            continue
+        inner = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+        names = {i.argval for i in dis.get_instructions(inner) if i.opname == "LOAD_GLOBAL"}
+        if not names <= _namespace().keys():
+            continue
+        holds = eval(code, _namespace())  # noqa: S307 - torch.export's own guard code
+        reads = frozenset(int(m[1]) for m in _SIZE.finditer(text))
+        out.append(Condition(text, holds, reads))
+    return out
 
 
 def shape_mismatch(guards: list[Guard], ranges: dict[Any, tuple[int, float]], flat: list[Any],
@@ -113,12 +118,20 @@ def shape_mismatch(guards: list[Guard], ranges: dict[Any, tuple[int, float]], fl
     return None
 
 
-def broken_condition(conditions: list[tuple[str, Any]], guards: list[Guard],
+def broken_condition(conditions: list[Condition], guards: list[Guard],
                      flat: list[Any]) -> str | None:
     """Why the flat call's tensors, which fit ``guards``, break one of the export's other
-    ``conditions`` (read on their logical sizes), else None. Not under torch.compile:
-    dynamo cannot trace ``eval``."""
-    sizes = {g.index: tuple(int(n) * g.scale.get(d, 1) for d, n in enumerate(flat[g.pos].shape))
+    ``conditions`` (read on their logical sizes), else None. Under torch.compile each
+    condition becomes one of dynamo's guards."""
+    sizes = {g.index: tuple(n * g.scale.get(d, 1) for d, n in enumerate(flat[g.pos].shape))
              for g in guards}
-    broken = _broken(conditions, sizes)
-    return None if broken is None else f"the traced code decided on its sizes that {broken}"
+    for c in conditions:
+        if not c.reads <= sizes.keys():
+            continue
+        try:
+            holds = c.holds(sizes)
+        except Exception:  # noqa: BLE001 - not decidable here: not served (a fresh trace)
+            holds = False
+        if not holds:
+            return f"the traced code decided on its sizes that {c.text}"
+    return None

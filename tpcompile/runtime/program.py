@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import RuntimeShapeError, UnsupportedError
 from ..frontend.blocks import canonical_call, signature_of
-from ..frontend.guards import Guard, broken_condition, shape_mismatch
+from ..frontend.guards import Condition, Guard, broken_condition, shape_mismatch
 
 
 # how ``Program.fits`` starts its answer for a length sequence parallelism cannot split
@@ -52,7 +52,7 @@ class Program:
     sp: bool = True  # made with sequence parallelism (a block runs its parent's variant)
     # what the traced code decided on the sizes beyond their ranges (guards.conditions_of),
     # and the input shapes last found to keep them (a training loop's every call)
-    conditions: list[tuple[str, Any]] = field(default_factory=list)
+    conditions: list[Condition] = field(default_factory=list)
     _kept: tuple | None = field(default=None, repr=False, compare=False)
 
     def fits(self, training: bool, spec: pytree.TreeSpec, flat: list[Any]) -> str | None:
@@ -68,15 +68,18 @@ class Program:
         why = shape_mismatch(self.guards, self.ranges, flat, bound)
         if why is not None:
             return why
-        # a program of static sizes is held to each size; under torch.compile the
-        # conditions are not read (dynamo cannot trace ``eval``): checked as before
-        if self.conditions and bound and not torch.compiler.is_compiling():
-            shapes = tuple(flat[g.pos].shape for g in self.guards)
-            if shapes != self._kept:
+        # a program of static sizes is held to each size. Under torch.compile each
+        # condition is read as it traces (it becomes one of dynamo's guards); eager, only
+        # for shapes other than the last ones found to keep them.
+        if self.conditions and bound:
+            compiling = torch.compiler.is_compiling()
+            shapes = None if compiling else tuple(flat[g.pos].shape for g in self.guards)
+            if compiling or shapes != self._kept:
                 why = broken_condition(self.conditions, self.guards, flat)
                 if why is not None:
                     return why
-                self._kept = shapes
+                if not compiling:
+                    self._kept = shapes
         for expr in self.divisible:  # every call of every program: no sympy for the
             if expr.is_Integer:            # usual cases, a constant or one symbol
                 size = int(expr)
@@ -145,13 +148,14 @@ class Runtime:
 
 
 UNPLANNED_UNDER_COMPILE = (
-    "tpcompile: no program of this parallel model fits this call (its first program is "
-    "specialised to the sizes it was planned at, and this call has others or another "
-    "input structure), and planning cannot run inside torch.compile's tracing. Plan before "
-    "compiling: auto_parallelize(..., dynamic=True) (one program for every batch and "
-    "sequence size; compile=True implies it), or call the model once eagerly with inputs "
-    "like these. Without fullgraph=True this is a graph break and the call is planned "
-    "eagerly.")
+    "tpcompile: no program of this parallel model fits this call, and planning cannot run "
+    "inside torch.compile's tracing. Either its programs are specialised to the sizes they "
+    "were planned at (plan before compiling with auto_parallelize(..., dynamic=True): one "
+    "program for every batch and sequence size; compile=True implies it), or the model's "
+    "code decides on its sizes (a branch on batch x length) and this call goes a way no "
+    "program was made for, or the call has another input structure: call the model once "
+    "eagerly with inputs like these. Without fullgraph=True this is a graph break and the "
+    "call is planned eagerly.")
 
 
 def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
