@@ -52,6 +52,10 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "mpt": ("MptConfig", "MptForCausalLM"),  # ALiBi built in forward from arange
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),  # q/k norms, sliding then full
     "phi": ("PhiConfig", "PhiForCausalLM"),  # Phi-2: parallel attention, partial rotary
+    "opt": ("OPTConfig", "OPTForCausalLM"),  # learned positions offset by 2, post-LN optional
+    "gptj": ("GPTJConfig", "GPTJForCausalLM"),  # rotate_every_two, attention beside the MLP
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM"),  # qkv_proj in mp_num=4 blocks of q|v|k
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),  # MLA, shared + routed experts
 }
 
 FAMILIES: list[str] = list(_CLASSES)
@@ -145,6 +149,24 @@ def _common(family: str) -> dict[str, Any]:
                    sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     elif family == "phi":
         cfg.update(attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    elif family == "opt":
+        cfg.pop("intermediate_size")
+        cfg.update(ffn_dim=INTERMEDIATE, word_embed_proj_dim=HIDDEN, dropout=0.0,
+                   attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
+    elif family in ("gptj", "codegen"):  # GPT-2's names; rotary on the first 8 of 16 dims
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "intermediate_size"):
+            cfg.pop(k)
+        cfg.update(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=POSITIONS,
+                   n_inner=INTERMEDIATE, rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)
+        if family == "codegen":
+            cfg["n_ctx"] = POSITIONS
+    elif family == "deepseek_v3":  # low-rank q and kv (MLA), a dense first layer, 4 experts
+        cfg.update(num_key_value_heads=HEADS, q_lora_rank=32, kv_lora_rank=16,
+                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                   num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                   n_group=1, topk_group=1, attention_dropout=0.0)
     elif family == "mpt":  # its MLP is expansion_ratio x d_model
         cfg.pop("intermediate_size")
         cfg.update(expansion_ratio=INTERMEDIATE // HIDDEN, resid_pdrop=0.0, emb_pdrop=0.0,

@@ -194,7 +194,8 @@ def numerics(rank: int, family: str, tp: int, sp: bool, overrides: dict | None =
         notes = [f"{n.layer}: {n.reason}" for n in tpcompile.plan_of(par).notes()]
         programs = len(par.__dict__["_tpcompile_runtime"].programs)
         out.append(dict(judge(ref, par, o_ref, o_par, exact=exact), shape=(batch, seq),
-                        notes=notes, programs=programs, warnings=said))
+                        notes=notes, programs=programs, warnings=said,
+                        styles=tpcompile.plan_of(par).layer_styles()))
     return out
 
 

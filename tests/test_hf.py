@@ -11,7 +11,7 @@ from tests import jobs_hf as J
 
 HELD_IN = ["llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "bert"]
 OTHERS = ["qwen3", "gemma2", "olmo2", "granite", "starcoder2", "gpt_neox", "falcon", "apertus",
-          "gemma3", "phi"]
+          "gemma3", "phi", "opt", "gptj", "codegen"]
 # share of parameters sharded at tp 2 the issue asks for (BERT: its position embeddings)
 MIN_SHARDED = {"bert": 0.5}
 # Apertus: its xIELU activation (``torch.min(x, eps)``, ``expm1``) between up and down
@@ -43,6 +43,19 @@ def test_phi3_with_gqa_keeps_attention_replicated_and_says_why(pool):
     check(res, None)
     notes = " ".join(res[0][0]["notes"])
     assert "qkv_proj" in notes and "unequal parts" in notes, notes
+
+
+def test_deepseek_v3_mla_keeps_attention_replicated_and_says_why(pool):
+    """DeepSeek-V3's multi-head latent attention: kv_a_proj_with_mqa's output is split
+    into a latent and a rope key of unequal sizes, which no placement holds per part, so
+    the attention stays replicated, and the plan's notes say why; its dense first MLP is
+    sharded, and the numbers are right."""
+    res = pool.run(J.numerics, "deepseek_v3", 2, True)
+    check(res, None)
+    r = res[0][0]
+    notes = " ".join(r["notes"])
+    assert "kv_a_proj_with_mqa" in notes and "unequal parts" in notes, notes
+    assert r["styles"]["model.layers.0.mlp.gate_proj"] == "colwise", r["styles"]
 
 
 @pytest.mark.parametrize("family", OTHERS)
