@@ -143,22 +143,23 @@ def unplanned_size(rank: int) -> dict:
     return {"message": message, "verdict": H.judge(ref, par, o_ref, o_par)}
 
 
-def branch_on_rows(rank: int) -> dict:
-    """A dynamic program of a model that branches on batch x length (planned at 4 x 8, where
-    the product is <= 64), compiled: at 3 x 6 (the same branch) it serves, at 16 x 16 (the
-    other branch) fullgraph stops with tpcompile's message, and without fullgraph the call
-    breaks the graph and gets a program of its own. Each served call against the unsharded
-    model; the programs held after each."""
-    from tests.jobs_shapes import BranchOnRows
+def branch_on_rows(rank: int, kind: str) -> dict:
+    """A dynamic program of a model that branches on both sizes (``jobs_shapes.BranchOnRows``,
+    planned at 4 x 8), compiled: on the same side it serves, on the other side fullgraph
+    stops with tpcompile's message, and without fullgraph the call breaks the graph and gets
+    a program of its own; then the first side again. Each served call against the
+    unsharded model; the programs held after each."""
+    from tests.jobs_shapes import BRANCH_CALLS, BranchOnRows
     _fresh()
     torch.manual_seed(0)
-    ref = BranchOnRows()
+    ref = BranchOnRows(kind)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2),
                                      example_inputs=(torch.randn(4, 8, 8),), dynamic=True)
     full, plain = (torch.compile(par, backend="eager", fullgraph=f) for f in (True, False))
+    first, same, other, again = BRANCH_CALLS[kind]
     out: dict = {"verdicts": [], "programs": [], "message": ""}
-    for batch, seq, run in ((4, 8, full), (3, 6, full), (16, 16, None), (16, 16, plain),
-                            (2, 6, plain)):
+    for (batch, seq), run in ((first, full), (same, full), (other, None), (other, plain),
+                              (again, plain)):
         x = torch.randn(batch, seq, 8, generator=torch.Generator().manual_seed(batch * seq))
         if run is None:
             try:

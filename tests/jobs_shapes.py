@@ -106,28 +106,39 @@ def case(rank: int, name: str, tp: int, sp: bool) -> dict:
 
 
 class BranchOnRows(nn.Module):
-    """Branches on batch x length, a condition no single size's range holds (torch.export
-    keeps it as Python source beside the graph)."""
+    """Branches on batch x length (``kind="product"``) or on the larger of the two
+    (``"longest"``, which torch.export prints with Python's ``max``): a condition no
+    single size's range holds (torch.export keeps it as Python source beside the graph)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "product") -> None:
         super().__init__()
         self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        return self.down(F.gelu(h) if x.shape[0] * x.shape[1] > 64 else F.relu(h))
+        if self.kind == "product":
+            wide = x.shape[0] * x.shape[1] > 64
+        else:
+            wide = max(x.shape[0], x.shape[1]) > 10
+        return self.down(F.gelu(h) if wide else F.relu(h))
 
 
-def branch_on_rows(rank: int, tp: int) -> list[dict]:
-    """Planned at 4 x 8; called at 3 x 6 (a dynamic program, made where batch x length
-    <= 64), 16 x 16 (the other branch), 2 x 6: each call against the unsharded model, with
-    the number of programs the model holds after it."""
+# by kind: the sizes planned at, a call on the same side (a dynamic program), one on the
+# other side (a program of its own), one on the first side again
+BRANCH_CALLS = {"product": ((4, 8), (3, 6), (16, 16), (2, 6)),
+                "longest": ((4, 8), (3, 6), (4, 16), (2, 6))}
+
+
+def branch_on_rows(rank: int, tp: int, kind: str = "product") -> list[dict]:
+    """Planned at 4 x 8; called at ``BRANCH_CALLS[kind]``: each call against the
+    unsharded model, with the number of programs the model holds after it."""
     torch.manual_seed(0)
-    ref = BranchOnRows()
+    ref = BranchOnRows(kind)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp),
                                      example_inputs=(torch.randn(4, 8, 8),))
     out = []
-    for batch, seq in ((4, 8), (3, 6), (16, 16), (2, 6)):
+    for batch, seq in BRANCH_CALLS[kind]:
         x = torch.randn(batch, seq, 8, generator=torch.Generator().manual_seed(batch * seq))
         result = numerics_result(ref, par, (x,))
         result["programs"] = len(par.__dict__["_tpcompile_runtime"].programs)

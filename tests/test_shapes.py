@@ -227,12 +227,14 @@ def test_experts_plan_saved_and_given_back_and_refused_by_other_tools(tmp_path):
     assert "model.layers.0.mlp.experts.down_proj" not in tpcompile.to_parallelize_plan(whole)
 
 
-def test_a_program_serves_only_the_sizes_its_traced_code_decided_for(pool):
-    """The program made at 3 x 6 took the branch of batch x length <= 64; at 16 x 16 the
-    model takes the other one. Each size's range admits 16 x 16, the condition on their
-    product does not: it gets a program of its own, and every call matches the
-    unsharded model (the 3 x 6 program once served it, with the other branch's numbers)."""
-    res = pool.run(J.branch_on_rows, 2)
+@pytest.mark.parametrize("kind", ["product", "longest"])
+def test_a_program_serves_only_the_sizes_its_traced_code_decided_for(pool, kind):
+    """The program made at 3 x 6 took the branch of batch x length <= 64 (``longest``:
+    max(batch, length) <= 10); at 16 x 16 (4 x 16) the model takes the other one. Each
+    size's range admits it, the condition on both sizes does not: it gets a program of its
+    own, and every call matches the unsharded model (the 3 x 6 program once served it,
+    with the other branch's numbers; ``longest`` until its condition's ``max`` was read)."""
+    res = pool.run(J.branch_on_rows, 2, kind)
     for i in range(4):
         assert_numerics([r[i] for r in res], context=f"call {i}")
     assert [r["programs"] for r in res[0]] == [1, 2, 3, 3]

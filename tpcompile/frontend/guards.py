@@ -13,6 +13,8 @@ from typing import Any, Callable
 import sympy
 import torch
 
+from ..errors import warn
+
 
 @dataclass
 class Guard:
@@ -58,7 +60,9 @@ _NAMESPACE: dict[str, Any] = {}
 def _namespace() -> dict[str, Any]:
     if not _NAMESPACE:
         from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-        _NAMESPACE.update(SYMPY_INTERP, math=math, inf=float("inf"), torch=torch)
+        # the printer writes Max, Min, Abs and RoundToInt as Python's builtins
+        _NAMESPACE.update(SYMPY_INTERP, math=math, inf=float("inf"), torch=torch, max=max,
+                          min=min, abs=abs, round=round, int=int, float=float)
     return _NAMESPACE
 
 
@@ -67,7 +71,8 @@ def conditions_of(ep: Any) -> list[Condition]:
     size's range (``x.size(0) * x.size(1) <= 64`` where the model branches on a product,
     ``x.size(1) != 16``), which the graph does not hold and torch.export keeps as Python
     source (``ExportedProgram._guards_code``). One that reads anything but the tensor
-    inputs' sizes (strides, a number input) is passed over."""
+    inputs' sizes (a stride, a storage offset) is passed over; one naming a function
+    unknown here is passed over with a warning."""
     out = []
     for text in getattr(ep, "_guards_code", None) or ():
         source = _SIZE.sub(lambda m: f"S[{m[1]}][{m[2]}]", text)
@@ -79,7 +84,11 @@ def conditions_of(ep: Any) -> list[Condition]:
             continue
         inner = next(c for c in code.co_consts if isinstance(c, types.CodeType))
         names = {i.argval for i in dis.get_instructions(inner) if i.opname == "LOAD_GLOBAL"}
-        if not names <= _namespace().keys():
+        if not names <= _namespace().keys():  # a printer newer than this list: said
+            warn(f"tpcompile: torch.export kept the shape condition {text!r}, which names "
+                 f"{sorted(names - _namespace().keys())}, unknown here; a dynamic program "
+                 "made from this trace does not check it. Plan with dynamic=False if the "
+                 "model decides anything on these sizes")
             continue
         holds = eval(code, _namespace())  # noqa: S307 - torch.export's own guard code
         reads = frozenset(int(m[1]) for m in _SIZE.finditer(text))
@@ -130,7 +139,7 @@ def broken_condition(conditions: list[Condition], guards: list[Guard],
             continue
         try:
             holds = c.holds(sizes)
-        except Exception:  # noqa: BLE001 - not decidable here: not served (a fresh trace)
+        except Exception:  # noqa: BLE001 - undecidable: not served, never guessed
             holds = False
         if not holds:
             return f"the traced code decided on its sizes that {c.text}"
