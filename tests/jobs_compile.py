@@ -177,6 +177,26 @@ def branch_on_rows(rank: int, kind: str) -> dict:
     return out
 
 
+def no_grad(rank: int, family: str) -> dict:
+    """``torch.compile(parallel, fullgraph=True)`` called under ``torch.no_grad()`` (inference,
+    generation): its outputs against the eager parallel model's and the unsharded model's."""
+    _fresh()
+    ref, args, kwargs = H.build(family)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs,
+                                     dynamic=True)
+    compiled = torch.compile(par, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        o_ref, eager = H._leaves(ref(**kwargs)), H._leaves(par(**kwargs))
+        try:
+            out = H._leaves(compiled(**kwargs))
+        except Exception as e:  # noqa: BLE001 - dynamo's
+            return {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    tensors = [k for k, v in o_ref.items() if isinstance(v, torch.Tensor)]
+    return {"error": None, "fields": sorted(tensors),
+            "vs_eager": max(float((out[k] - eager[k]).abs().max()) for k in tensors),
+            "vs_ref": max(H._err(out[k], o_ref[k]) for k in tensors)}
+
+
 def dropout_refused(rank: int) -> dict:
     """nanoGPT with dropout 0.1 in train mode: compiling its sharded dropouts is refused
     by name, and the eager model still runs."""

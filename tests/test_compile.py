@@ -64,6 +64,18 @@ def test_compiling_a_sharded_dropout_is_refused_by_name(pool):
         assert r["eager_ran"]
 
 
+@pytest.mark.parametrize("family", ["llama", "nanogpt"])
+def test_fullgraph_compile_under_no_grad(pool, family):
+    """Inference: the compiled program under torch.no_grad(), where dynamo inlines each
+    autograd.Function's forward (torch 2.13 dropped its ctx when the arguments given
+    matched the parameters declared: the Llama's two SP norm weights, nanoGPT's one fused
+    c_attn), equals the eager program and the unsharded model."""
+    res = pool.run(J.no_grad, family)
+    for r in res:
+        assert r["error"] is None, r["error"]
+        assert r["fields"] and r["vs_eager"] <= 1e-5 and r["vs_ref"] <= 1e-5, r
+
+
 def test_compiling_an_unplanned_size_says_how_to_plan_first(pool):
     """fullgraph=True on a program specialised to other sizes: dynamo's error carries
     tpcompile's explanation (dynamic=True, or one eager call), not only "a skipped

@@ -171,6 +171,12 @@ _Split = _pair(_chunk, _all_gather, "_Split")
 _Gather = _pair(_all_gather, _chunk, "_Gather")
 
 
+# ONE_PARAMETER: the forward of a Function applied to a varying number of tensors takes
+# one ``*args`` (ctx first). Under torch.no_grad, dynamo (torch 2.13) inlines a Function's
+# forward and drops ctx whenever the number of arguments given equals the number of
+# parameters the signature declares; with ``(ctx, group, *ps)`` that happened at two
+# parameters (a block's two norm weights under SP), and the forward ran with its
+# arguments shifted by one (``ctx`` = the group name), failing to compile.
 class _ColwiseLinears(torch.autograd.Function):
     """The colwise layers that read one input (q, k and v; w1 and w3) together with that
     input's conversion: forward enters it (``dim`` None: identity) or all-gathers it
@@ -181,8 +187,8 @@ class _ColwiseLinears(torch.autograd.Function):
     the weight-gradient matmuls (Megatron's overlap of the input-gradient all-reduce)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int | None, group: str, n: int,
-                *wb: torch.Tensor | None) -> tuple:
+    def forward(*args: Any) -> tuple:  # (ctx, x, dim, group, n, *weights, *biases): ONE_PARAMETER
+        ctx, x, dim, group, n, *wb = args
         ws, bs = wb[:n], wb[n:]
         full = x if dim is None else _all_gather(x, dim, group)
         ctx.dim, ctx.group, ctx.n = dim, group, n
@@ -280,7 +286,8 @@ class _SyncGrads(torch.autograd.Function):
     all-reduce."""
 
     @staticmethod
-    def forward(ctx: Any, group: str, *ps: torch.Tensor) -> tuple:
+    def forward(*args: Any) -> tuple:  # (ctx, group, *params): ONE_PARAMETER
+        ctx, group, *ps = args
         ctx.group = group
         ctx.meta = [(p.shape, p.dtype) for p in ps]
         return tuple(p.view_as(p) for p in ps)
