@@ -45,6 +45,12 @@ def head_in_chunks(ref: nn.Module, rows: int, chunks: int, p2p: bool | None = No
         H.P2P_GATHER_BYTES = saved_p2p
 
 
+# fine-tuning heads: family -> number of labels (Llama classifies a sequence by its last
+# token that is not padding; BERT labels each token)
+TASK_LABELS = {"llama_seq_cls": 3, "bert_token_cls": 5}
+_MODEL_PREFIX = {"llama": "Llama", "bert": "Bert"}
+
+
 def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tuple, dict]:
     """A model and its keyword inputs, identical on every rank."""
     torch.manual_seed(seed)
@@ -73,6 +79,17 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tupl
         from models import mpt_foundry as M
         return M.build("tiny", **overrides), (), M.example_inputs("tiny", 4, 8)
     from models import hf_zoo
+    if family in TASK_LABELS:  # a classifier head in place of the LM head
+        import transformers
+        base, task = family.split("_", 1)
+        cfg = hf_zoo.config(base, num_labels=TASK_LABELS[family])
+        cls = {"seq_cls": "ForSequenceClassification", "token_cls": "ForTokenClassification"}[task]
+        m = getattr(transformers, _MODEL_PREFIX[base] + cls)(cfg)
+        kwargs = hf_zoo.example_inputs(base, 4, 8)
+        g = torch.Generator().manual_seed(seed)
+        shape = (4,) if task == "seq_cls" else (4, 8)
+        kwargs["labels"] = torch.randint(0, TASK_LABELS[family], shape, generator=g)
+        return m.train(), (), kwargs
     if family == "olmo2_torch_norms":  # q/k norms as torch's nn.RMSNorm (aten.rms_norm)
         m = hf_zoo.build("olmo2", **overrides)
         for layer in m.model.layers:
@@ -245,6 +262,8 @@ def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dic
             out[k] = mask
         elif isinstance(v, torch.Tensor) and v.is_floating_point():  # images: batch only
             out[k] = torch.randn(batch, *v.shape[1:], generator=g)
+        elif k == "labels" and family in TASK_LABELS:  # class ids, per sequence or token
+            out[k] = torch.randint(0, TASK_LABELS[family], (batch, seq)[:v.dim()], generator=g)
         elif isinstance(v, torch.Tensor):
             out[k] = torch.randint(0, vocab, (batch, seq), generator=g)
         else:

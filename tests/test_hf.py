@@ -58,6 +58,16 @@ def test_deepseek_v3_mla_keeps_attention_replicated_and_says_why(pool):
     assert r["styles"]["model.layers.0.mlp.gate_proj"] == "colwise", r["styles"]
 
 
+@pytest.mark.parametrize("family", ["llama_seq_cls", "bert_token_cls"])
+def test_fine_tuning_heads(pool, family):
+    """transformers' classifiers, as fine-tuning starts from them: a Llama that labels a
+    sequence by its last token (whose forward sets ``config.problem_type`` on first use,
+    in the config every block holds: planning once failed with a KeyError on the blocks'
+    signatures) and a BERT that labels each token. Every gradient against the unsharded
+    model, at the planned size and at another."""
+    check(pool.run(J.numerics, family, 2, True, None, [(4, 8), (2, 12)]), 0.7)
+
+
 @pytest.mark.parametrize("family", OTHERS)
 def test_other_family_matches_the_unsharded_model(pool, family):
     """Families not on the issue's list: right numbers always; sharding as it can."""

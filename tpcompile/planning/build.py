@@ -136,16 +136,20 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         for rel, nested_key in unit.nested:
             add_member(nested_key, _join(member, rel))
 
-    def process(module: nn.Module, path: str, a: tuple, k: dict, is_root: bool) -> Unit:
-        sigs: dict[str, Any] = {}
+    def process(module: nn.Module, path: str, a: tuple, k: dict, key: Any) -> Unit:
+        # the blocks' signatures as they are before the trace: a forward may change what
+        # they read (transformers' sequence classifier sets config.problem_type on first
+        # use, in the config every block holds), and a unit is filed under what it was
+        # asked for by
+        sigs = {rel: FE.block_signature(b) for rel, b in FE.find_blocks(module).items()}
+        is_root = key == "<root>"
 
         def on_block(rel: str, block: nn.Module, ba: tuple, bk: dict) -> FE.BlockShapes:
-            sig = FE.block_signature(block)
-            sigs[rel] = sig
+            sig = sigs[rel] if rel in sigs else FE.block_signature(block)
             if input_dtype is not None:  # FSDP2 casts each block's floating inputs
                 ba, bk = cast_floats((ba, bk), input_dtype)
             if sig not in units:
-                unit = process(block, _join(path, rel), ba, bk, False)
+                unit = process(block, _join(path, rel), ba, bk, sig)
                 assert unit.shapes is not None
             return units[sig].shapes  # type: ignore[return-value]
 
@@ -163,7 +167,8 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         contracts: dict[fx.Node, Contract] = {}
         nested: list[tuple[str, Any]] = []
         for node, call in t.blocks.items():
-            sig = FE.block_signature(module.get_submodule(call.member))
+            sig = sigs[call.member] if call.member in sigs else \
+                FE.block_signature(module.get_submodule(call.member))
             contracts[node] = units[sig].contract  # type: ignore[assignment]
             if (call.member, sig) not in nested:
                 nested.append((call.member, sig))
@@ -175,7 +180,6 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
             f"{n.name:40s} {unit.prop.layouts.get(n, '-')!r:8s} {n.format_node()}"
             for n in t.gm.graph.nodes))
         unit.nested = nested
-        key = "<root>" if is_root else FE.block_signature(module)
         if not is_root:
             unit.shapes = FE.shapes_of(t)
         units[key] = unit
@@ -187,7 +191,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     try:
         with FE.fake_state(sk) as mode, ops.packing(packing), FE.grads_wanted(grads):
             args, kwargs = FE.example_for(mode, example_inputs, kwargs)
-            process(sk, "", args, kwargs, True)
+            process(sk, "", args, kwargs, "<root>")
     except BaseException:
         for message in (m for said in spoken for m in said):  # what was found before it
             warn(message)
