@@ -31,14 +31,23 @@ def _saved_bytes(fn: Any) -> tuple[Any, int]:
     return out, total
 
 
-def numerics(rank: int, family: str, tp: int, sp: bool, setting: Any) -> dict:
+def numerics(rank: int, family: str, tp: int, sp: bool, setting: Any,
+             transformers: dict | None = None) -> dict:
     """``activation_checkpointing=setting``: outputs and every gradient against the
     unsharded model; the bytes forward saves and the collectives backward runs, beside
-    the same parallel model without checkpointing."""
+    the same parallel model without checkpointing. ``transformers``: the model's own
+    ``gradient_checkpointing_enable(**transformers)`` is called first (as a fine-tuning
+    script does); then the layers' flags and input-grads hooks left after are returned."""
     ref, args, kwargs = H.build(family)
     plain = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_kwargs=kwargs,
                                        sequence_parallel=sp)
-    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_kwargs=kwargs,
+    model = copy.deepcopy(ref)
+    if transformers is not None:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its name, deprecated in 5.x
+            model.gradient_checkpointing_enable(**transformers)
+    par = tpcompile.auto_parallelize(model, tp_mesh(tp), example_kwargs=kwargs,
                                      sequence_parallel=sp, activation_checkpointing=setting)
     found: dict[str, Any] = {}
     for name, model in (("plain", plain), ("ckpt", par)):
@@ -50,7 +59,10 @@ def numerics(rank: int, family: str, tp: int, sp: bool, setting: Any) -> dict:
     H.loss_of(o_ref).backward()
     wrapped = [n for n, m in par.named_modules()
                if getattr(m.__dict__.get("forward"), "_tpcompile_checkpointed", False)]
+    flags = [n for n, m in par.named_modules() if getattr(m, "gradient_checkpointing", None)]
+    hooks = sum(len(m._forward_hooks) for m in par.modules())
     return dict(H.judge(ref, par, o_ref, found["ckpt"]["out"]), wrapped=wrapped,
+                flags=flags, hooks=hooks,
                 saved={k: v["saved"] for k, v in found.items()},
                 backward={k: v["backward"] for k, v in found.items()},
                 layers=ref.config.num_hidden_layers if hasattr(ref, "config") else None)
@@ -129,6 +141,36 @@ def bad_settings(rank: int) -> dict:
             untouched = all(type(p) is nn.Parameter and torch.equal(p, before[n])
                             for n, p in model.named_parameters()) and "forward" not in model.__dict__
             out[repr(setting)] = (type(e).__name__, str(e), untouched)
+    return out
+
+
+def transformers_refused(rank: int) -> dict:
+    """transformers' checkpointing tpcompile cannot do the same way (every second layer;
+    activations offloaded to host memory) or that contradicts the argument: refused by
+    name, the model left as it was (its flags and hooks included)."""
+    import warnings
+    ref, args, kwargs = H.build("llama", num_hidden_layers=4)
+    out = {}
+    for case, enable, setting in (("every_2", {"every_n_layers": 2}, None),
+                                  ("offload", {"offload": True}, None),
+                                  ("contradicted", {}, 1)):
+        model = copy.deepcopy(ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(**enable)
+        flags = {n: m.gradient_checkpointing for n, m in model.named_modules()
+                 if hasattr(m, "gradient_checkpointing")}
+        hooks = sum(len(m._forward_hooks) for m in model.modules())
+        try:
+            tpcompile.auto_parallelize(model, tp_mesh(2), example_kwargs=kwargs,
+                                       activation_checkpointing=setting)
+            out[case] = None
+        except tpcompile.TPCompileError as e:
+            untouched = "forward" not in model.__dict__ and hooks == sum(
+                len(m._forward_hooks) for m in model.modules()) and flags == {
+                n: m.gradient_checkpointing for n, m in model.named_modules()
+                if hasattr(m, "gradient_checkpointing")}
+            out[case] = (type(e).__name__, str(e), untouched)
     return out
 
 

@@ -39,6 +39,31 @@ def test_first_k_blocks_checkpointed(pool):
         assert r["saved"]["ckpt"] < r["saved"]["plain"], r["saved"]
 
 
+def test_transformers_gradient_checkpointing_is_done_the_parallel_way(pool):
+    """A fine-tuning script's ``model.gradient_checkpointing_enable()`` before
+    auto_parallelize: the layers it names are checkpointed around their programs (its own
+    wrapper sits in the class forward the parallel model no longer runs, and its
+    input-grads hook sits on an embedding computed inline: once refused as a hook that
+    would not run), its flags and hook are gone, forward keeps under half the bytes, and
+    the numbers are the unsharded model's."""
+    for r in pool.run(J.numerics, "llama", 2, True, None, {}):
+        check([r])
+        assert r["wrapped"] == ["model.layers.0", "model.layers.1"], r["wrapped"]
+        assert r["flags"] == [] and r["hooks"] == 0, (r["flags"], r["hooks"])
+        assert r["saved"]["ckpt"] < 0.5 * r["saved"]["plain"], r["saved"]
+
+
+def test_transformers_checkpointing_tpcompile_cannot_match_is_refused(pool):
+    """Every second layer (every_n_layers=2), offloaded activations, or a contradicting
+    activation_checkpointing: a CheckpointingError naming the fix; the model as it was."""
+    for r in pool.run(J.transformers_refused):
+        for case, words in (("every_2", "every_n_layers"), ("offload", "offload"),
+                            ("contradicted", "disagrees")):
+            assert r[case] is not None, f"{case}: accepted"
+            kind, message, untouched = r[case]
+            assert kind == "CheckpointingError" and words in message and untouched, r[case]
+
+
 def test_recompute_draws_the_forward_dropout_masks(pool):
     """Dropout inside sharded regions draws from each tp rank's own stream: the
     recompute must replay it. Loss and every gradient of the checkpointed model equal

@@ -27,6 +27,8 @@ from .rewrite import rewrite
 from .runtime import Program, install
 from .runtime.program import UNSPLITTABLE, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
+from .runtime.checkpointing import (blocks_to_checkpoint, from_transformers, is_input_grads_hook,
+                                    top_blocks, transformers_flagged)
 
 
 def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
@@ -148,6 +150,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         policy = fsdp_kwargs.get("mp_policy")
         param_dtype = getattr(policy, "param_dtype", None) if dp_mesh is not None else None
         sk = skeleton(model, param_dtype)
+        hf_flagged = transformers_flagged(model)
+        for name in hf_flagged:  # traced as the plain forward; checkpointed below, our way
+            sk.get_submodule(name).gradient_checkpointing = False
         input_dtype = param_dtype if getattr(policy, "cast_forward_inputs", True) else None
         if input_dtype is not None:
             example_inputs, example_kwargs = cast_floats((example_inputs, example_kwargs), input_dtype)
@@ -159,6 +164,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                                  given=load_plan(plan), skeleton=sk, dynamic=dynamic,
                                  **options)  # type: ignore[arg-type]
         _refuse_unsupported_layers(model, compiled)
+        blocks = top_blocks(model, [m for u in compiled.units for m in u.members])
+        activation_checkpointing = from_transformers(model, hf_flagged,
+                                                     activation_checkpointing, blocks)
         group = tp_mesh.get_group().group_name
         if loss_parallel and not any(
                 "" in u.members and u.prop.gathered_outputs for u in compiled.units):
@@ -169,11 +177,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                 "loss_parallel, or end the model with a Linear head.")
         programs = _programs(compiled, sk, tp, group, loss_parallel)
         _warn_unsplittable(compiled, programs, tp)
-        from .runtime.checkpointing import blocks_to_checkpoint, top_blocks
-        to_checkpoint = blocks_to_checkpoint(
-            activation_checkpointing,
-            top_blocks(model, [m for u in compiled.units for m in u.members]),
-            type(model).__name__)
+        to_checkpoint = blocks_to_checkpoint(activation_checkpointing, blocks,
+                                             type(model).__name__)
         placements: dict[str, list[Placement]] = {}
         for unit in compiled.units:
             for member in unit.members:
@@ -217,6 +222,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     check = InputCheck(group, mesh.device_type)
     snapshot = _Snapshot(model)
     try:
+        for name in hf_flagged:
+            model.get_submodule(name).gradient_checkpointing = False
+        drop_input_grads_hooks(model)
         distribute_parameters(model, placements, tp_mesh)
         for unit, prog in zip(compiled.units, programs):
             for member in unit.members:
@@ -361,18 +369,27 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 ", e.g. weight_norm), which tpcompile cannot shard yet. Remove the "
                 "parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
                 "before auto_parallelize.")
-        if any(hook_dicts(layer)):
+        if any(not is_input_grads_hook(h) for d in hook_dicts(layer) for h in d.values()):
             raise UnsupportedError(
                 f"{name} has hooks, which tpcompile's rewrite would not run "
                 "(it computes this layer inline on local shards). Remove the hooks "
                 "before auto_parallelize, or fold what they do into the forward.")
 
 
+def drop_input_grads_hooks(model: nn.Module) -> None:
+    """Remove transformers' input-require-grads hooks (``is_input_grads_hook``): the
+    embedding they sit on is computed inline, where no hook runs."""
+    for m in model.modules():
+        for k in [k for k, h in m._forward_hooks.items() if is_input_grads_hook(h)]:
+            del m._forward_hooks[k]
+
+
 class _Snapshot:
     """What the commit changes on each module (parameters, an instance ``forward``, the
     class FSDP2 swaps in, hooks), recorded so a failure midway can put it all back."""
 
-    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_runtime", "_tpcompile_plan")
+    _KEYS = ("forward", "_tpcompile_code", "_tpcompile_runtime", "_tpcompile_plan",
+             "gradient_checkpointing")
 
     def __init__(self, model: nn.Module) -> None:
         self.saved = [(m, m.__class__, dict(m._parameters), dict(m._forward_pre_hooks),

@@ -61,6 +61,54 @@ def blocks_to_checkpoint(setting: Any, blocks: list[str], model_name: str) -> li
     return blocks[:checkpoint_count(setting, len(blocks), model_name)]
 
 
+def transformers_flagged(model: nn.Module) -> list[str]:
+    """The modules transformers' own activation checkpointing is on for
+    (``model.gradient_checkpointing_enable()`` or ``activation_checkpointing_enable()``, the
+    Trainer's ``gradient_checkpointing=True``): their ``gradient_checkpointing`` flag."""
+    return [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", None) is True]
+
+
+def from_transformers(model: nn.Module, flagged: list[str], setting: Any, blocks: list[str]
+                      ) -> Any:
+    """transformers' checkpointing read as ``activation_checkpointing``. It checkpoints its
+    layers' class ``forward``, which the parallel model no longer runs (each block runs its
+    program), so the same layers are checkpointed here instead, around their programs
+    (their collectives and the tp ranks' random streams replayed); the flags are cleared
+    by the caller. Every layer is ``"block"``, the first k are ``k``; others are refused."""
+    layers = [n for n in flagged if n in blocks]
+    if not layers:
+        return setting
+    name = type(model).__name__
+    if layers != blocks[:len(layers)]:
+        raise CheckpointingError(
+            f"transformers' gradient checkpointing is on for {len(layers)} of {name}'s "
+            f"{len(blocks)} layers ({', '.join(layers[:3])}, ...), not the first ones "
+            "(every_n_layers > 1), which tpcompile cannot checkpoint. Call "
+            "model.gradient_checkpointing_disable() and pass activation_checkpointing='block' "
+            "(every layer) or a number k (the first k) to auto_parallelize")
+    ours = "block" if len(layers) == len(blocks) else len(layers)
+    if checkpoint_count(setting, len(blocks), name) not in (0, len(layers)):
+        raise CheckpointingError(
+            f"activation_checkpointing={setting!r} disagrees with transformers' gradient "
+            f"checkpointing, on for {len(layers)} of {name}'s {len(blocks)} layers: drop "
+            "one (model.gradient_checkpointing_disable(), or the argument)")
+    func = getattr(model.get_submodule(layers[0]), "_gradient_checkpointing_func", None)
+    if getattr(func, "func", checkpoint) is not checkpoint:  # offload=True wraps it
+        raise CheckpointingError(
+            "transformers' gradient checkpointing was enabled with offload=True (saved "
+            "activations in host memory), which tpcompile's checkpointing does not do. "
+            "Enable it without offload, or pass activation_checkpointing='block' instead")
+    return ours
+
+
+def is_input_grads_hook(hook: Any) -> bool:
+    """transformers' ``enable_input_require_grads`` hook (registered by its gradient
+    checkpointing, and for adapters): it makes the embeddings' output require grad, which
+    matters only to a reentrant checkpoint; the parallel model's is non-reentrant."""
+    return getattr(hook, "__qualname__", "").endswith(
+        "enable_input_require_grads.<locals>.make_inputs_require_grads")
+
+
 def top_blocks(model: nn.Module, members: list[str]) -> list[str]:
     """The members inside no other member (a decoder layer, not the experts inside it),
     in the model's module order."""
