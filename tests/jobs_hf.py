@@ -140,8 +140,10 @@ def loss_of(out: Any) -> torch.Tensor:
 
 
 def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
-          dp: int = 1, exact: dict[str, torch.Tensor] | None = None) -> dict:
-    """This rank's verdict: output fields and every gradient against the reference."""
+          dp: int = 1, exact: dict[str, torch.Tensor] | None = None,
+          unread: frozenset[str] = frozenset()) -> dict:
+    """This rank's verdict: output fields and every gradient against the reference.
+    ``unread``: parameters the call does not read, without a gradient on both sides."""
     lr, lp = _leaves(out_ref), _leaves(out_par)
     problems: list[str] = []
     if set(lr) != set(lp):
@@ -169,6 +171,10 @@ def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
         if isinstance(q, DTensor) and any(pl.is_shard() or isinstance(pl, _StridedShard)
                                           for pl in q.placements[-1:]):
             sharded += p.numel()
+        if name in unread:
+            if p.grad is not None or q.grad is not None:
+                problems.append(f"{name}: unread by the call, yet it has a gradient")
+            continue
         if p.grad is None:
             problems.append(f"{name}: the reference has no gradient (a useless comparison)")
             continue
@@ -385,24 +391,31 @@ def no_rule(rank: int) -> dict:
 
 
 def optional_args(rank: int) -> list[dict]:
-    """Planned with labels; called without them, with and without a mask, in eval mode:
-    each call structure gets its program on first use, each matches the original."""
+    """Planned with labels; called without them, with and without a mask, with
+    ``inputs_embeds`` in place of the ids (the embedding unread: a program without it), in
+    eval mode: each call structure gets its program on first use, each matches the
+    original."""
     ref, args, kwargs = build("llama")
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
     ids = kwargs["input_ids"]
+    embeds = torch.randn(*ids.shape, ref.config.hidden_size, generator=torch.Generator().manual_seed(3))
     calls = [{"input_ids": ids}, {"input_ids": ids, "attention_mask": kwargs["attention_mask"]},
-             {"input_ids": ids, "labels": ids, "attention_mask": None}, kwargs]
+             {"input_ids": ids, "labels": ids, "attention_mask": None},
+             {"inputs_embeds": embeds, "labels": ids}, kwargs]
     out = []
     for mode in ("train", "eval"):
         for m in (ref, par):
             m.train(mode == "train")
         for kw in calls:
+            if mode == "eval" and "inputs_embeds" in kw:  # (once is enough)
+                continue
             for m in (ref, par):
                 m.zero_grad(set_to_none=True)
             o_ref, o_par = ref(**kw), par(**kw)
             loss_of(o_ref).backward()
             loss_of(o_par).backward()
-            out.append(dict(judge(ref, par, o_ref, o_par), shape=(mode, sorted(kw))))
+            unread = frozenset({"model.embed_tokens.weight"} if "inputs_embeds" in kw else ())
+            out.append(dict(judge(ref, par, o_ref, o_par, unread=unread), shape=(mode, sorted(kw))))
     return out
 
 

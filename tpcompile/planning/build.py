@@ -175,7 +175,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         said: list[str] = []  # warnings, said once the plan keeps the unit (or on an error)
         spoken.append(said)
         unit = _analyze(t, module, path, contracts, tp, sequence_parallel, on_indivisible,
-                        is_root, given, shared_names, said)
+                        is_root, given, shared_names, said, bound)
         dump(f"{path or 'root'}.2-layouts.txt", "\n".join(
             f"{n.name:40s} {unit.prop.layouts.get(n, '-')!r:8s} {n.format_node()}"
             for n in t.gm.graph.nodes))
@@ -240,9 +240,12 @@ def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
 
 def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],
              tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
-             shared_names: set[str], said: list[str]) -> Unit:
+             shared_names: set[str], said: list[str], bound: bool = False) -> Unit:
     """One traced module's analysis; its warnings are added to ``said`` as found (said by
-    the caller once the plan keeps the unit, or on an error)."""
+    the caller once the plan keeps the unit, or on an error). ``bound``: ``given`` is the
+    model's own plan and this a call of another structure, which may leave layers of it
+    unread (``inputs_embeds`` given, the embedding never called): they are not in its
+    program."""
     gm = t.gm
     prefix = f"{path}." if path else ""
     notes: list[A.Note] = []
@@ -250,6 +253,11 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         mp = given.module_for(path)
         styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
         segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
+        if bound:
+            read = {name for node, name in t.params.items() if node.users}
+            styles = {k: v for k, v in styles.items()
+                      if read & set(A.layer_params(module, k).values())}
+            segments = [s for s in segments if set(s.colwise + s.rowwise) <= styles.keys()]
         check_graph(gm, styles, path)
         heads = A.head_layers(gm, styles, segments, 1, contracts)
         try:
