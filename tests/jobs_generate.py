@@ -49,3 +49,34 @@ def programs_made(rank: int, lengths: list[int]) -> list[list[bool]]:
             assert torch.allclose(par(x), ref(x), rtol=1e-4, atol=1e-5), n
         out.append([p.sp for p in par.__dict__["_tpcompile_runtime"].programs])
     return out
+
+
+def with_use_cache(rank: int) -> dict:
+    """An HF Llama whose config has use_cache=True, as from_pretrained loads one: planned
+    without a KV cache (and said so); trained a step against the unsharded model (its loss,
+    logits and every gradient); then transformers' own ``generate``: with its default
+    use_cache=True refused by name, with use_cache=False the unsharded model's tokens."""
+    import warnings
+    ref, _, kwargs = jobs_hf.build("llama", use_cache=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    said = [str(w.message) for w in caught if "use_cache" in str(w.message)]
+    o_ref, o_par = ref(**kwargs), par(**kwargs)
+    o_ref.loss.backward()
+    o_par.loss.backward()
+    verdict = jobs_hf.judge(ref, par, (o_ref.loss, o_ref.logits), (o_par.loss, o_par.logits))
+    cache = (type(o_ref.past_key_values).__name__, o_par.past_key_values)
+    ref.eval()
+    par.eval()
+    ids, mask = kwargs["input_ids"][:2], kwargs["attention_mask"][:2]
+    options = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    try:
+        par.generate(ids, **options)
+        refused = ""
+    except tpcompile.TPCompileError as e:
+        refused = f"{type(e).__name__}: {e}"
+    want = ref.generate(ids, **options).tolist()
+    got = par.generate(ids, use_cache=False, **options).tolist()
+    return {"said": said, "verdict": verdict, "cache": cache, "refused": refused,
+            "want": want, "got": got}

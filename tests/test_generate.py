@@ -67,3 +67,19 @@ def test_an_unsplittable_length_adds_only_the_program_without_sp(pool):
     for r in pool.run(J.programs_made, [10, 11, 13, 12]):
         assert r == [[True, True], [True, True, False], [True, True, False],
                      [True, True, False]], r
+
+
+def test_a_config_with_use_cache_is_planned_without_a_cache(pool):
+    """from_pretrained leaves use_cache=True in the config: the parallel model is planned
+    without a KV cache and says so (it failed with an IndexError in the analysis of the
+    cache's concatenation); training numbers are the unsharded model's;
+    transformers' generate with a cache is refused by name, without one it gives the
+    unsharded model's greedy tokens."""
+    from tests.test_hf import check
+    res = pool.run(J.with_use_cache)
+    check([r["verdict"] for r in res], None)
+    for r in res:
+        assert len(r["said"]) == 1 and "use_cache=True" in r["said"][0], r["said"]
+        assert r["cache"] == ("DynamicCache", None), r["cache"]
+        assert "UnsupportedError" in r["refused"] and "use_cache=False" in r["refused"], r["refused"]
+        assert r["got"] == r["want"] and len(r["got"][0]) == 8 + 5, (r["got"], r["want"])

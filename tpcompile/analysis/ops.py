@@ -217,7 +217,8 @@ def _splittable_param(p: fx.Node, pos: int, src: fx.Node, lay: Layout) -> bool:
     feeding it could be sharded instead.)"""
     t, ts = info(p), info(src)
     if lay.kind != "S" or lay.inner >= 0 or lay.outer or t is None or ts is None or \
-            t.shape[pos] != ts.shape[lay.dim]:
+            not 0 <= pos < len(t.shape) or t.shape[pos] != ts.shape[lay.dim]:  # (a legacy
+        # empty 1-D operand of cat has no such dim)
         return False
     if p.op == "placeholder":
         return "tpc_param" in p.meta and not _sharded_layer_param(p)

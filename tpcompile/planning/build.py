@@ -91,6 +91,34 @@ def _positional(example_inputs: Any, example_kwargs: Any) -> tuple | None:
         "positional arguments (example_inputs=(x,)) or keyword inputs as example_kwargs={...}")
 
 
+def _is_cache(x: Any) -> bool:
+    """A transformers ``Cache`` (``DynamicCache`` and kin), by its base class's name."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(x).__mro__)
+
+
+def _without_kv_cache(sk: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The programs keep no KV cache. A call that asks for one is refused; a model whose
+    config turns it on by default (transformers' ``use_cache=True``, as ``from_pretrained``
+    loads it) is planned without it (on the skeleton: its outputs' ``past_key_values``
+    are None), and says so once."""
+    import torch.utils._pytree as pytree
+    leaves = pytree.tree_leaves((args, kwargs), is_leaf=_is_cache)
+    if kwargs.get("use_cache") is True or kwargs.get("past_key_values") is not None or \
+            any(_is_cache(x) for x in leaves):
+        raise UnsupportedError(
+            f"{type(sk).__name__} was called with a KV cache (use_cache=True or "
+            "past_key_values), which tpcompile's programs do not keep yet. Call it with "
+            "use_cache=False; to decode, model.generate(..., use_cache=False) or "
+            "tpcompile.generate(model, ids, max_new_tokens=...) run without one")
+    config = getattr(sk, "config", None)
+    if getattr(config, "use_cache", None) is True and "use_cache" not in kwargs:
+        config.use_cache = False
+        warn(f"tpcompile: {type(sk).__name__}'s config has use_cache=True; the parallel "
+             "model keeps no KV cache, so it is planned with use_cache=False (past_key_values "
+             "in its outputs is None). Set model.config.use_cache = False to say so")
+
+
 def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                   example_inputs: tuple | None = None, example_kwargs: dict | None = None,
                   on_indivisible: str = "error", given: Plan | None = None,
@@ -120,6 +148,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         example_inputs = synthesize_inputs(model, batch=2, seq=2 * max(tp, 2))
     example_inputs = _positional(example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
+    _without_kv_cache(sk, example_inputs, kwargs)
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
     shared_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared}
@@ -253,8 +282,13 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         mp = given.module_for(path)
         styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
         segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
-        if bound:
-            read = {name for node, name in t.params.items() if node.users}
+        if bound:  # by every name of a read parameter (export lifts a tied one once)
+            names: dict[int, set[str]] = {}
+            for n, q in module.named_parameters(remove_duplicate=False):
+                names.setdefault(id(q), set()).add(n)
+            params = dict(module.named_parameters(remove_duplicate=False))
+            read = {alias for node, name in t.params.items() if node.users
+                    for alias in names.get(id(params.get(name)), {name})}
             styles = {k: v for k, v in styles.items()
                       if read & set(A.layer_params(module, k).values())}
             segments = [s for s in segments if set(s.colwise + s.rowwise) <= styles.keys()]
