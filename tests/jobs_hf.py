@@ -45,6 +45,23 @@ def head_in_chunks(ref: nn.Module, rows: int, chunks: int, p2p: bool | None = No
         H.P2P_GATHER_BYTES = saved_p2p
 
 
+class LoraLinear(nn.Module):
+    """A LoRA adapter as PEFT writes one around a Linear: ``base(x) + B(A(x)) * scaling``,
+    the base frozen, A (in -> r) and B (r -> out) trained; B starts nonzero here so
+    every gradient is exercised."""
+
+    def __init__(self, base: nn.Linear, r: int = 4, alpha: int = 8) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.02)
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
 # fine-tuning heads: family -> number of labels (Llama classifies a sequence by its last
 # token that is not padding; BERT labels each token)
 TASK_LABELS = {"llama_seq_cls": 3, "bert_token_cls": 5}
@@ -90,6 +107,13 @@ def build(family: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, tupl
         shape = (4,) if task == "seq_cls" else (4, 8)
         kwargs["labels"] = torch.randint(0, TASK_LABELS[family], shape, generator=g)
         return m.train(), (), kwargs
+    if family == "llama_lora":  # PEFT's shape: frozen base, a trainable low-rank pair
+        m = hf_zoo.build("llama", **overrides)
+        m.requires_grad_(False)
+        for layer in m.model.layers:
+            for name in ("q_proj", "v_proj"):
+                setattr(layer.self_attn, name, LoraLinear(getattr(layer.self_attn, name)))
+        return m, (), hf_zoo.example_inputs("llama", 4, 8)
     if family == "olmo2_torch_norms":  # q/k norms as torch's nn.RMSNorm (aten.rms_norm)
         m = hf_zoo.build("olmo2", **overrides)
         for layer in m.model.layers:
@@ -171,9 +195,9 @@ def judge(ref: nn.Module, par: nn.Module, out_ref: Any, out_par: Any,
         if isinstance(q, DTensor) and any(pl.is_shard() or isinstance(pl, _StridedShard)
                                           for pl in q.placements[-1:]):
             sharded += p.numel()
-        if name in unread:
-            if p.grad is not None or q.grad is not None:
-                problems.append(f"{name}: unread by the call, yet it has a gradient")
+        if name in unread or not p.requires_grad:  # frozen: no gradient on either side
+            if p.grad is not None or q.grad is not None or q.requires_grad != p.requires_grad:
+                problems.append(f"{name}: unread by the call or frozen, yet it has a gradient")
             continue
         if p.grad is None:
             problems.append(f"{name}: the reference has no gradient (a useless comparison)")

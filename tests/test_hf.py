@@ -68,6 +68,21 @@ def test_fine_tuning_heads(pool, family):
     check(pool.run(J.numerics, family, 2, True, None, [(4, 8), (2, 12)]), 0.7)
 
 
+def test_lora_adapters(pool):
+    """LoRA as PEFT writes it around q_proj and v_proj, every other weight frozen: the
+    base stays colwise, its low-rank up-projection lora_B is sharded with it (colwise) and
+    lora_A replicated; the frozen weights get no gradient, the adapters the unsharded
+    model's."""
+    res = pool.run(J.numerics, "llama_lora", 2, True)
+    check(res, None)
+    styles = res[0][0]["styles"]
+    for proj in ("q_proj", "v_proj"):
+        at = f"model.layers.0.self_attn.{proj}"
+        assert styles[f"{at}.base_layer"] == styles[f"{at}.lora_B"] == "colwise", styles
+        assert f"{at}.lora_A" not in styles or styles[f"{at}.lora_A"] == "replicate", styles
+    assert all(r["grads"] for rank in res for r in rank)
+
+
 @pytest.mark.parametrize("family", OTHERS)
 def test_other_family_matches_the_unsharded_model(pool, family):
     """Families not on the issue's list: right numbers always; sharding as it can."""
