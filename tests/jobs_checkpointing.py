@@ -171,6 +171,16 @@ def transformers_refused(rank: int) -> dict:
                 n: m.gradient_checkpointing for n, m in model.named_modules()
                 if hasattr(m, "gradient_checkpointing")}
             out[case] = (type(e).__name__, str(e), untouched)
+    # turned on after auto_parallelize (what the Trainer does with the model it is given)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        par.gradient_checkpointing_enable()
+    try:
+        par(**kwargs)
+        out["after"] = None
+    except tpcompile.TPCompileError as e:
+        out["after"] = (type(e).__name__, str(e), True)
     return out
 
 

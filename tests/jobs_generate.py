@@ -78,5 +78,13 @@ def with_use_cache(rank: int) -> dict:
         refused = f"{type(e).__name__}: {e}"
     want = ref.generate(ids, **options).tolist()
     got = par.generate(ids, use_cache=False, **options).tolist()
+    # use_cache=None given (transformers' own default argument): the config decides, so
+    # the same as not given
+    ref.train()
+    none = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2),
+                                      example_kwargs={**kwargs, "use_cache": None})
+    o_none = none(**kwargs, use_cache=None)
+    none_err = float((o_none.logits - ref(**kwargs).logits).abs().max())
     return {"said": said, "verdict": verdict, "cache": cache, "refused": refused,
-            "want": want, "got": got}
+            "want": want, "got": got, "none_err": none_err,
+            "none_cache": o_none.past_key_values}

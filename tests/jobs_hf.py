@@ -443,6 +443,20 @@ def optional_args(rank: int) -> list[dict]:
     return out
 
 
+def embeds_tied(rank: int) -> dict:
+    """A Llama with tied embeddings, planned on ids, called with ``inputs_embeds``: the
+    embedding is not called, its weight still read by the tied head (sharded as planned)."""
+    ref, args, kwargs = build("llama", tie_word_embeddings=True)
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    ids = kwargs["input_ids"]
+    embeds = torch.randn(*ids.shape, ref.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    kw = {"inputs_embeds": embeds, "labels": ids}
+    o_ref, o_par = ref(**kw), par(**kw)
+    loss_of(o_ref).backward()
+    loss_of(o_par).backward()
+    return dict(judge(ref, par, o_ref, o_par), styles=tpcompile.plan_of(par).layer_styles())
+
+
 def already_parallel(rank: int) -> dict:
     """A model parallelize_module already made DTensor: refused, model untouched."""
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module

@@ -55,13 +55,17 @@ def test_transformers_gradient_checkpointing_is_done_the_parallel_way(pool):
 
 def test_transformers_checkpointing_tpcompile_cannot_match_is_refused(pool):
     """Every second layer (every_n_layers=2), offloaded activations, or a contradicting
-    activation_checkpointing: a CheckpointingError naming the fix; the model as it was."""
+    activation_checkpointing: a CheckpointingError naming the fix; the model as it was.
+    Turned on after auto_parallelize (the Trainer's way): the call is refused, saying to
+    turn it on before."""
     for r in pool.run(J.transformers_refused):
         for case, words in (("every_2", "every_n_layers"), ("offload", "offload"),
                             ("contradicted", "disagrees")):
             assert r[case] is not None, f"{case}: accepted"
             kind, message, untouched = r[case]
             assert kind == "CheckpointingError" and words in message and untouched, r[case]
+        assert r["after"] is not None and r["after"][0] == "UnsupportedError", r["after"]
+        assert "after auto_parallelize" in r["after"][1] and "Trainer" in r["after"][1], r["after"]
 
 
 def test_recompute_draws_the_forward_dropout_masks(pool):

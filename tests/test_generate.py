@@ -83,3 +83,4 @@ def test_a_config_with_use_cache_is_planned_without_a_cache(pool):
         assert r["cache"] == ("DynamicCache", None), r["cache"]
         assert "UnsupportedError" in r["refused"] and "use_cache=False" in r["refused"], r["refused"]
         assert r["got"] == r["want"] and len(r["got"][0]) == 8 + 5, (r["got"], r["want"])
+        assert r["none_err"] < 1e-5 and r["none_cache"] is None, (r["none_err"], r["none_cache"])

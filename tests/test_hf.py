@@ -444,6 +444,15 @@ def test_optional_arguments_and_modes(pool):
     check(pool.run(J.optional_args), None)
 
 
+def test_inputs_embeds_with_a_tied_head(pool):
+    """Tied embeddings, called with inputs_embeds after planning on ids: the embedding is
+    not called but its weight is read by the head, colwise on the weight's vocab shards
+    (once refused: the plan's vocab_parallel embedding was never called)."""
+    res = pool.run(J.embeds_tied)
+    check(res, None)
+    assert res[0]["styles"]["lm_head"] == "colwise", res[0]["styles"]
+
+
 def test_a_model_already_made_dtensor_is_refused(pool):
     for r in pool.run(J.already_parallel):
         assert r["error"] == "UnsupportedError" and "parallelize_module" in r["message"]

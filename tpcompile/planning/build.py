@@ -112,7 +112,7 @@ def _without_kv_cache(sk: nn.Module, args: tuple, kwargs: dict) -> None:
             "use_cache=False; to decode, model.generate(..., use_cache=False) or "
             "tpcompile.generate(model, ids, max_new_tokens=...) run without one")
     config = getattr(sk, "config", None)
-    if getattr(config, "use_cache", None) is True and "use_cache" not in kwargs:
+    if getattr(config, "use_cache", None) is True and kwargs.get("use_cache") is None:
         config.use_cache = False
         warn(f"tpcompile: {type(sk).__name__}'s config has use_cache=True; the parallel "
              "model keeps no KV cache, so it is planned with use_cache=False (past_key_values "
@@ -267,6 +267,30 @@ def synthesize_inputs(model: nn.Module, batch: int, seq: int) -> tuple:
     return (torch.zeros(batch, seq, width, dtype=dtype, device=device),)
 
 
+def _called_or_needed(t: Traced, module: nn.Module, styles: dict[str, str]) -> dict[str, str]:
+    """The model's own styles for a call of another structure: a layer this trace does not
+    call is left out where each read of its parameters (under any of their names: export
+    lifts a tied weight once) is by another layer the trace calls with a style of its own
+    (a tied head reading the embedding's weight) or there is none (``inputs_embeds`` in
+    place of ids); a layer whose weight is read any other way keeps its style, for
+    ``check_graph`` to refuse."""
+    called = {l.name for n in t.gm.graph.nodes if (l := A.layer_of(n)) is not None}
+    names: dict[int, set[str]] = {}
+    for n, q in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(q), set()).add(n)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    readers: dict[str, list[Any]] = {}  # parameter name (every alias) -> the layers reading it
+    for node, name in t.params.items():
+        for alias in names.get(id(params.get(name)), {name}):
+            readers.setdefault(alias, []).extend(A.layer_of(u) for u in node.users)
+
+    def left_out(layer: str) -> bool:
+        return layer not in called and all(
+            r is not None and r.name != layer and r.name in called and r.name in styles
+            for p in A.layer_params(module, layer).values() for r in readers.get(p, []))
+    return {k: v for k, v in styles.items() if not left_out(k)}
+
+
 def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],
              tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
              shared_names: set[str], said: list[str], bound: bool = False) -> Unit:
@@ -282,15 +306,8 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
         mp = given.module_for(path)
         styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
         segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
-        if bound:  # by every name of a read parameter (export lifts a tied one once)
-            names: dict[int, set[str]] = {}
-            for n, q in module.named_parameters(remove_duplicate=False):
-                names.setdefault(id(q), set()).add(n)
-            params = dict(module.named_parameters(remove_duplicate=False))
-            read = {alias for node, name in t.params.items() if node.users
-                    for alias in names.get(id(params.get(name)), {name})}
-            styles = {k: v for k, v in styles.items()
-                      if read & set(A.layer_params(module, k).values())}
+        if bound:
+            styles = _called_or_needed(t, module, styles)
             segments = [s for s in segments if set(s.colwise + s.rowwise) <= styles.keys()]
         check_graph(gm, styles, path)
         heads = A.head_layers(gm, styles, segments, 1, contracts)

@@ -222,7 +222,16 @@ def watch_hooks(rt: Runtime, inline: list[tuple[str, nn.Module]]) -> None:
 def _refuse_late_hooks(inline: list[tuple[str, nn.Module]]) -> None:
     """A hook added after ``auto_parallelize`` to a module the program computes inline
     (a Linear, a norm, an attention module inside a block) would never run: refused."""
+    from .checkpointing import is_input_grads_hook
     for name, m in inline:
+        if any(is_input_grads_hook(h) for d in hook_dicts(m) for h in d.values()):
+            raise UnsupportedError(
+                f"transformers' gradient checkpointing was turned on after auto_parallelize "
+                f"(its input-grads hook is on {name}); the Trainer does this when "
+                "TrainingArguments(gradient_checkpointing=True). Turn it on before "
+                "(model.gradient_checkpointing_enable(), then auto_parallelize), or pass "
+                "activation_checkpointing='block' to auto_parallelize; and leave the "
+                "Trainer's gradient_checkpointing False")
         if any(hook_dicts(m)):
             raise UnsupportedError(
                 f"{name} ({type(m).__name__}) has a hook added after auto_parallelize; the "
