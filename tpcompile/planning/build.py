@@ -174,7 +174,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         is_root = key == "<root>"
 
         def on_block(rel: str, block: nn.Module, ba: tuple, bk: dict) -> FE.BlockShapes:
-            sig = sigs[rel] if rel in sigs else FE.block_signature(block)
+            sig = sigs[rel]  # (the trace's blocks are find_blocks' too)
             if input_dtype is not None:  # FSDP2 casts each block's floating inputs
                 ba, bk = cast_floats((ba, bk), input_dtype)
             if sig not in units:
@@ -196,8 +196,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
         contracts: dict[fx.Node, Contract] = {}
         nested: list[tuple[str, Any]] = []
         for node, call in t.blocks.items():
-            sig = sigs[call.member] if call.member in sigs else \
-                FE.block_signature(module.get_submodule(call.member))
+            sig = sigs[call.member]
             contracts[node] = units[sig].contract  # type: ignore[assignment]
             if (call.member, sig) not in nested:
                 nested.append((call.member, sig))
@@ -275,18 +274,19 @@ def _called_or_needed(t: Traced, module: nn.Module, styles: dict[str, str]) -> d
     place of ids); a layer whose weight is read any other way keeps its style, for
     ``check_graph`` to refuse."""
     called = {l.name for n in t.gm.graph.nodes if (l := A.layer_of(n)) is not None}
-    names: dict[int, set[str]] = {}
+    aliases: dict[str, set[str]] = {}  # parameter name -> every name of that parameter
+    by_id: dict[int, set[str]] = {}
     for n, q in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(q), set()).add(n)
-    params = dict(module.named_parameters(remove_duplicate=False))
+        aliases[n] = by_id.setdefault(id(q), set())
+        aliases[n].add(n)
     readers: dict[str, list[Any]] = {}  # parameter name (every alias) -> the layers reading it
     for node, name in t.params.items():
-        for alias in names.get(id(params.get(name)), {name}):
+        for alias in aliases.get(name, {name}):
             readers.setdefault(alias, []).extend(A.layer_of(u) for u in node.users)
 
-    def left_out(layer: str) -> bool:
+    def left_out(layer: str) -> bool:  # (a reader in ``called`` is never ``layer`` itself)
         return layer not in called and all(
-            r is not None and r.name != layer and r.name in called and r.name in styles
+            r is not None and r.name in called and r.name in styles
             for p in A.layer_params(module, layer).values() for r in readers.get(p, []))
     return {k: v for k, v in styles.items() if not left_out(k)}
 
