@@ -84,6 +84,8 @@ class _ColwiseHead(torch.autograd.Function):
         itemsize = (dtype or w.dtype).itemsize if dtype or not autocast else 2  # 16-bit
         parts = rows.tensor_split(_chunks(rows.shape[0], n * cols * itemsize))
         out = flat = mine = None
+        # eager, one chunk: this rank's columns are its result itself, not a copy of it
+        own = keep and in_place and len(parts) == 1
         pending: list[tuple[torch.Tensor, int, int, list | None]] = []
         start = 0
         try:
@@ -98,7 +100,7 @@ class _ColwiseHead(torch.autograd.Function):
                     ydtype = w.dtype if z is None else dtype or z.dtype
                     out = full.new_empty(*full.shape[:-1], n * cols, dtype=ydtype)
                     flat = out.view(-1, n * cols)
-                    if keep:
+                    if keep and not own:
                         mine = full.new_empty(*full.shape[:-1], cols, dtype=ydtype)
                 if z is None:  # this chunk's own columns, in a tensor of its own
                     y = torch.mm(part, w.t())
@@ -113,7 +115,9 @@ class _ColwiseHead(torch.autograd.Function):
                 else:
                     launched = _c10d.all_gather_into_tensor(y.contiguous(), n, group)
                     received = None
-                if mine is not None:  # read, not written, while the gather reads it
+                if own:  # (waited on below: read, not written, while the gather reads it)
+                    mine = y.view(*full.shape[:-1], cols)
+                elif mine is not None:  # read, not written, while the gather reads it
                     mine.view(-1, cols)[start:start + r].copy_(y)
                 pending.append((launched, start, r, received))
                 start += r
@@ -123,7 +127,7 @@ class _ColwiseHead(torch.autograd.Function):
                     _c10d.wait_tensor(launched)
             raise
         for item in pending:
-            _land(item, flat, n, cols, in_place)
+            _land(item, flat, n, cols, in_place, keep=own)
         return (out, mine) if keep else out
 
     @staticmethod
@@ -208,18 +212,20 @@ def _gather_columns(y: torch.Tensor, dest: torch.Tensor, cols: int, group: str, 
 
 
 def _land(item: tuple[torch.Tensor, int, int, list | None], flat: torch.Tensor, n: int,
-          cols: int, in_place: bool) -> None:
+          cols: int, in_place: bool, keep: bool = False) -> None:
     """Wait for one chunk's gather; unless it was gathered ``in_place`` (eager), its result,
     ``(n * r, cols)``, rank after rank, r rows each, is then written into its rows of the
     output, rank by rank along the columns; gathered by sends and receives, the received
-    parts are copied into their columns."""
+    parts are copied into their columns. ``keep``: the chunk itself is returned (this
+    rank's columns), so its memory stays."""
     launched, start, r, received = item
     got = _c10d.wait_tensor(launched)
     if in_place:  # done with: its memory goes now, not when the work object does
         for o, buf in received or ():
             flat[start:start + r].narrow(1, o * cols, cols).copy_(buf)
             buf.untyped_storage().resize_(0)  # (the receive's work object holds it too)
-        launched.untyped_storage().resize_(0)
+        if not keep:
+            launched.untyped_storage().resize_(0)
     else:
         flat[start:start + r].view(r, n, cols).copy_(got.view(n, r, cols).transpose(0, 1))
 

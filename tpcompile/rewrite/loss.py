@@ -46,13 +46,15 @@ class _VocabCrossEntropy(torch.autograd.Function):
         s32 = scores.float()
         # log-softmax over this rank's classes: one fused pass, kept for backward in place
         # of the scores (the same bytes); its log-sum-exp is a column's score - logp, read
-        # at the row's largest score (finite where any is, as masked -inf scores are not)
+        # at the row's largest score (finite where any is, as masked -inf scores are not).
+        # logp is the scores less a row constant, so its largest is at the same column:
+        # two amax passes, ~4x faster on the CPU than a max that also finds the column
         logp = torch.log_softmax(s32, 1)
-        top, where = s32.max(1, keepdim=True)
+        top = s32.amax(1, keepdim=True)
         dead = top == float("-inf")  # every class of this rank masked: log-softmax nan
         if _unconditional(s32) or bool(dead.any()):
             logp.masked_fill_(dead, float("-inf"))  # those classes' probability is 0
-        local = torch.where(dead, float("-inf"), top - logp.gather(1, where)).squeeze(1)
+        local = torch.where(dead, float("-inf"), top - logp.amax(1, keepdim=True)).squeeze(1)
         stats = [local, torch.where(mine, s32.gather(1, at[:, None]).squeeze(1), 0.0)]
         if smoothing:
             stats.append(s32.sum(1))
