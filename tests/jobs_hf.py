@@ -279,6 +279,52 @@ def judged(rank: int, family: str, tp: int, sp: bool, overrides: dict | None = N
             "notes": [f"{n.layer}: {n.reason}" for n in tpcompile.plan_of(par).notes()]}
 
 
+def load_full(rank: int, family: str, tp: int) -> dict:
+    """``load_state_dict`` of another model's full (unsharded) state dict into the
+    parallel model, as into the unsharded one: the parallel model then computes what that
+    model computes (tpcompile's judge on every rank: outputs, every parameter's shard
+    against its slice of it, every gradient); the caller's dict untouched; a tensor of
+    the wrong shape refused by torch's size-mismatch error naming it."""
+    import warnings
+
+    from tpcompile import verify
+    ref, args, kwargs = build(family)
+    other = build(family, seed=1)[0]  # the same structure, other values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(tp), example_inputs=args,
+                                         example_kwargs=kwargs)
+    given = other.state_dict()
+    before = {k: v.clone() for k, v in given.items()}
+    loaded = str(par.load_state_dict(given))
+    untouched = all(type(given[k]) is torch.Tensor and torch.equal(given[k], v)
+                    for k, v in before.items())
+    sharded = next(n for n, p in par.named_parameters()
+                   if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements))
+    bad = dict(given)
+    bad[sharded] = torch.zeros(given[sharded].shape[0] + 1, *given[sharded].shape[1:])
+    try:
+        par.load_state_dict(bad)
+        mismatch = "loaded"
+    except RuntimeError as e:
+        mismatch = str(e)
+    par.load_state_dict(given)  # (what the failed load did copy is the same values)
+
+    def step(m: nn.Module) -> Any:
+        out = m(*args, **kwargs)
+        loss_of(out).backward()
+        return out.logits
+    sh = verify.shadow(other, step)
+    o_ref, o_par = other(*args, **kwargs), par(*args, **kwargs)
+    loss_of(o_ref).backward()
+    loss_of(o_par).backward()
+    rep = verify.compare(other, par, o_ref.logits, o_par.logits, shadow=sh)
+    return {"verdict": verify.verdict(verify.gather(rep)), "loaded": loaded,
+            "untouched": untouched, "sharded": sharded, "mismatch": mismatch,
+            "differs": not torch.equal(full(dict(par.named_parameters())[sharded]),
+                                       ref.state_dict()[sharded])}
+
+
 def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dict:
     """Inputs of the same structure as ``like`` at another batch and sequence length."""
     g = torch.Generator().manual_seed(batch * 100 + seq)

@@ -45,6 +45,15 @@ def test_fsdp_options_pass_through(pool):
     _check_training(pool.run(J.train_vs_reference, 2, reshard_after_forward=False))
 
 
+def test_load_state_dict_of_full_tensors(pool):
+    """The 2-D model made from another init, then ``load_state_dict(ref.state_dict())``
+    (full tensors, as into the unsharded model): each rank cuts its (dp, tp) shards, FSDP's
+    dp shard on top of tp's included; then it trains step for step as the reference."""
+    res = pool.run(J.train_vs_reference, 2, loaded=True)
+    _check_training(res)
+    assert res[0]["placements"]["layers.0.attention.wo.weight"] == ["S(0)", "S(1)"]
+
+
 def test_mixed_precision_policy(pool):
     res = pool.run(J.mixed_precision)
     for r in res:

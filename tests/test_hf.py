@@ -483,3 +483,18 @@ def test_every_aten_op_of_the_families_has_a_rule():
         if lacking:
             missing[family] = lacking
     assert not missing, missing
+
+
+@pytest.mark.parametrize("family,tp", [("llama", 2), ("phi3", 2), ("gpt2", 4)])
+def test_load_state_dict_takes_full_tensors(pool, family, tp):
+    """``par.load_state_dict(full_state_dict)``, as on the unsharded model (it failed with
+    DTensor's "mixed torch.Tensor and DTensor"): each rank cuts its shards from the full
+    tensors, fused projections (Phi-3's qkv and gate_up, GPT-2's c_attn) and a tied head
+    (GPT-2) included. Then the parallel model is judged against the model the state came
+    from, on every rank: outputs, every shard, every gradient with its placement. The
+    caller's dict is left as it was; a wrong shape gets torch's size-mismatch error."""
+    for r in pool.run(J.load_full, family, tp):
+        assert not r["verdict"], r["verdict"]
+        assert r["loaded"] == "<All keys matched successfully>", r["loaded"]
+        assert r["untouched"] and r["differs"], r
+        assert "size mismatch for " + r["sharded"] in r["mismatch"], r["mismatch"]

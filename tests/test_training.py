@@ -31,6 +31,7 @@ def test_weights_replaced_after_parallelizing_are_refused(pool):
         for got in (r["assigned"], r["one"]):
             assert got is not None and got[0] == "UnsupportedError", got
             assert "not the DTensor auto_parallelize made" in got[1], got
+            assert "load_state_dict(state_dict) (without assign=True" in got[1], got
         assert "parameter attention.wq.weight (in the module" in r["one"][1], r["one"]
 
 

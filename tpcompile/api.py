@@ -136,7 +136,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         _refuse_parallelized(model)
         tp_mesh, dp_mesh = split_mesh(mesh)
         from .runtime.distribute import (check_fsdp_options, choose_init, materialize_sharded,
-                                         on_meta)
+                                         on_meta, take_full_state_dicts)
         check_fsdp_options(fsdp_kwargs)
         init = choose_init(model, init_fn, seed) if materialize and on_meta(model) else None
         if init_fn is not None and init is None and materialize:
@@ -247,6 +247,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         if to_checkpoint:
             from .runtime.checkpointing import apply_checkpointing
             apply_checkpointing(model, to_checkpoint)
+        take_full_state_dicts(model)  # load_state_dict(full tensors), as before
         watch_hooks(model.__dict__["_tpcompile_runtime"], [
             (n or type(model).__name__, m) for n, m in model.named_modules()
             if "_tpcompile_runtime" not in m.__dict__])

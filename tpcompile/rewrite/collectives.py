@@ -443,8 +443,9 @@ def _not_ours(p: torch.Tensor, name: str) -> NoReturn:
         f"block) is a plain {type(p).__name__} of shape {list(p.shape)}, not "
         "the DTensor auto_parallelize made: it was replaced after parallelizing "
         "(load_state_dict(..., assign=True), or a new nn.Parameter), and the program would "
-        "read the full weight as its shard. Load full weights with torch.distributed."
-        "checkpoint.state_dict.set_model_state_dict(model, state_dict, options="
+        "read the full weight as its shard. Load full weights with model.load_state_dict("
+        "state_dict) (without assign=True: each rank keeps its shards of them), torch."
+        "distributed.checkpoint.state_dict.set_model_state_dict(model, state_dict, options="
         "StateDictOptions(full_state_dict=True)) or tpcompile.checkpoint, or change them "
         "before auto_parallelize")
 

@@ -209,6 +209,35 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(full.to(p.dtype))
 
 
+def take_full_state_dicts(model: nn.Module) -> None:
+    """Let ``load_state_dict`` take full tensors, as the unsharded model does: a
+    ``load_state_dict`` pre-hook on each module holding a DTensor parameter or buffer
+    turns a plain tensor of the full shape, given for it, into a DTensor of the same
+    placements (this rank's shard cut from it; no collective, so a rank may load alone),
+    which torch then copies into the shards. DTensors given (a sharded ``state_dict``)
+    load as before; a tensor of another shape is left to torch's size-mismatch error;
+    ``assign=True`` is not served (the program would read a plain tensor as its shard:
+    refused at the next call)."""
+    for mod in model.modules():
+        if any(isinstance(t, DTensor) for t in [*mod._parameters.values(), *mod._buffers.values()]):
+            mod.register_load_state_dict_pre_hook(_shard_full_tensors)
+
+
+def _shard_full_tensors(mod: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
+                        *_: Any) -> None:
+    # torch hands the hooks its own shallow copy of the caller's dict: the caller's
+    # dict and tensors are left as they were. With assign=True the given tensors would
+    # become the parameters: left as given (a plain one is refused at the next call)
+    if local_metadata.get("assign_to_params_buffers"):
+        return
+    for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
+        given = state_dict.get(prefix + name)
+        if isinstance(t, DTensor) and isinstance(given, torch.Tensor) and \
+                not isinstance(given, DTensor) and given.shape == t.shape and not given.is_meta:
+            state_dict[prefix + name] = distribute_tensor(
+                given.detach().to(t.device), t.device_mesh, t.placements, src_data_rank=None)
+
+
 @torch.no_grad()
 def materialize_sharded(model: nn.Module, device: str | torch.device, init: InitFn) -> None:
     """Allocate this rank's shards on ``device`` and fill them with ``init``. A value the
