@@ -325,6 +325,46 @@ def load_full(rank: int, family: str, tp: int) -> dict:
                                        ref.state_dict()[sharded])}
 
 
+def captured_outputs(rank: int) -> dict:
+    """transformers 5's output-capturing hooks. A Llama (eager attention) called once
+    with output_attentions and output_hidden_states before auto_parallelize carries those
+    hooks for good (on its attention modules and decoder layers); it is parallelized all
+    the same, serves output_hidden_states (judged: every hidden state, the logits, every
+    gradient), and refuses output_attentions (the weights are collected inside the
+    blocks' programs), then still serves plain calls. A Mixtral whose config has
+    output_router_logits=True is refused at auto_parallelize, the model untouched."""
+    ref, args, kwargs = build("llama", attn_implementation="eager")
+    ids = kwargs["input_ids"]
+    ref(input_ids=ids, output_attentions=True, output_hidden_states=True)  # the hooks, for good
+    hooked = sum(len(m._forward_hooks) for m in ref.modules())
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs={"input_ids": ids})
+    hidden = {"output_hidden_states": True, "labels": ids}
+    o_ref, o_par = ref(input_ids=ids, **hidden), par(input_ids=ids, **hidden)
+    loss_of(o_ref).backward()
+    loss_of(o_par).backward()
+    verdict = judge(ref, par, o_ref, o_par)
+    ref.zero_grad(set_to_none=True)
+    par.zero_grad(set_to_none=True)
+    attentions = _raised(lambda: par(input_ids=ids, output_attentions=True))
+    plain = _err(par(input_ids=ids).logits, ref(input_ids=ids).logits)
+    moe, _, moe_kwargs = build("mixtral", output_router_logits=True)
+    before = {n: p.clone() for n, p in moe.state_dict().items()}
+    router = _raised(lambda: tpcompile.auto_parallelize(moe, tp_mesh(2), example_kwargs=moe_kwargs))
+    untouched = all(type(t) is torch.Tensor and torch.equal(t, before[n])
+                    for n, t in moe.state_dict().items())
+    return {"hooked": hooked, "verdict": verdict, "attentions": attentions, "plain": plain,
+            "router": router, "untouched": untouched,
+            "hidden_states": len(par(input_ids=ids, output_hidden_states=True).hidden_states)}
+
+
+def _raised(fn: Any) -> tuple[str, str] | None:
+    try:
+        fn()
+    except tpcompile.TPCompileError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
 def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dict:
     """Inputs of the same structure as ``like`` at another batch and sequence length."""
     g = torch.Generator().manual_seed(batch * 100 + seq)

@@ -498,3 +498,24 @@ def test_load_state_dict_takes_full_tensors(pool, family, tp):
         assert r["loaded"] == "<All keys matched successfully>", r["loaded"]
         assert r["untouched"] and r["differs"], r
         assert "size mismatch for " + r["sharded"] in r["mismatch"], r["mismatch"]
+
+
+def test_outputs_transformers_captures_with_hooks(pool):
+    """transformers 5 collects attention weights, router logits and hidden states with
+    forward hooks it installs for good at the first call asking for them. A model that
+    has them (called once with output_attentions and output_hidden_states) is
+    parallelized (it was refused: "has hooks"), serves hidden states (judged: all 3, the
+    logits, every gradient) and refuses attention weights, which are collected inside the
+    blocks' programs (they came back missing: the parallel output had only the logits),
+    then serves plain calls; Mixtral with output_router_logits=True (its load-balancing
+    loss) is refused up front (it failed tracing on an empty tuple), model untouched."""
+    for r in pool.run(J.captured_outputs):
+        assert r["hooked"] >= 4, r["hooked"]  # 2 decoder layers + 2 attention modules
+        check([r["verdict"]])
+        assert len([k for k in r["verdict"]["outputs"] if "hidden_states" in k]) == 3, r["verdict"]
+        assert r["hidden_states"] == 3
+        assert r["attentions"] is not None and r["attentions"][0] == "UnsupportedError", r
+        assert "output_attentions=False" in r["attentions"][1], r["attentions"]
+        assert r["plain"] <= J.TOL, r["plain"]
+        assert r["router"] is not None and "output_router_logits=False" in r["router"][1], r
+        assert "aux_loss" in r["router"][1] and r["untouched"], r

@@ -27,7 +27,7 @@ from .rewrite import rewrite
 from .runtime import Program, install
 from .runtime.program import UNSPLITTABLE, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
-from .runtime.checkpointing import (blocks_to_checkpoint, from_transformers, is_input_grads_hook,
+from .runtime.checkpointing import (blocks_to_checkpoint, from_transformers, inert_hook,
                                     top_blocks, transformers_flagged)
 
 
@@ -224,7 +224,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
     try:
         for name in hf_flagged:
             model.get_submodule(name).gradient_checkpointing = False
-        drop_input_grads_hooks(model)
+        drop_inert_hooks(model, {m for u in compiled.units for m in u.members})
         distribute_parameters(model, placements, tp_mesh)
         for unit, prog in zip(compiled.units, programs):
             for member in unit.members:
@@ -370,19 +370,23 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 ", e.g. weight_norm), which tpcompile cannot shard yet. Remove the "
                 "parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
                 "before auto_parallelize.")
-        if any(not is_input_grads_hook(h) for d in hook_dicts(layer) for h in d.values()):
+        if any(not inert_hook(h) for d in hook_dicts(layer) for h in d.values()):
             raise UnsupportedError(
                 f"{name} has hooks, which tpcompile's rewrite would not run "
                 "(it computes this layer inline on local shards). Remove the hooks "
                 "before auto_parallelize, or fold what they do into the forward.")
 
 
-def drop_input_grads_hooks(model: nn.Module) -> None:
-    """Remove transformers' input-require-grads hooks (``is_input_grads_hook``): the
-    embedding they sit on is computed inline, where no hook runs."""
-    for m in model.modules():
-        for k in [k for k, h in m._forward_hooks.items() if is_input_grads_hook(h)]:
-            del m._forward_hooks[k]
+def drop_inert_hooks(model: nn.Module, members: set[str]) -> None:
+    """Remove transformers' hooks (``inert_hook``) from the layers computed inline, where
+    no hook runs: the input-require-grads hook on the embedding, the output-capturing
+    hooks on attention modules (what they collect was traced as outputs). Blocks and the
+    root keep theirs (they run hooks; the capturing ones stay inert there, as nothing
+    activates them outside transformers' own forward)."""
+    for name, m in model.named_modules():
+        if name not in members:
+            for k in [k for k, h in m._forward_hooks.items() if inert_hook(h)]:
+                del m._forward_hooks[k]
 
 
 class _Snapshot:

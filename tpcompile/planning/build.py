@@ -119,6 +119,35 @@ def _without_kv_cache(sk: nn.Module, args: tuple, kwargs: dict) -> None:
              "in its outputs is None). Set model.config.use_cache = False to say so")
 
 
+def _no_outputs_captured_inside(sk: nn.Module, kwargs: dict) -> None:
+    """transformers 5 collects some outputs (attention weights, MoE router logits) with
+    forward hooks on layers inside each decoder layer, which a block's program computes
+    inline: they would come back missing (or the model's own use of them, the MoE
+    load-balancing loss, would fail to trace). A call that asks for them is refused.
+    Hidden states are collected at the decoder layers themselves and are served."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # no transformers, or one without hook-captured outputs
+        return
+    keys = {k for m in sk.modules() for k in _CAN_RECORD_REGISTRY.get(m)} - {"hidden_states"}
+    flags = sorted({"output_attentions" if k.endswith("attentions") else f"output_{k}"
+                    for k in keys})
+    config = getattr(sk, "config", None)
+    asked = [f for f in flags if (kwargs[f] if kwargs.get(f) is not None
+                                  else getattr(config, f, False))]
+    if asked:
+        said = " and ".join(f"{f}=True" for f in asked)
+        raise UnsupportedError(
+            f"{type(sk).__name__} was called with {said} (given or in its config). "
+            "transformers collects those outputs with hooks on the layers inside each "
+            "decoder layer, which tpcompile computes as one program on each rank's shards, "
+            "so they are not returned yet. Call it with "
+            + " and ".join(f"{f}=False" for f in asked) + " (and set model.config."
+            + " = model.config.".join(asked) + " = False)"
+            + ("; an MoE's load-balancing loss (aux_loss) reads the router logits, so "
+               "train without it" if "output_router_logits" in asked else ""))
+
+
 def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
                   example_inputs: tuple | None = None, example_kwargs: dict | None = None,
                   on_indivisible: str = "error", given: Plan | None = None,
@@ -149,6 +178,7 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     example_inputs = _positional(example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
     _without_kv_cache(sk, example_inputs, kwargs)
+    _no_outputs_captured_inside(sk, kwargs)
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
     shared_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared}

@@ -109,6 +109,21 @@ def is_input_grads_hook(hook: Any) -> bool:
         "enable_input_require_grads.<locals>.make_inputs_require_grads")
 
 
+def is_output_capture_hook(hook: Any) -> bool:
+    """transformers' output-capturing forward hook (``output_attentions`` /
+    ``output_hidden_states`` in transformers 5): installed for good on the attention
+    modules and decoder layers by the first call that asks for those outputs, and inert
+    unless that call's collector is active. A trace runs it with the forward (what it
+    collects is traced as outputs); a layer computed inline never runs it."""
+    return getattr(hook, "__module__", "").startswith("transformers.") and \
+        getattr(hook, "__qualname__", "").endswith(".output_capturing_hook")
+
+
+def inert_hook(hook: Any) -> bool:
+    """A transformers hook tpcompile takes as it is (see the two above)."""
+    return is_input_grads_hook(hook) or is_output_capture_hook(hook)
+
+
 def top_blocks(model: nn.Module, members: list[str]) -> list[str]:
     """The members inside no other member (a decoder layer, not the experts inside it),
     in the model's module order."""
