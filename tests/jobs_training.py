@@ -122,3 +122,23 @@ def pickled(rank: int) -> dict:
     buf = io.BytesIO()
     torch.save(par.state_dict(), buf)
     return {"whole": whole, "state_dict_bytes": buf.tell()}
+
+
+def accumulated(rank: int) -> dict:
+    """Gradient accumulation, as HF's Trainer and most loops do it: two micro-batches'
+    forward and backward (the second of another sequence length, so planned again
+    between them) before any optimizer step, on an HF Llama at tp 2, against the
+    unsharded model doing the same: the second call's outputs and every accumulated
+    gradient (with placements), on this rank."""
+    from tests.jobs_hf import build, judge, loss_of
+    ref, _, kwargs = build("llama")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    g = torch.Generator().manual_seed(5)
+    outs = []
+    for seq in (8, 12):
+        ids = torch.randint(0, 128, (4, seq), generator=g)
+        o_ref, o_par = ref(input_ids=ids, labels=ids), par(input_ids=ids, labels=ids)
+        loss_of(o_ref).backward()
+        loss_of(o_par).backward()
+        outs = [o_ref, o_par]
+    return judge(ref, par, *outs)

@@ -48,6 +48,13 @@ def test_clip_grad_norm_over_dtensor_parameters(pool):
         assert r["worst"] <= 5e-5, r["worst"]
 
 
+def test_gradients_accumulate_over_micro_batches(pool):
+    """Two micro-batches' backward before a step (the second replanned: another length):
+    every accumulated gradient equals the unsharded model's, none left Partial."""
+    from tests.test_hf import check
+    check(pool.run(J.accumulated))
+
+
 def test_pickling_the_whole_module_is_refused_clearly(pool):
     for r in pool.run(J.pickled):
         assert r["whole"] is not None and r["whole"][0] == "UnsupportedError", r["whole"]
