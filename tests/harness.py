@@ -189,6 +189,16 @@ def tp_mesh(tp: int) -> Any:
     return mesh((world // tp, tp), ("rep", "tp"))["tp"]
 
 
+def raised(fn: Callable[[], Any]) -> tuple[str, str] | None:
+    """``(error class, message)`` of the tpcompile error ``fn()`` raises; None if none."""
+    from tpcompile import TPCompileError
+    try:
+        fn()
+    except TPCompileError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
 def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     """``obj`` with ``fn`` applied to every tensor in it, containers rebuilt as they were
     (tuples, named tuples, lists, dicts, Hugging Face ``ModelOutput``)."""

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import tpcompile
-from tests.harness import mesh, tp_mesh
+from tests.harness import mesh, raised, tp_mesh
 from tpcompile.verify import full
 
 TOL = 5e-5  # float32, relative (see README: numerics)
@@ -345,24 +345,16 @@ def captured_outputs(rank: int) -> dict:
     verdict = judge(ref, par, o_ref, o_par)
     ref.zero_grad(set_to_none=True)
     par.zero_grad(set_to_none=True)
-    attentions = _raised(lambda: par(input_ids=ids, output_attentions=True))
+    attentions = raised(lambda: par(input_ids=ids, output_attentions=True))
     plain = _err(par(input_ids=ids).logits, ref(input_ids=ids).logits)
     moe, _, moe_kwargs = build("mixtral", output_router_logits=True)
     before = {n: p.clone() for n, p in moe.state_dict().items()}
-    router = _raised(lambda: tpcompile.auto_parallelize(moe, tp_mesh(2), example_kwargs=moe_kwargs))
+    router = raised(lambda: tpcompile.auto_parallelize(moe, tp_mesh(2), example_kwargs=moe_kwargs))
     untouched = all(type(t) is torch.Tensor and torch.equal(t, before[n])
                     for n, t in moe.state_dict().items())
     return {"hooked": hooked, "verdict": verdict, "attentions": attentions, "plain": plain,
             "router": router, "untouched": untouched,
             "hidden_states": len(par(input_ids=ids, output_hidden_states=True).hidden_states)}
-
-
-def _raised(fn: Any) -> tuple[str, str] | None:
-    try:
-        fn()
-    except tpcompile.TPCompileError as e:
-        return type(e).__name__, str(e)
-    return None
 
 
 def _inputs(family: str, like: dict, batch: int, seq: int, padding: bool) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import tpcompile
-from tests.harness import tp_mesh
+from tests.harness import raised, tp_mesh
 from tests.jobs_fsdp import llama, next_token_loss, tokens
 from tpcompile.verify import full
 
@@ -56,14 +56,6 @@ def deep_copy(rank: int) -> dict:
                          len(cp.__dict__["_tpcompile_runtime"].programs))}
 
 
-def _raised(fn: Any) -> tuple[str, str] | None:
-    try:
-        fn()
-    except tpcompile.TPCompileError as e:
-        return type(e).__name__, str(e)
-    return None
-
-
 def replaced_weights(rank: int) -> dict:
     """Full weights put back as plain tensors after parallelizing (``load_state_dict(...,
     assign=True)``, a new nn.Parameter): the program would read them as shards, so the
@@ -72,10 +64,10 @@ def replaced_weights(rank: int) -> dict:
     x = tokens(3, 512, 2, 16)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
     par.load_state_dict(ref.state_dict(), assign=True)
-    assigned = _raised(lambda: par(x))
+    assigned = raised(lambda: par(x))
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
     par.layers[0].attention.wq.weight = nn.Parameter(ref.layers[0].attention.wq.weight.detach().clone())
-    one = _raised(lambda: par(x))
+    one = raised(lambda: par(x))
     return {"assigned": assigned, "one": one}
 
 
@@ -87,7 +79,7 @@ def late_hooks(rank: int) -> dict:
     x = tokens(3, 512, 2, 16)
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2))
     handle = par.layers[0].attention.wq.register_forward_hook(lambda m, a, o: o * 2)
-    refused = _raised(lambda: par(x))
+    refused = raised(lambda: par(x))
     handle.remove()
     seen: list[tuple[int, ...]] = []
     par.layers[1].register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
@@ -118,7 +110,7 @@ def pickled(rank: int) -> dict:
     (it was a raw PicklingError on the generated forward); its state_dict saves."""
     import io
     par = tpcompile.auto_parallelize(llama(), tp_mesh(2))
-    whole = _raised(lambda: torch.save(par, io.BytesIO()))
+    whole = raised(lambda: torch.save(par, io.BytesIO()))
     buf = io.BytesIO()
     torch.save(par.state_dict(), buf)
     return {"whole": whole, "state_dict_bytes": buf.tell()}
