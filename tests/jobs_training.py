@@ -4,7 +4,6 @@ replaced after parallelizing, hooks added after parallelizing."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn as nn
