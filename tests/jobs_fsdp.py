@@ -52,17 +52,22 @@ def llama(seed: int = 0, **kw: Any) -> Transformer:
     return m
 
 
-def train_vs_reference(rank: int, steps: int = 3, lr: float = 1e-3, loaded: bool = False,
+def train_vs_reference(rank: int, steps: int = 3, lr: float = 1e-3, loaded: bool | str = False,
                        **fsdp: Any) -> dict:
     """``steps`` AdamW steps of the 2-D model (each dp rank half of the batch) and of the
     single-process model (the full batch). Each step's report (this rank's logits rows,
     the loss, every parameter and its local gradient; a float64 copy of the reference as
     it is at that step for the noise allowance), and a report on the parameters after
     the last step. ``loaded``: the 2-D model is made from another init, then given the
-    reference's values by ``load_state_dict`` of its full state dict."""
+    reference's values by ``load_state_dict`` of its full state dict (after a forward
+    without backward, which leaves the root's parameters unsharded, where ``loaded`` is
+    "after a forward")."""
     m = mesh2d()
     ref = llama()
     par = tpcompile.auto_parallelize(llama(seed=9) if loaded else copy.deepcopy(ref), m, **fsdp)
+    if loaded == "after a forward":
+        with torch.no_grad():
+            par(my_rows(tokens(99, ref.args.vocab_size), m))
     if loaded:
         par.load_state_dict(ref.state_dict())
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=lr)

@@ -347,13 +347,21 @@ def captured_outputs(rank: int) -> dict:
     par.zero_grad(set_to_none=True)
     attentions = raised(lambda: par(input_ids=ids, output_attentions=True))
     plain = _err(par(input_ids=ids).logits, ref(input_ids=ids).logits)
+    par.config.output_hidden_states = True  # after planning: would be ignored
+    config_after = raised(lambda: par(input_ids=ids))
+    par.config.output_hidden_states = False
+    ref.config.output_attentions = par.config.output_attentions = True
+    given_none = raised(lambda: tpcompile.auto_parallelize(  # None given: nothing collected
+        copy.deepcopy(ref), tp_mesh(2), example_kwargs={"input_ids": ids, "output_attentions": None}))
+    ref.config.output_attentions = par.config.output_attentions = False
     moe, _, moe_kwargs = build("mixtral", output_router_logits=True)
     before = {n: p.clone() for n, p in moe.state_dict().items()}
     router = raised(lambda: tpcompile.auto_parallelize(moe, tp_mesh(2), example_kwargs=moe_kwargs))
     untouched = all(type(t) is torch.Tensor and torch.equal(t, before[n])
                     for n, t in moe.state_dict().items())
     return {"hooked": hooked, "verdict": verdict, "attentions": attentions, "plain": plain,
-            "router": router, "untouched": untouched,
+            "router": router, "untouched": untouched, "config_after": config_after,
+            "given_none": given_none,
             "hidden_states": len(par(input_ids=ids, output_hidden_states=True).hidden_states)}
 
 

@@ -507,8 +507,11 @@ def test_outputs_transformers_captures_with_hooks(pool):
     parallelized (it was refused: "has hooks"), serves hidden states (judged: all 3, the
     logits, every gradient) and refuses attention weights, which are collected inside the
     blocks' programs (they came back missing: the parallel output had only the logits),
-    then serves plain calls; Mixtral with output_router_logits=True (its load-balancing
-    loss) is refused up front (it failed tracing on an empty tuple), model untouched."""
+    then serves plain calls; a config flag set after planning (output_hidden_states) is
+    refused, not ignored; output_attentions=None given with the config's True is served
+    (transformers then collects nothing); Mixtral with output_router_logits=True (its
+    load-balancing loss) is refused up front (it failed tracing on an empty tuple), model
+    untouched."""
     for r in pool.run(J.captured_outputs):
         assert r["hooked"] >= 4, r["hooked"]  # 2 decoder layers + 2 attention modules
         check([r["verdict"]])
@@ -519,3 +522,6 @@ def test_outputs_transformers_captures_with_hooks(pool):
         assert r["plain"] <= J.TOL, r["plain"]
         assert r["router"] is not None and "output_router_logits=False" in r["router"][1], r
         assert "aux_loss" in r["router"][1] and r["untouched"], r
+        assert r["config_after"] is not None, r  # config flag set after: refused, not ignored
+        assert "output_hidden_states: False -> True" in r["config_after"][1], r["config_after"]
+        assert r["given_none"] is None, r["given_none"]  # None given: as transformers reads it

@@ -25,7 +25,7 @@ from .frontend.guards import guards_for
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
 from .runtime import Program, install
-from .runtime.program import UNSPLITTABLE, hook_dicts, watch_hooks
+from .runtime.program import UNSPLITTABLE, config_read, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
 from .runtime.checkpointing import (blocks_to_checkpoint, from_transformers, inert_hook,
                                     top_blocks, transformers_flagged)
@@ -232,6 +232,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                 install(model.get_submodule(member), prog, replan if root else None,
                         member or type(model).__name__, check if root else None)
         model.__dict__["_tpcompile_plan"] = compiled.plan
+        model.__dict__["_tpcompile_runtime"].config_seen = config_read(model)
         unchecked = [m for u in compiled.units for m in u.t.unchecked]
         if unchecked:  # planned frozen: a call that wants gradients is refused
             model.__dict__["_tpcompile_runtime"].frozen_only = unchecked[0]

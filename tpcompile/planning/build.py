@@ -133,8 +133,8 @@ def _no_outputs_captured_inside(sk: nn.Module, kwargs: dict) -> None:
     flags = sorted({"output_attentions" if k.endswith("attentions") else f"output_{k}"
                     for k in keys})
     config = getattr(sk, "config", None)
-    asked = [f for f in flags if (kwargs[f] if kwargs.get(f) is not None
-                                  else getattr(config, f, False))]
+    # as transformers reads them: the call's value where given (None too), else the config's
+    asked = [f for f in flags if (kwargs[f] if f in kwargs else getattr(config, f, False))]
     if asked:
         said = " and ".join(f"{f}=True" for f in asked)
         raise UnsupportedError(

@@ -14,6 +14,7 @@ them with the model's init.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -218,18 +219,26 @@ def take_full_state_dicts(model: nn.Module) -> None:
     load as before; a tensor of another shape is left to torch's size-mismatch error;
     ``assign=True`` is not served (the program would read a plain tensor as its shard:
     refused at the next call)."""
+    from torch.distributed.fsdp import FSDPModule
+    owner: dict[nn.Module, Any] = {}  # module -> the innermost FSDP module sharding it
+    for fm in model.modules():  # (outer ones first)
+        if isinstance(fm, FSDPModule):
+            owner.update((m, fm) for m in fm.modules())
     for mod in model.modules():
         if any(isinstance(t, DTensor) for t in [*mod._parameters.values(), *mod._buffers.values()]):
-            mod.register_load_state_dict_pre_hook(_shard_full_tensors)
+            mod.register_load_state_dict_pre_hook(
+                functools.partial(_shard_full_tensors, fsdp=owner.get(mod)))
 
 
 def _shard_full_tensors(mod: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
-                        *_: Any) -> None:
+                        *_: Any, fsdp: Any = None) -> None:
     # torch hands the hooks its own shallow copy of the caller's dict: the caller's
     # dict and tensors are left as they were. With assign=True the given tensors would
     # become the parameters: left as given (a plain one is refused at the next call)
     if local_metadata.get("assign_to_params_buffers"):
         return
+    if fsdp is not None:  # its sharded parameters on the module, not the unsharded tp ones
+        fsdp.reshard()    # a forward may have left (the root's are, until a backward)
     for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
         given = state_dict.get(prefix + name)
         if isinstance(t, DTensor) and isinstance(given, torch.Tensor) and \

@@ -114,6 +114,8 @@ class Runtime:
     #                        a lookup keyed by a decorated function badly)
     frozen_only: str | None = None  # (root) planned frozen around a Function whose own
     #   backward the program cannot run: why a call that wants gradients is refused
+    config_seen: dict[str, Any] = field(default_factory=dict)  # (root) the config values
+    #   its traces read (``CONFIG_READ``), as they were when it was planned
 
     def __deepcopy__(self, memo: dict) -> Runtime:  # field by field (pickling is refused)
         new = Runtime.__new__(Runtime)
@@ -158,12 +160,37 @@ UNPLANNED_UNDER_COMPILE = (
     "call is planned eagerly.")
 
 
+# Config values a transformers forward reads on every call to decide what it computes
+# and returns; a trace bakes them in. Set after auto_parallelize, they would be ignored.
+CONFIG_READ = ("output_attentions", "output_hidden_states", "output_router_logits",
+               "return_dict", "pad_token_id", "problem_type", "router_aux_loss_coef")
+
+
+def config_read(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {k: getattr(config, k) for k in CONFIG_READ if hasattr(config, k)}
+
+
+def _refuse_config_changes(self: nn.Module, seen: dict[str, Any]) -> None:
+    now = config_read(self)
+    changed = [k for k, v in seen.items() if now.get(k, v) != v]
+    if changed:
+        raise UnsupportedError(
+            f"{type(self).__name__}'s config changed after auto_parallelize ("
+            + ", ".join(f"{k}: {seen[k]!r} -> {now[k]!r}" for k in changed)
+            + "); its programs were traced with the old values and would ignore the new "
+            "ones. Set them before auto_parallelize, or pass them to the call where the "
+            "forward takes them (output_hidden_states=True, return_dict=False, ...)")
+
+
 def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
     args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs, rt.signature)
     flat, spec = pytree.tree_flatten((args, kwargs))
     if rt.hook_dicts and not torch.compiler.is_compiling() and any(rt.hook_dicts):
         _refuse_late_hooks(rt.inline)
+    if rt.config_seen and not torch.compiler.is_compiling():
+        _refuse_config_changes(self, rt.config_seen)
     if rt.check is not None:
         rt.check(flat, spec, self.training)
     if rt.frozen_only is not None and torch.is_grad_enabled() and \
