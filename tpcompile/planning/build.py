@@ -129,23 +129,28 @@ def _no_outputs_captured_inside(sk: nn.Module, kwargs: dict) -> None:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     except ImportError:  # no transformers, or one without hook-captured outputs
         return
-    keys = {k for m in sk.modules() for k in _CAN_RECORD_REGISTRY.get(m)} - {"hidden_states"}
-    flags = sorted({"output_attentions" if k.endswith("attentions") else f"output_{k}"
-                    for k in keys})
-    config = getattr(sk, "config", None)
-    # as transformers reads them: the call's value where given (None too), else the config's
-    asked = [f for f in flags if (kwargs[f] if f in kwargs else getattr(config, f, False))]
+    asked: set[str] = set()
+    for m in sk.modules():  # each model transformers decorates (a composite has several)
+        config = getattr(m, "config", None)
+        for k in set(_CAN_RECORD_REGISTRY.get(m)) - {"hidden_states"}:
+            # as transformers reads them: output_<key>, cross-attention weights under
+            # output_attentions; the call's value where given (None too), else the config's
+            f = "output_attentions" if k in ("cross_attentions", "mask_decoder_attentions") \
+                else f"output_{k}"
+            if kwargs[f] if f in kwargs else getattr(config, f, False):
+                asked.add(f)
     if asked:
-        said = " and ".join(f"{f}=True" for f in asked)
+        flags = sorted(asked)
+        said = " and ".join(f"{f}=True" for f in flags)
         raise UnsupportedError(
             f"{type(sk).__name__} was called with {said} (given or in its config). "
             "transformers collects those outputs with hooks on the layers inside each "
             "decoder layer, which tpcompile computes as one program on each rank's shards, "
             "so they are not returned yet. Call it with "
-            + " and ".join(f"{f}=False" for f in asked) + " (and set model.config."
-            + " = model.config.".join(asked) + " = False)"
+            + " and ".join(f"{f}=False" for f in flags) + " (and set model.config."
+            + " = model.config.".join(flags) + " = False)"
             + ("; an MoE's load-balancing loss (aux_loss) reads the router logits, so "
-               "train without it" if "output_router_logits" in asked else ""))
+               "train without it" if "output_router_logits" in flags else ""))
 
 
 def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
