@@ -349,7 +349,11 @@ def captured_outputs(rank: int) -> dict:
     plain = _err(par(input_ids=ids).logits, ref(input_ids=ids).logits)
     par.config.output_hidden_states = True  # after planning: would be ignored
     config_after = raised(lambda: par(input_ids=ids))
+    given = _err(par(input_ids=ids, output_hidden_states=False).logits,  # the call's wins
+                 ref(input_ids=ids).logits)
     par.config.output_hidden_states = False
+    par.config.pad_token_id = ref.config.pad_token_id = 3  # a causal LM never reads it
+    pad_set = _err(par(input_ids=ids).logits, ref(input_ids=ids).logits)
     ref.config.output_attentions = par.config.output_attentions = True
     given_none = raised(lambda: tpcompile.auto_parallelize(  # None given: nothing collected
         copy.deepcopy(ref), tp_mesh(2), example_kwargs={"input_ids": ids, "output_attentions": None}))
@@ -361,7 +365,7 @@ def captured_outputs(rank: int) -> dict:
                     for n, t in moe.state_dict().items())
     return {"hooked": hooked, "verdict": verdict, "attentions": attentions, "plain": plain,
             "router": router, "untouched": untouched, "config_after": config_after,
-            "given_none": given_none,
+            "given_none": given_none, "given": given, "pad_set": pad_set,
             "hidden_states": len(par(input_ids=ids, output_hidden_states=True).hidden_states)}
 
 

@@ -525,3 +525,5 @@ def test_outputs_transformers_captures_with_hooks(pool):
         assert r["config_after"] is not None, r  # config flag set after: refused, not ignored
         assert "output_hidden_states: False -> True" in r["config_after"][1], r["config_after"]
         assert r["given_none"] is None, r["given_none"]  # None given: as transformers reads it
+        assert r["given"] <= J.TOL and r["pad_set"] <= J.TOL, r  # not refused: the call gives
+        # it; a value the model does not read (a causal LM's pad token) may change

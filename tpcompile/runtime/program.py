@@ -13,6 +13,7 @@ the same styles, and the new programs join the old ones.
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -161,23 +162,38 @@ UNPLANNED_UNDER_COMPILE = (
 
 
 # Config values a transformers forward reads on every call to decide what it computes
-# and returns; a trace bakes them in. Set after auto_parallelize, they would be ignored.
-CONFIG_READ = ("output_attentions", "output_hidden_states", "output_router_logits",
-               "return_dict", "pad_token_id", "problem_type", "router_aux_loss_coef")
+# and returns; a trace bakes them in, so set after auto_parallelize they would be ignored.
+# The first are read by transformers' wrappers of every model; the others only where the
+# model's forward reads them (a sequence classifier's pad token, its loss's problem type).
+CONFIG_READ = ("output_attentions", "output_hidden_states", "output_router_logits", "return_dict")
+CONFIG_READ_IF_USED = ("pad_token_id", "problem_type")
 
 
 def config_read(model: nn.Module) -> dict[str, Any]:
+    """The values of ``CONFIG_READ`` (and of ``CONFIG_READ_IF_USED`` the model's forward
+    reads) in ``model.config``, as they are now."""
     config = getattr(model, "config", None)
-    return {k: getattr(config, k) for k in CONFIG_READ if hasattr(config, k)}
+    if config is None:
+        return {}
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        source = ""
+    # a sequence classifier's loss reads problem_type (in transformers' loss function)
+    classifier = "ForSequenceClassification" in type(model).__name__
+    keys = [*CONFIG_READ, *(k for k in CONFIG_READ_IF_USED if k in source or classifier)]
+    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
 
 
-def _refuse_config_changes(self: nn.Module, seen: dict[str, Any]) -> None:
-    now = config_read(self)
-    changed = [k for k, v in seen.items() if now.get(k, v) != v]
+def _refuse_config_changes(self: nn.Module, seen: dict[str, Any], given: dict) -> None:
+    """Refuse a call after a value in ``seen`` changed in the config, unless the call
+    gives it itself (transformers then reads the call's)."""
+    config = self.config
+    changed = [k for k, v in seen.items() if k not in given and getattr(config, k, v) != v]
     if changed:
         raise UnsupportedError(
             f"{type(self).__name__}'s config changed after auto_parallelize ("
-            + ", ".join(f"{k}: {seen[k]!r} -> {now[k]!r}" for k in changed)
+            + ", ".join(f"{k}: {seen[k]!r} -> {getattr(config, k)!r}" for k in changed)
             + "); its programs were traced with the old values and would ignore the new "
             "ones. Set them before auto_parallelize, or pass them to the call where the "
             "forward takes them (output_hidden_states=True, return_dict=False, ...)")
@@ -185,12 +201,12 @@ def _refuse_config_changes(self: nn.Module, seen: dict[str, Any]) -> None:
 
 def _dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     rt: Runtime = self.__dict__["_tpcompile_runtime"]
+    if rt.config_seen and not torch.compiler.is_compiling():
+        _refuse_config_changes(self, rt.config_seen, kwargs)
     args, kwargs = canonical_call(type(self).forward.__get__(self), args, kwargs, rt.signature)
     flat, spec = pytree.tree_flatten((args, kwargs))
     if rt.hook_dicts and not torch.compiler.is_compiling() and any(rt.hook_dicts):
         _refuse_late_hooks(rt.inline)
-    if rt.config_seen and not torch.compiler.is_compiling():
-        _refuse_config_changes(self, rt.config_seen)
     if rt.check is not None:
         rt.check(flat, spec, self.training)
     if rt.frozen_only is not None and torch.is_grad_enabled() and \
