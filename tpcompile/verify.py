@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
@@ -167,8 +167,8 @@ def tp_dim(t: DTensor) -> int:
 def local_part(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
     """The part of the full tensor ``whole`` that this rank holds under ``like``'s mesh
     and placements (no communication)."""
-    return distribute_tensor(whole.detach().to(like.device), like.device_mesh, like.placements,
-                             src_data_rank=None).to_local()
+    from .runtime.distribute import shard_like
+    return shard_like(whole.detach().to(like.device), like).to_local()
 
 
 def _digest(t: torch.Tensor) -> str:

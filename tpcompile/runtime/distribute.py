@@ -198,14 +198,18 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
+def shard_like(full: torch.Tensor, p: DTensor) -> DTensor:
+    """``full`` as a DTensor of ``p``'s mesh and placements (any, FSDP's strided dp shard
+    included), this rank's shard cut from its own copy: no collective."""
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+
+
 @torch.no_grad()
 def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full-size value into ``p``, keeping only this rank's shard if ``p`` is a
-    DTensor (any placements, FSDP's strided dp shard included)."""
+    DTensor."""
     if isinstance(p, DTensor):
-        shard = distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements,
-                                  src_data_rank=None)
-        p.to_local().copy_(shard.to_local())
+        p.to_local().copy_(shard_like(full.to(p.dtype), p).to_local())
     else:
         p.copy_(full.to(p.dtype))
 
@@ -243,8 +247,7 @@ def _shard_full_tensors(mod: nn.Module, state_dict: dict, prefix: str, local_met
         given = state_dict.get(prefix + name)
         if isinstance(t, DTensor) and isinstance(given, torch.Tensor) and \
                 not isinstance(given, DTensor) and given.shape == t.shape and not given.is_meta:
-            state_dict[prefix + name] = distribute_tensor(
-                given.detach().to(t.device), t.device_mesh, t.placements, src_data_rank=None)
+            state_dict[prefix + name] = shard_like(given.detach().to(t.device), t)
 
 
 @torch.no_grad()
