@@ -45,6 +45,31 @@ def find_blocks(module: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def is_output_capture_hook(hook: Any) -> bool:
+    """transformers' output-capturing forward hook (``output_attentions`` /
+    ``output_hidden_states`` in transformers 5): installed for good on the attention
+    modules and decoder layers by the first call that asks for those outputs, and inert
+    unless that call's collector is active. A trace runs it with the forward (what it
+    collects is traced as outputs); a layer computed inline never runs it."""
+    return getattr(hook, "__module__", "").startswith("transformers.") and \
+        getattr(hook, "__qualname__", "").endswith(".output_capturing_hook")
+
+
+def captured_inside(block: nn.Module) -> bool:
+    """Whether the call being traced has transformers collect an output (MoE router
+    logits, attention weights) from a layer inside ``block``: those hooks must run, so
+    the block is traced inline in its parent, what they collect traced with it. The
+    block's own hook (its hidden states) runs on the opaque call."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collecting = _active_collector.get()
+    return bool(collecting) and any(
+        is_output_capture_hook(h) and inspect.getclosurevars(h).nonlocals.get("key") in collecting
+        for name, m in block.named_modules() if name for h in m._forward_hooks.values())
+
+
 def _is_torch_leaf(m: nn.Module) -> bool:
     return m.__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
 

@@ -20,7 +20,8 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from ..errors import TPCompileError, TraceError, UnsupportedError
 from .blocks import (_SHAPES, BLOCK_OP, TENSOR, BlockCall, BlockShapes, TensorInfo, TracerName,
-                     _NeedBlock, _plain, block_signature, canonical_call, find_blocks)
+                     _NeedBlock, _plain, block_signature, canonical_call, captured_inside,
+                     find_blocks)
 from .export import GRADS, Traced, _export, _fx_lowered
 from .fake import _describe, _Described, _hint, fake_like
 from .guards import broken_condition, conditions_of, guards_for, shape_mismatch
@@ -139,7 +140,8 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
         def forward(*a: Any, **k: Any) -> Any:
             a, k = canonical_call(type(blocks[rel]).forward.__get__(blocks[rel]), a, k)
             flat, spec = pytree.tree_flatten((a, k))
-            if any(isinstance(x, torch.Tensor) and free_unbacked_symbols(x) for x in flat):
+            if any(isinstance(x, torch.Tensor) and free_unbacked_symbols(x) for x in flat) or \
+                    captured_inside(blocks[rel]):
                 # data-dependent sizes (the tokens routed to one expert of a MoE): no one
                 # example stands for every call, so the block is traced inline instead
                 raised.append(_InlineBlock(rel))

@@ -25,7 +25,7 @@ from ..errors import (ExampleInputsError, IndivisibleError, PlanError, TraceErro
 from ..frontend import BlockShapes, Traced, TracerName
 from ..frontend.fake import cast_floats
 from .bind import bind, check_graph, check_written_for
-from .calls import no_outputs_captured_inside, without_kv_cache
+from .calls import without_kv_cache
 from .value import ModulePlan, NotePlan, Plan, SegmentPlan, Style
 
 
@@ -122,7 +122,6 @@ def compile_model(model: nn.Module, *, tp: int, sequence_parallel: bool = True,
     example_inputs = _positional(example_inputs, example_kwargs)
     kwargs = dict(example_kwargs or {})
     without_kv_cache(sk, example_inputs, kwargs)
-    no_outputs_captured_inside(sk, kwargs)
     seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     shared = frozenset(k for k, n in seen.items() if n > 1)  # tied weights
     shared_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared}
@@ -265,6 +264,30 @@ def _called_or_needed(t: Traced, module: nn.Module, styles: dict[str, str]) -> d
     return {k: v for k, v in styles.items() if not left_out(k)}
 
 
+def _given_within(given: Plan, path: str, gm: fx.GraphModule) -> tuple[dict[str, str], list[A.Segment]]:
+    """The given plan's styles and segments for the layers a trace of ``path`` computes,
+    named from ``path``: its own, and those of the modules planned below it that this
+    trace calls inline (blocks, which a call having transformers collect outputs inside
+    them traces inline: their parameters are sharded as their own plan says)."""
+    prefix = f"{path}." if path else ""
+    called = {l.name for n in gm.graph.nodes if (l := A.layer_of(n)) is not None}
+    styles: dict[str, str] = {}
+    segments: list[A.Segment] = []
+    for mp in given.modules:
+        for member in mp.members:
+            if member == path:
+                rel, keep = "", lambda layer: True
+            elif member.startswith(prefix) and member:
+                rel, keep = f"{member[len(prefix):]}.", called.__contains__
+            else:
+                continue
+            styles.update({rel + k: v for k, v in mp.styles.items()
+                           if v != "sequence_parallel" and keep(rel + k)})
+            segments += [A.Segment(s.kind, [rel + c for c in s.colwise], [rel + r for r in s.rowwise])
+                         for s in mp.segments if all(map(keep, [rel + c for c in s.colwise + s.rowwise]))]
+    return styles, segments
+
+
 def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, Contract],
              tp: int, sp: bool, on_indivisible: str, is_root: bool, given: Plan | None,
              shared_names: set[str], said: list[str], bound: bool = False) -> Unit:
@@ -277,9 +300,7 @@ def _analyze(t: Traced, module: nn.Module, path: str, contracts: dict[fx.Node, C
     prefix = f"{path}." if path else ""
     notes: list[A.Note] = []
     if given is not None:
-        mp = given.module_for(path)
-        styles = {k: v for k, v in (mp.styles if mp else {}).items() if v != "sequence_parallel"}
-        segments = [A.Segment(s.kind, s.colwise, s.rowwise) for s in (mp.segments if mp else [])]
+        styles, segments = _given_within(given, path, gm)
         if bound:
             styles = _called_or_needed(t, module, styles)
             segments = [s for s in segments if set(s.colwise + s.rowwise) <= styles.keys()]

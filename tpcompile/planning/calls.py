@@ -1,6 +1,8 @@
 """What a call may ask of a transformers model that the parallel programs do not serve:
-a KV cache, and outputs transformers collects with hooks inside the decoder layers.
-Checked on the skeleton before each trace (the first plan and every re-plan)."""
+a KV cache. Checked on the skeleton before each trace (the first plan and every
+re-plan). (Outputs transformers collects with hooks inside the decoder layers, attention
+weights and MoE router logits, are served: those layers are traced inline,
+``frontend.blocks.captured_inside``.)"""
 
 from __future__ import annotations
 
@@ -38,36 +40,3 @@ def without_kv_cache(sk: nn.Module, args: tuple, kwargs: dict) -> None:
              "model keeps no KV cache, so it is planned with use_cache=False (past_key_values "
              "in its outputs is None). Set model.config.use_cache = False to say so")
 
-
-def no_outputs_captured_inside(sk: nn.Module, kwargs: dict) -> None:
-    """transformers 5 collects some outputs (attention weights, MoE router logits) with
-    forward hooks on layers inside each decoder layer, which a block's program computes
-    inline: they would come back missing (or the model's own use of them, the MoE
-    load-balancing loss, would fail to trace). A call that asks for them is refused.
-    Hidden states are collected at the decoder layers themselves and are served."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # no transformers, or one without hook-captured outputs
-        return
-    asked: set[str] = set()
-    for m in sk.modules():  # each model transformers decorates (a composite has several)
-        config = getattr(m, "config", None)
-        for k in set(_CAN_RECORD_REGISTRY.get(m)) - {"hidden_states"}:
-            # as transformers reads them: output_<key>, cross-attention weights under
-            # output_attentions; the call's value where given (None too), else the config's
-            f = "output_attentions" if k in ("cross_attentions", "mask_decoder_attentions") \
-                else f"output_{k}"
-            if kwargs[f] if f in kwargs else getattr(config, f, False):
-                asked.add(f)
-    if asked:
-        flags = sorted(asked)
-        said = " and ".join(f"{f}=True" for f in flags)
-        raise UnsupportedError(
-            f"{type(sk).__name__} was called with {said} (given or in its config). "
-            "transformers collects those outputs with hooks on the layers inside each "
-            "decoder layer, which tpcompile computes as one program on each rank's shards, "
-            "so they are not returned yet. Call it with "
-            + " and ".join(f"{f}=False" for f in flags) + " (and set model.config."
-            + " = model.config.".join(flags) + " = False)"
-            + ("; an MoE's load-balancing loss (aux_loss) reads the router logits, so "
-               "train without it" if "output_router_logits" in flags else ""))

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import TPCompileError
+from ..frontend.blocks import is_output_capture_hook
 from ..rewrite import collectives as C
 from . import program as P
 
@@ -107,16 +108,6 @@ def is_input_grads_hook(hook: Any) -> bool:
     matters only to a reentrant checkpoint; the parallel model's is non-reentrant."""
     return getattr(hook, "__qualname__", "").endswith(
         "enable_input_require_grads.<locals>.make_inputs_require_grads")
-
-
-def is_output_capture_hook(hook: Any) -> bool:
-    """transformers' output-capturing forward hook (``output_attentions`` /
-    ``output_hidden_states`` in transformers 5): installed for good on the attention
-    modules and decoder layers by the first call that asks for those outputs, and inert
-    unless that call's collector is active. A trace runs it with the forward (what it
-    collects is traced as outputs); a layer computed inline never runs it."""
-    return getattr(hook, "__module__", "").startswith("transformers.") and \
-        getattr(hook, "__qualname__", "").endswith(".output_capturing_hook")
 
 
 def inert_hook(hook: Any) -> bool:
