@@ -404,6 +404,21 @@ def fsdp_numerics(rank: int, family: str, overrides: dict | None = None) -> dict
     return verdict
 
 
+def router_logits_later_under_fsdp(rank: int) -> dict:
+    """dp 2 x tp 2, planned without router logits: a call asking for them would compute
+    the decoder layers (FSDP2's units) inline, where FSDP2's hooks do not run. Refused;
+    the next plain call is served as before."""
+    m = mesh((2, 2), ("dp", "tp"))
+    ref, args, kwargs = build("mixtral")
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), m, example_kwargs=kwargs)
+    dp, me = m["dp"].size(), m["dp"].get_local_rank()
+    mine = {k: v.chunk(dp, 0)[me] for k, v in kwargs.items()}
+    later = raised(lambda: par(**mine, output_router_logits=True))
+    total = loss_of(par(**mine)).detach().clone()
+    dist.all_reduce(total, group=m["dp"].get_group())
+    return {"later": later, "plain": _err(total / dp, loss_of(ref(**kwargs)))}
+
+
 def plan_fraction(rank: int, family: str, tp: int) -> dict:
     """Planning only: the share of parameters a tp plan shards."""
     ref, args, kwargs = build(family)

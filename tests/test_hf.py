@@ -540,6 +540,12 @@ def test_moe_router_logits_and_aux_loss(pool, family, sp):
 
 
 def test_moe_router_logits_under_fsdp_dp2_tp2(pool):
-    """The same on dp 2 x tp 2: FSDP2's units are the decoder layers, here computed inline
-    in the root's program."""
+    """The same on dp 2 x tp 2, the decoder layers computed inline in the root's program
+    (and FSDP2's root unit). A model planned without them, whose decoder layers are FSDP2's
+    units, refuses a later call asking for them (the layers' FSDP2 hooks would not run
+    inline: it failed on shapes), naming the layer and the fix."""
     check(pool.run(J.fsdp_numerics, "mixtral", {"output_router_logits": True}), 0.9)
+    for r in pool.run(J.router_logits_later_under_fsdp):  # planned without: refused, named
+        assert r["later"] is not None and r["later"][0] == "UnsupportedError", r
+        assert "model.layers.0" in r["later"][1] and "output_router_logits" in r["later"][1], r
+        assert r["plain"] <= J.TOL, r

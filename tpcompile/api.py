@@ -211,6 +211,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                     f"{type(model).__name__} computes with different layers for this call "
                     "than for the one it was planned on, so one tensor-parallel plan cannot "
                     "serve both")
+            _refuse_hooked_blocks_inline(root, compiled, again)
             progs = _programs(again, sk, tp, group, loss_parallel)
             for unit, prog in zip(again.units, progs):
                 for member in unit.members:  # into the model called (a deepcopy's own)
@@ -376,6 +377,25 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 f"{name} has hooks, which tpcompile's rewrite would not run "
                 "(it computes this layer inline on local shards). Remove the hooks "
                 "before auto_parallelize, or fold what they do into the forward.")
+
+
+def _refuse_hooked_blocks_inline(root: nn.Module, before: Compiled, now: Compiled) -> None:
+    """A re-plan may compute inline a block the first plan ran as a program of its own (a
+    call asking for outputs transformers collects inside the decoder layers: attention
+    weights, router logits). Hooks on it would not run there: FSDP2's, which gather its
+    parameters over dp, or the user's. Refused, with the way to plan it so."""
+    inlined = {m for u in before.units for m in u.members if m} - \
+        {m for u in now.units for m in u.members}
+    for name, m in root.named_modules():
+        if name in inlined and any(not inert_hook(h) for d in hook_dicts(m) for h in d.values()):
+            raise UnsupportedError(
+                f"this call computes {name} ({type(m).__name__}) inline in the root's program "
+                "(it asks for outputs transformers collects inside it: output_attentions or "
+                "output_router_logits), but it was planned as a block of its own and has hooks "
+                "that would not run there (FSDP2's, which gather its parameters over dp, or "
+                "yours). Ask for those outputs when parallelizing (in the model's config, or "
+                "example_kwargs={..., 'output_router_logits': True}) so the plan computes those "
+                "layers inline from the start")
 
 
 def drop_inert_hooks(model: nn.Module, members: set[str]) -> None:
