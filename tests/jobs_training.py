@@ -37,10 +37,14 @@ def autocast(rank: int) -> dict:
 
 
 def deep_copy(rank: int) -> dict:
-    """A deep copy of a parallel model, scaled, then called at a size neither was planned
-    for: its numbers are the scaled reference's, and the original gets no new program."""
+    """A deep copy of a parallel model that has been called (its input check holds the
+    process group by then, which deepcopy cannot copy), scaled, then called at a size
+    neither was planned for: its numbers are the scaled reference's, and the original
+    gets no new program."""
     ref = llama()
     par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_inputs=(tokens(1, 512, 2, 16),))
+    par(tokens(1, 512, 2, 16)).sum().backward()
+    par.zero_grad(set_to_none=True)
     cp, ref2 = copy.deepcopy(par), copy.deepcopy(ref)
     with torch.no_grad():
         for a, b in zip(cp.parameters(), ref2.parameters()):

@@ -114,6 +114,16 @@ class InputCheck:
         self.device_type = device_type
         self._pg: dist.ProcessGroup | None = None
 
+    def __deepcopy__(self, memo: dict) -> InputCheck:
+        """A copy of a parallel model checks on the same process group: the handle (which
+        cannot be copied or pickled) is shared."""
+        new = InputCheck(self.group_name, self.device_type)
+        new._pg = self._pg
+        return new
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pg": None}  # resolved again by name where it lands
+
     def _group(self) -> dist.ProcessGroup:
         if self._pg is None:  # resolved once, on the first call
             from torch.distributed.distributed_c10d import _resolve_process_group
