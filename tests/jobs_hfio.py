@@ -9,7 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import tpcompile
-from tests.harness import mesh, tp_mesh
+from tests.harness import mesh, raised, tp_mesh
 from tpcompile.verify import full
 
 
@@ -41,7 +41,11 @@ def load_step_save(rank: int, folder: str, out: str, tp: int, dp: int,
     grads = {n: _rel(q.grad, dict(ref.named_parameters())[n].grad) for n, q in par.named_parameters()}
     opt_ref.step()
     opt_par.step()
-    tpcompile.save_pretrained(par, out, max_shard_bytes=max_shard_bytes)
+    pushed = raised(lambda: par.save_pretrained(out, push_to_hub=True))
+    if dp == 1:  # transformers' own method on the parallel model (it failed in safetensors
+        par.save_pretrained(out, max_shard_size=max_shard_bytes)  # after writing config.json)
+    else:
+        tpcompile.save_pretrained(par, out, max_shard_bytes=max_shard_bytes)
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     want = dict(ref.named_parameters())
     weights = {n: _rel(p, want[n]) for n, p in saved.named_parameters()}
@@ -51,7 +55,7 @@ def load_step_save(rank: int, folder: str, out: str, tp: int, dp: int,
                   if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements))
     total = sum(p.numel() * p.element_size() for p in ref.parameters())
     return {"grads": grads, "logits": logits, "weights": weights, "read": par.tpcompile_read_bytes,
-            "total": total, "sharded_local": sharded}
+            "total": total, "sharded_local": sharded, "pushed": pushed}
 
 
 def refused(rank: int, folder: str) -> dict:

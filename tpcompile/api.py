@@ -250,6 +250,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             from .runtime.checkpointing import apply_checkpointing
             apply_checkpointing(model, to_checkpoint)
         take_full_state_dicts(model)  # load_state_dict(full tensors), as before
+        from .hf import route_save_pretrained
+        route_save_pretrained(model)  # a transformers model's save_pretrained, as before
         watch_hooks(model.__dict__["_tpcompile_runtime"], [
             (n or type(model).__name__, m) for n, m in model.named_modules()
             if "_tpcompile_runtime" not in m.__dict__])
@@ -415,7 +417,7 @@ class _Snapshot:
     class FSDP2 swaps in, hooks), recorded so a failure midway can put it all back."""
 
     _KEYS = ("forward", "_tpcompile_code", "_tpcompile_runtime", "_tpcompile_plan",
-             "gradient_checkpointing")
+             "gradient_checkpointing", "save_pretrained")
 
     def __init__(self, model: nn.Module) -> None:
         self.saved = [(m, m.__class__, dict(m._parameters), dict(m._forward_pre_hooks),

@@ -422,6 +422,40 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def route_save_pretrained(model: nn.Module) -> None:
+    """A transformers model's own ``save_pretrained`` would hand safetensors the DTensor
+    parameters (it gathers only what transformers parallelized itself), failing after it
+    wrote ``config.json``. On a parallel model the method is this module's
+    ``save_pretrained``: the same folder, written from the gathered parameters."""
+    if not callable(getattr(type(model), "save_pretrained", None)) or \
+            not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
+        return
+
+    def routed(self: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
+               state_dict: dict | None = None, push_to_hub: bool = False,
+               max_shard_size: int | str = "50GB", **kwargs: Any) -> None:
+        """transformers' ``save_pretrained`` on a tpcompile model: every rank calls it
+        (parameters are gathered one at a time; rank 0 writes)."""
+        refused = {"state_dict": state_dict is not None, "push_to_hub": bool(push_to_hub),
+                   "variant": kwargs.pop("variant", None) is not None,
+                   "distributed_checkpoint": bool(kwargs.pop("distributed_checkpoint", False)),
+                   "safe_serialization": kwargs.pop("safe_serialization", True) is False}
+        for k in ("token", "save_peft_format", "save_original_format"):  # nothing to do
+            kwargs.pop(k, None)
+        asked = [k for k, v in refused.items() if v] + sorted(kwargs)
+        if asked:
+            raise TPCompileError(
+                f"save_pretrained({', '.join(f'{k}=...' for k in asked)}) on a tensor-parallel "
+                "model: tpcompile writes a plain safetensors folder of the full parameters "
+                "from every rank's shards, without those options. Call "
+                "model.save_pretrained(folder) on every rank (or tpcompile.save_pretrained("
+                "model, folder)), then push or convert the folder with transformers")
+        from transformers.utils.hub import convert_file_size_to_int
+        save_pretrained(self, save_directory, max_shard_bytes=convert_file_size_to_int(max_shard_size))
+
+    model.save_pretrained = routed.__get__(model)  # type: ignore[method-assign]
+
+
 def save_pretrained(model: nn.Module, folder: str | os.PathLike,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write a parallel (or plain) HF model as a folder ``transformers`` loads unchanged:
@@ -442,6 +476,9 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and getattr(model, "can_generate", lambda: False)():
+            generation.save_pretrained(tmp)
         writer = _ShardWriter(tmp, max_shard_bytes)
     for name, t in _tensors(model):
         full = t.full_tensor() if isinstance(t, DTensor) else t  # every rank takes part
