@@ -250,8 +250,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
             from .runtime.checkpointing import apply_checkpointing
             apply_checkpointing(model, to_checkpoint)
         take_full_state_dicts(model)  # load_state_dict(full tensors), as before
-        from .hf import route_save_pretrained
-        route_save_pretrained(model)  # a transformers model's save_pretrained, as before
+        for finish in ON_COMMIT:  # (hf: a transformers model's own save_pretrained)
+            finish(model)
         watch_hooks(model.__dict__["_tpcompile_runtime"], [
             (n or type(model).__name__, m) for n, m in model.named_modules()
             if "_tpcompile_runtime" not in m.__dict__])
@@ -259,6 +259,11 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
         snapshot.restore()
         raise
     return model
+
+
+# Called on each model auto_parallelize makes, last: later stages (hf) add to it, as
+# this module cannot import them.
+ON_COMMIT: list[Callable[[nn.Module], None]] = []
 
 
 def _warn_unsplittable(compiled: Compiled, programs: list[Program], tp: int) -> None:

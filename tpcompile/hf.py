@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .api import auto_parallelize, split_mesh
+from .api import ON_COMMIT, auto_parallelize, split_mesh
 from .errors import TPCompileError, warn
 
 
@@ -454,6 +454,9 @@ def route_save_pretrained(model: nn.Module) -> None:
         save_pretrained(self, save_directory, max_shard_bytes=convert_file_size_to_int(max_shard_size))
 
     model.save_pretrained = routed.__get__(model)  # type: ignore[method-assign]
+
+
+ON_COMMIT.append(route_save_pretrained)
 
 
 def save_pretrained(model: nn.Module, folder: str | os.PathLike,
