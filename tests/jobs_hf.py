@@ -404,6 +404,26 @@ def fsdp_numerics(rank: int, family: str, overrides: dict | None = None) -> dict
     return verdict
 
 
+def planned_inline_then_plain(rank: int, family: str, overrides: dict, flag: str) -> dict:
+    """Planned on a call asking for ``flag`` (its decoder layers computed inline in the
+    root's program), then called without it: the re-plan gives the decoder layers programs
+    of their own, which read their parameters as the root's plan sharded them. Judged
+    (outputs and every gradient) on the flagged call, then on the plain one."""
+    ref, args, kwargs = build(family, **overrides)
+    kwargs = {**kwargs, flag: True}
+    par = tpcompile.auto_parallelize(copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs)
+    verdicts = []
+    for asked in (True, False):
+        kw = {**kwargs, flag: asked}
+        o_ref, o_par = ref(**kw), par(**kw)
+        loss_of(o_ref).backward()
+        loss_of(o_par).backward()
+        verdicts.append(judge(ref, par, o_ref, o_par))
+        ref.zero_grad(set_to_none=True)
+        par.zero_grad(set_to_none=True)
+    return {"verdicts": verdicts, "programs": len(par.__dict__["_tpcompile_runtime"].programs)}
+
+
 def router_logits_later_under_fsdp(rank: int) -> dict:
     """dp 2 x tp 2, planned without router logits: a call asking for them would compute
     the decoder layers (FSDP2's units) inline, where FSDP2's hooks do not run. Refused;

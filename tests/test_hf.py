@@ -538,6 +538,19 @@ def test_attention_maps_asked_for_at_planning_keep_attention_sharded(pool):
             assert not [n for n in r["notes"] if "self_attn" in n], r["notes"]
 
 
+@pytest.mark.parametrize("family, overrides, flag", [
+    ("llama", {"attn_implementation": "eager"}, "output_attentions"),
+    ("mixtral", {}, "output_router_logits")])
+def test_planned_with_outputs_inside_then_called_without(pool, family, overrides, flag):
+    """Planned on a call asking for outputs collected inside the decoder layers (computed
+    inline in the root's program), then called without: the decoder layers get programs
+    of their own that read their parameters as the root's plan sharded them (they read
+    them as replicated: wrong numbers, in silence; found by review). Both calls judged."""
+    for r in pool.run(J.planned_inline_then_plain, family, overrides, flag):
+        check(r["verdicts"], None)
+        assert r["programs"] == 2, r["programs"]
+
+
 @pytest.mark.parametrize("family, sp", [("mixtral", True), ("qwen3_moe", False)])
 def test_moe_router_logits_and_aux_loss(pool, family, sp):
     """output_router_logits=True (in the config, as MoE fine-tuning sets it): transformers

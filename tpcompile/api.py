@@ -212,6 +212,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                     "than for the one it was planned on, so one tensor-parallel plan cannot "
                     "serve both")
             _refuse_hooked_blocks_inline(root, compiled, again)
+            _refuse_misplaced(root, again)
             progs = _programs(again, sk, tp, group, loss_parallel)
             for unit, prog in zip(again.units, progs):
                 for member in unit.members:  # into the model called (a deepcopy's own)
@@ -384,6 +385,29 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 f"{name} has hooks, which tpcompile's rewrite would not run "
                 "(it computes this layer inline on local shards). Remove the hooks "
                 "before auto_parallelize, or fold what they do into the forward.")
+
+
+def _refuse_misplaced(root: nn.Module, now: Compiled) -> None:
+    """A re-plan's programs read each parameter as their plan places it; the model holds
+    it as the first plan placed it. Where the two differ (a layer now in another program
+    whose plan says otherwise) the program would read a shard as the whole or the whole
+    as a shard: refused, never computed."""
+    for unit in now.units:
+        for member in unit.members:
+            want = placements_for(unit, member, root.get_submodule(member))
+            for fqn in sorted(set(unit.t.params.values())):
+                name = f"{member}.{fqn}" if member else fqn
+                p = root.get_parameter(name)
+                if not isinstance(p, DTensor):
+                    continue  # replaced after planning: refused by name when read
+                have, need = p.placements[-1], want.get(name, [Replicate()])[0]
+                if have != need:
+                    raise UnsupportedError(
+                        f"this call's program would read {name} as {need} over tp, but the "
+                        f"model holds it as {have} (placed by the plan of the call it was "
+                        "parallelized on, whose structure differs). Call it as it was planned, "
+                        "or auto_parallelize a fresh copy with example inputs of this call's "
+                        "structure")
 
 
 def _refuse_hooked_blocks_inline(root: nn.Module, before: Compiled, now: Compiled) -> None:

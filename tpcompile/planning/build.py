@@ -266,25 +266,35 @@ def _called_or_needed(t: Traced, module: nn.Module, styles: dict[str, str]) -> d
 
 def _given_within(given: Plan, path: str, gm: fx.GraphModule) -> tuple[dict[str, str], list[A.Segment]]:
     """The given plan's styles and segments for the layers a trace of ``path`` computes,
-    named from ``path``: its own, and those of the modules planned below it that this
-    trace calls inline (blocks, which a call having transformers collect outputs inside
-    them traces inline: their parameters are sharded as their own plan says)."""
+    named from ``path``: its own; those of the modules planned below it that this trace
+    calls inline (blocks, which a call having transformers collect outputs inside them
+    traces inline); and, for a module planned inline in an ancestor's program (planned
+    on such a call), the ancestor's styles of its layers. Parameters are sharded as the
+    plan that placed them says."""
     prefix = f"{path}." if path else ""
     called = {l.name for n in gm.graph.nodes if (l := A.layer_of(n)) is not None}
     styles: dict[str, str] = {}
     segments: list[A.Segment] = []
+
+    def add(mp: Any, rename: Any, keep: Any) -> None:
+        named = {rename(k): v for k, v in mp.styles.items() if v != "sequence_parallel"}
+        styles.update({k: v for k, v in named.items() if k is not None and keep(k)})
+        for s in mp.segments:
+            layers = [rename(x) for x in s.colwise + s.rowwise]
+            if all(x is not None and keep(x) for x in layers):
+                segments.append(A.Segment(s.kind, layers[:len(s.colwise)], layers[len(s.colwise):]))
+
     for mp in given.modules:
         for member in mp.members:
             if member == path:
-                rel, keep = "", lambda layer: True
-            elif member.startswith(prefix) and member:
-                rel, keep = f"{member[len(prefix):]}.", called.__contains__
-            else:
-                continue
-            styles.update({rel + k: v for k, v in mp.styles.items()
-                           if v != "sequence_parallel" and keep(rel + k)})
-            segments += [A.Segment(s.kind, [rel + c for c in s.colwise], [rel + r for r in s.rowwise])
-                         for s in mp.segments if all(map(keep, [rel + c for c in s.colwise + s.rowwise]))]
+                add(mp, lambda k: k, lambda layer: True)
+            elif member.startswith(prefix) and member:  # below: inline in this trace
+                rel = f"{member[len(prefix):]}."
+                add(mp, lambda k, rel=rel: rel + k, called.__contains__)
+            elif path.startswith(f"{member}." if member else ""):  # above: planned inline there
+                above = f"{member}." if member else ""
+                add(mp, lambda k, above=above: (above + k)[len(prefix):]
+                    if (above + k).startswith(prefix) else None, called.__contains__)
     return styles, segments
 
 
