@@ -424,6 +424,32 @@ def planned_inline_then_plain(rank: int, family: str, overrides: dict, flag: str
     return {"verdicts": verdicts, "programs": len(par.__dict__["_tpcompile_runtime"].programs)}
 
 
+def per_block_lost(rank: int) -> dict:
+    """Decoder layers computed inline for router logits are not blocks: checkpointing
+    asked for them is refused at planning (it was refused as "no blocks"), transformers'
+    checkpointing not applying is said (it was dropped in silence), and a later call that
+    computes checkpointed blocks inline says they keep their activations."""
+    import warnings
+    ref, _, kwargs = build("mixtral", output_router_logits=True)
+    asked = raised(lambda: tpcompile.auto_parallelize(
+        copy.deepcopy(ref), tp_mesh(2), example_kwargs=kwargs, activation_checkpointing="block"))
+    hf = copy.deepcopy(ref)
+    hf.gradient_checkpointing_enable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tpcompile.auto_parallelize(hf, tp_mesh(2), example_kwargs=kwargs)
+    said_hf = [str(w.message) for w in caught if "gradient checkpointing" in str(w.message)]
+    plain = copy.deepcopy(ref)
+    plain.config.output_router_logits = False
+    par = tpcompile.auto_parallelize(plain, tp_mesh(2), example_kwargs=kwargs | {
+        "output_router_logits": False}, activation_checkpointing="block")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        par(**kwargs, output_router_logits=True)
+    said_late = [str(w.message) for w in caught if "not checkpointed" in str(w.message)]
+    return {"asked": asked, "said_hf": said_hf, "said_late": said_late}
+
+
 def router_logits_later_under_fsdp(rank: int) -> dict:
     """dp 2 x tp 2, planned without router logits: a call asking for them would compute
     the decoder layers (FSDP2's units) inline, where FSDP2's hooks do not run. Refused;

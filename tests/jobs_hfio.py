@@ -3,6 +3,7 @@ transformers in the parent)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -110,3 +111,30 @@ def read_per_part(rank: int, folder: str) -> dict:
     return {"read": read, "bytes": {n: p.numel() * p.element_size() for n, p in want.items()},
             "unequal": [n for n, p in par.named_parameters() if not torch.equal(full(p), want[n])],
             "placements": {n: str(p.placements) for n, p in par.named_parameters()}}
+
+
+class _Wrapped(torch.nn.Module):
+    """A training wrapper around a transformers model (what a user's own loop holds)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def wrapped_save(rank: int, out: str) -> dict:
+    """transformers' own save_pretrained on the model inside a parallel wrapper writes the
+    folder transformers loads (rank 0 failed in safetensors on the DTensors)."""
+    from transformers import AutoModelForCausalLM
+
+    from models import hf_zoo
+    torch.manual_seed(0)
+    ref = hf_zoo.build("llama")
+    par = tpcompile.auto_parallelize(_Wrapped(copy.deepcopy(ref)), tp_mesh(2),
+                                     example_inputs=(torch.randint(0, 128, (2, 8)),))
+    par.lm.save_pretrained(out)
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    want = dict(ref.named_parameters())
+    return {n: _rel(p, want[n]) for n, p in saved.named_parameters()}

@@ -567,6 +567,16 @@ def test_moe_router_logits_and_aux_loss(pool, family, sp):
             assert "['aux_loss']" in keys and "['router_logits'][1]" in keys, keys
 
 
+def test_router_logits_layers_are_not_blocks(pool):
+    """Checkpointing and router logits: the decoder layers computed inline are not blocks,
+    which is refused (asked for) or said (transformers' own; a later call), not ignored."""
+    for r in pool.run(J.per_block_lost):
+        assert r["asked"] is not None and r["asked"][0] == "CheckpointingError", r
+        assert "output_router_logits" in r["asked"][1] and "model.layers.0" in r["asked"][1], r
+        assert r["said_hf"] and "model.layers.0" in r["said_hf"][0], r
+        assert r["said_late"] and "model.layers.0" in r["said_late"][0], r
+
+
 def test_moe_router_logits_under_fsdp_dp2_tp2(pool):
     """The same on dp 2 x tp 2, the decoder layers computed inline in the root's program
     (and FSDP2's root unit). A model planned without them, whose decoder layers are FSDP2's

@@ -123,3 +123,8 @@ def test_bf16_on_disk_loads_bit_exact(pool, tmp_path):
     for r in pool.run(J.loaded_exactly, str(src)):
         assert r["dtypes"] == ["torch.bfloat16"] and r["logits"] == "torch.bfloat16", r
         assert r["compared"] > 10 and not r["unequal"], r
+
+
+def test_save_pretrained_of_a_transformers_model_inside_a_wrapper(pool, tmp_path):
+    for r in pool.run(J.wrapped_save, str(tmp_path / "out")):
+        assert r and not {n: e for n, e in r.items() if not e <= 1e-6}, r

@@ -27,8 +27,9 @@ from .rewrite import rewrite
 from .runtime import Program, install
 from .runtime.program import UNSPLITTABLE, config_read, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
-from .runtime.checkpointing import (blocks_to_checkpoint, from_transformers, inert_hook,
-                                    top_blocks, transformers_flagged)
+from .runtime.checkpointing import (CheckpointingError, blocks_to_checkpoint, checkpoint_count,
+                                    from_transformers, inert_hook, top_blocks,
+                                    transformers_flagged)
 
 
 def split_mesh(mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh | None]:
@@ -164,6 +165,7 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                                  given=load_plan(plan), skeleton=sk, dynamic=dynamic,
                                  **options)  # type: ignore[arg-type]
         _refuse_unsupported_layers(model, compiled)
+        _say_per_block_lost(model, compiled, activation_checkpointing, hf_flagged, dp_mesh)
         blocks = top_blocks(model, [m for u in compiled.units for m in u.members])
         activation_checkpointing = from_transformers(model, hf_flagged,
                                                      activation_checkpointing, blocks)
@@ -212,6 +214,13 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                     "than for the one it was planned on, so one tensor-parallel plan cannot "
                     "serve both")
             _refuse_hooked_blocks_inline(root, compiled, again)
+            late = [m for m in to_checkpoint if m not in {x for u in again.units for x in u.members}]
+            if late:
+                warn(f"tpcompile: this call computes {late[0]}"
+                     + (f" (and {len(late) - 1} more)" if len(late) > 1 else "")
+                     + " inline in the root's program (it asks for outputs transformers "
+                     "collects inside them), where they are not checkpointed: it keeps their "
+                     "activations for backward")
             _refuse_misplaced(root, again)
             progs = _programs(again, sk, tp, group, loss_parallel)
             for unit, prog in zip(again.units, progs):
@@ -385,6 +394,34 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 f"{name} has hooks, which tpcompile's rewrite would not run "
                 "(it computes this layer inline on local shards). Remove the hooks "
                 "before auto_parallelize, or fold what they do into the forward.")
+
+
+def _say_per_block_lost(model: nn.Module, compiled: Compiled, checkpointing: Any,
+                        hf_flagged: list[str], dp_mesh: DeviceMesh | None) -> None:
+    """Blocks the call computes inline in the root's program, because it asks for outputs
+    transformers collects inside them (attention maps, router logits), are not blocks:
+    activation checkpointing asked for is refused; transformers' checkpointing and FSDP2's
+    per-block gathers not applying to them is said once."""
+    inlined = [m for u in compiled.units if "" in u.members for m in u.t.for_outputs]
+    if not inlined:
+        return
+    name = type(model).__name__
+    where = f"{inlined[0]}" + (f" (and {len(inlined) - 1} more)" if len(inlined) > 1 else "")
+    why = (f"the call {name} is planned on asks for outputs transformers collects inside "
+           f"{where} (output_attentions or output_router_logits), so those layers are computed "
+           "inline in the root's program")
+    if checkpoint_count(checkpointing, len(inlined), name):
+        raise CheckpointingError(
+            f"activation_checkpointing={checkpointing!r}: {why}, where no block is "
+            "checkpointed. Plan on a call without those outputs, or drop the option")
+    lost = []
+    if hf_flagged:
+        lost.append("transformers' gradient checkpointing does not apply to them")
+    if dp_mesh is not None:
+        lost.append("FSDP2 gathers their parameters with the root's, not one layer at a time")
+    if lost:
+        warn(f"tpcompile: {why}: {'; '.join(lost)}. Planning on a call without those "
+             "outputs keeps the layers as blocks")
 
 
 def _refuse_misplaced(root: nn.Module, now: Compiled) -> None:

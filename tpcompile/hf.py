@@ -427,10 +427,13 @@ def route_save_pretrained(model: nn.Module) -> None:
     parameters (it gathers only what transformers parallelized itself), failing after it
     wrote ``config.json``. On a parallel model the method is this module's
     ``save_pretrained``: the same folder, written from the gathered parameters."""
-    if not callable(getattr(type(model), "save_pretrained", None)) or \
-            not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
-        return
+    for m in model.modules():  # a transformers model inside a wrapper too
+        if callable(getattr(type(m), "save_pretrained", None)) and \
+                hasattr(getattr(m, "config", None), "save_pretrained"):
+            _route(m)
 
+
+def _route(model: nn.Module) -> None:
     def routed(self: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
                state_dict: dict | None = None, push_to_hub: bool = False,
                max_shard_size: int | str = "50GB", **kwargs: Any) -> None:
@@ -440,7 +443,10 @@ def route_save_pretrained(model: nn.Module) -> None:
                    "variant": kwargs.pop("variant", None) is not None,
                    "distributed_checkpoint": bool(kwargs.pop("distributed_checkpoint", False)),
                    "safe_serialization": kwargs.pop("safe_serialization", True) is False}
-        for k in ("token", "save_peft_format", "save_original_format"):  # nothing to do
+        # nothing to do for these: the folder holds the parameters under transformers 5's
+        # own names (an MoE's experts stacked, as transformers 5 and tpcompile load them),
+        # whatever save_original_format says
+        for k in ("token", "save_peft_format", "save_original_format"):
             kwargs.pop(k, None)
         asked = [k for k, v in refused.items() if v] + sorted(kwargs)
         if asked:

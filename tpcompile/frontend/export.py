@@ -48,6 +48,10 @@ class Traced:
     param_grads: dict[fx.Node, bool] = field(default_factory=dict)
     # the export's shape conditions beyond ranges (guards.conditions_of)
     conditions: list[Condition] = field(default_factory=list)
+    # blocks traced inline because the call has transformers collect outputs inside them
+    # (frontend.blocks.captured_inside): what runs there per block (FSDP2's gathers,
+    # checkpointing) does not run for them
+    for_outputs: list[str] = field(default_factory=list)
 
 
 class _Flat(nn.Module):

@@ -134,14 +134,17 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
     known: dict[tuple, BlockShapes] = {}
     calls: list[BlockCall] = []
     raised: list[Exception] = []  # this trace's own requests (not a nested trace's)
+    for_outputs: set[str] = set()
     label = where or type(module).__name__
 
     def patched(rel: str) -> Callable:
         def forward(*a: Any, **k: Any) -> Any:
             a, k = canonical_call(type(blocks[rel]).forward.__get__(blocks[rel]), a, k)
             flat, spec = pytree.tree_flatten((a, k))
-            if any(isinstance(x, torch.Tensor) and free_unbacked_symbols(x) for x in flat) or \
-                    captured_inside(blocks[rel]):
+            captured = captured_inside(blocks[rel])
+            if captured:
+                for_outputs.update(r for r in blocks if sigs[r] == sigs[rel])
+            if captured or any(isinstance(x, torch.Tensor) and free_unbacked_symbols(x) for x in flat):
                 # data-dependent sizes (the tokens routed to one expert of a MoE): no one
                 # example stands for every call, so the block is traced inline instead
                 raised.append(_InlineBlock(rel))
@@ -200,6 +203,7 @@ def trace_module(module: nn.Module, args: tuple, kwargs: dict, *, tracer: Tracer
             t.conditions = conditions_of(ep)
             t.out_type = ep.__dict__.get("_tpcompile_out_type")
             t.unchecked = ep.__dict__.get("_tpcompile_unchecked", [])
+            t.for_outputs = sorted(for_outputs)
             flat = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
             t.input_grads = [bool(x.requires_grad) for x in flat]
             t.param_grads = {ph: module.get_parameter(fqn).requires_grad for ph, fqn in t.params.items()}
