@@ -523,21 +523,6 @@ def test_outputs_transformers_captures_with_hooks(pool):
         # it; a value the model does not read (a causal LM's pad token) may change
 
 
-def test_attention_maps_asked_for_at_planning_keep_attention_sharded(pool):
-    """output_attentions=True in the config: the attention maps leave each layer both
-    through o_proj and as outputs. q/k/v stay colwise and o_proj rowwise, the maps
-    gathered over heads for the output (they were left replicated, with a note), judged
-    at two lengths."""
-    res = pool.run(J.numerics, "llama", 2, True,
-                   {"attn_implementation": "eager", "output_attentions": True}, [(4, 8), (2, 6)])
-    check(res, 0.9)
-    for per_rank in res:
-        for r in per_rank:
-            assert len([k for k in r["outputs"] if "attentions" in k]) == 2, r["outputs"]
-            assert r["styles"]["model.layers.1.self_attn.q_proj"] == "colwise", r["styles"]
-            assert not [n for n in r["notes"] if "self_attn" in n], r["notes"]
-
-
 @pytest.mark.parametrize("family, overrides, flag", [
     ("llama", {"attn_implementation": "eager"}, "output_attentions"),
     ("mixtral", {}, "output_router_logits")])

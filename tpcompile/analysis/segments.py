@@ -86,7 +86,9 @@ def detect_segments(gm: fx.GraphModule, contracts: dict[fx.Node, Contract] | Non
                     segments.append(_segment(gm, g, res, entries, order))
                 break
             ends = res.gathered_outputs or res.losses  # read whole, or by a vocab-parallel loss
-            if not res.found_rowwise and not ends:
+            if res.found_rowwise and ends:
+                reason = "its output leaves the block both through a Linear and directly"
+            elif not res.found_rowwise and not ends:
                 reason = "no Linear, loss or output consumes it"
             else:
                 styles.update({e: "colwise" for e in sorted(entries, key=order.get)})
