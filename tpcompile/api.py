@@ -24,6 +24,7 @@ from .frontend import cast_floats, follow_devices, skeleton
 from .frontend.guards import guards_for
 from .planning import Compiled, Plan, Unit, compile_model, placement
 from .rewrite import rewrite
+from .rewrite.codegen import read_placement
 from .runtime import Program, install
 from .runtime.program import UNSPLITTABLE, config_read, hook_dicts, watch_hooks
 from .runtime.agreement import InputCheck, agree_on_planning
@@ -165,8 +166,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                                  given=load_plan(plan), skeleton=sk, dynamic=dynamic,
                                  **options)  # type: ignore[arg-type]
         _refuse_unsupported_layers(model, compiled)
-        _say_per_block_lost(model, compiled, activation_checkpointing, hf_flagged, dp_mesh)
         blocks = top_blocks(model, [m for u in compiled.units for m in u.members])
+        _say_per_block_lost(model, compiled, activation_checkpointing, hf_flagged, dp_mesh, blocks)
         activation_checkpointing = from_transformers(model, hf_flagged,
                                                      activation_checkpointing, blocks)
         group = tp_mesh.get_group().group_name
@@ -214,8 +215,8 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                     "than for the one it was planned on, so one tensor-parallel plan cannot "
                     "serve both")
             _refuse_hooked_blocks_inline(root, compiled, again)
-            late = [m for m in to_checkpoint if m not in {x for u in again.units for x in u.members}]
-            if late:
+            late = [m for m in to_checkpoint if m in _inlined_for_outputs(again)]
+            if late and root.training and torch.is_grad_enabled():
                 warn(f"tpcompile: this call computes {late[0]}"
                      + (f" (and {len(late) - 1} more)" if len(late) > 1 else "")
                      + " inline in the root's program (it asks for outputs transformers "
@@ -396,13 +397,21 @@ def _refuse_unsupported_layers(model: nn.Module, compiled: Compiled) -> None:
                 "before auto_parallelize, or fold what they do into the forward.")
 
 
+def _inlined_for_outputs(compiled: Compiled) -> list[str]:
+    """The blocks its programs compute inline because the call has transformers collect
+    outputs inside them (attention maps, router logits), by module path."""
+    return sorted({f"{m}.{r}" if m else r for u in compiled.units for m in u.members
+                   for r in u.t.for_outputs})
+
+
 def _say_per_block_lost(model: nn.Module, compiled: Compiled, checkpointing: Any,
-                        hf_flagged: list[str], dp_mesh: DeviceMesh | None) -> None:
+                        hf_flagged: list[str], dp_mesh: DeviceMesh | None,
+                        blocks: list[str]) -> None:
     """Blocks the call computes inline in the root's program, because it asks for outputs
     transformers collects inside them (attention maps, router logits), are not blocks:
-    activation checkpointing asked for is refused; transformers' checkpointing and FSDP2's
-    per-block gathers not applying to them is said once."""
-    inlined = [m for u in compiled.units if "" in u.members for m in u.t.for_outputs]
+    activation checkpointing asked for with no block left is refused; checkpointing and
+    FSDP2's per-block gathers not applying to them is said once."""
+    inlined = _inlined_for_outputs(compiled)
     if not inlined:
         return
     name = type(model).__name__
@@ -410,13 +419,15 @@ def _say_per_block_lost(model: nn.Module, compiled: Compiled, checkpointing: Any
     why = (f"the call {name} is planned on asks for outputs transformers collects inside "
            f"{where} (output_attentions or output_router_logits), so those layers are computed "
            "inline in the root's program")
-    if checkpoint_count(checkpointing, len(inlined), name):
+    asked = checkpoint_count(checkpointing, len(inlined), name) > 0
+    if asked and not blocks:
         raise CheckpointingError(
             f"activation_checkpointing={checkpointing!r}: {why}, where no block is "
             "checkpointed. Plan on a call without those outputs, or drop the option")
     lost = []
-    if hf_flagged:
-        lost.append("transformers' gradient checkpointing does not apply to them")
+    if hf_flagged or asked:
+        lost.append("activation checkpointing (transformers' gradient checkpointing too) does "
+                    "not apply to them")
     if dp_mesh is not None:
         lost.append("FSDP2 gathers their parameters with the root's, not one layer at a time")
     if lost:
@@ -425,26 +436,27 @@ def _say_per_block_lost(model: nn.Module, compiled: Compiled, checkpointing: Any
 
 
 def _refuse_misplaced(root: nn.Module, now: Compiled) -> None:
-    """A re-plan's programs read each parameter as their plan places it; the model holds
-    it as the first plan placed it. Where the two differ (a layer now in another program
-    whose plan says otherwise) the program would read a shard as the whole or the whole
-    as a shard: refused, never computed."""
+    """A re-plan's programs read each parameter under the placement their plan gives the
+    layers reading it; the model holds it as the first plan placed it. Where the two
+    differ (a layer now in another program whose plan says otherwise) the program would
+    read a shard as the whole or the whole as a shard: refused, never computed."""
     for unit in now.units:
         for member in unit.members:
-            want = placements_for(unit, member, root.get_submodule(member))
-            for fqn in sorted(set(unit.t.params.values())):
+            for ph, fqn in unit.t.params.items():
+                if not ph.users:  # a tied weight's other name, unread by this call
+                    continue
                 name = f"{member}.{fqn}" if member else fqn
                 p = root.get_parameter(name)
                 if not isinstance(p, DTensor):
                     continue  # replaced after planning: refused by name when read
-                have, need = p.placements[-1], want.get(name, [Replicate()])[0]
-                if have != need:
+                need = read_placement(ph, unit.styles, unit.prop) or Replicate()
+                if p.placements[-1] != need:
                     raise UnsupportedError(
                         f"this call's program would read {name} as {need} over tp, but the "
-                        f"model holds it as {have} (placed by the plan of the call it was "
-                        "parallelized on, whose structure differs). Call it as it was planned, "
-                        "or auto_parallelize a fresh copy with example inputs of this call's "
-                        "structure")
+                        f"model holds it as {p.placements[-1]} (placed by the plan of the call "
+                        "it was parallelized on, whose structure differs). Call it as it was "
+                        "planned, or auto_parallelize a fresh copy with example inputs of this "
+                        "call's structure")
 
 
 def _refuse_hooked_blocks_inline(root: nn.Module, before: Compiled, now: Compiled) -> None:
@@ -452,8 +464,7 @@ def _refuse_hooked_blocks_inline(root: nn.Module, before: Compiled, now: Compile
     call asking for outputs transformers collects inside the decoder layers: attention
     weights, router logits). Hooks on it would not run there: FSDP2's, which gather its
     parameters over dp, or the user's. Refused, with the way to plan it so."""
-    inlined = {m for u in before.units for m in u.members if m} - \
-        {m for u in now.units for m in u.members}
+    inlined = set(_inlined_for_outputs(now)) & {m for u in before.units for m in u.members}
     for name, m in root.named_modules():
         if name in inlined and any(not inert_hook(h) for d in hook_dicts(m) for h in d.values()):
             raise UnsupportedError(

@@ -427,18 +427,21 @@ def route_save_pretrained(model: nn.Module) -> None:
     parameters (it gathers only what transformers parallelized itself), failing after it
     wrote ``config.json``. On a parallel model the method is this module's
     ``save_pretrained``: the same folder, written from the gathered parameters."""
-    for m in model.modules():  # a transformers model inside a wrapper too
-        if callable(getattr(type(m), "save_pretrained", None)) and \
-                hasattr(getattr(m, "config", None), "save_pretrained"):
+    for m in model.modules():  # a transformers model inside a wrapper too (not a PEFT
+        # model around one: its save_pretrained writes the adapter alone)
+        if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(m).__mro__):
             _route(m)
 
 
 def _route(model: nn.Module) -> None:
     def routed(self: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
                state_dict: dict | None = None, push_to_hub: bool = False,
-               max_shard_size: int | str = "50GB", **kwargs: Any) -> None:
+               max_shard_size: int | str = 5 * 2**30, **kwargs: Any) -> None:
         """transformers' ``save_pretrained`` on a tpcompile model: every rank calls it
-        (parameters are gathered one at a time; rank 0 writes)."""
+        (parameters are gathered one at a time; rank 0 writes; a call on rank 0 alone
+        waits for the others). Files of at most ``max_shard_size`` (tpcompile's 5 GiB:
+        rank 0 holds one file's worth)."""
         refused = {"state_dict": state_dict is not None, "push_to_hub": bool(push_to_hub),
                    "variant": kwargs.pop("variant", None) is not None,
                    "distributed_checkpoint": bool(kwargs.pop("distributed_checkpoint", False)),

@@ -130,17 +130,7 @@ class _Builder:
                     self.owner.setdefault(layer.bias, set()).add(n)
 
     def _placement(self, p: fx.Node) -> Any:
-        """The tp placement of a parameter placeholder (None: replicated), from the style
-        of any layer that uses it (tied layers agree, the analysis made sure)."""
-        for n in [*p.users, *(v for u in p.users for v in u.users)]:  # experts: a view between
-            layer = layer_of(n)
-            if layer is not None and p in (layer.weight, layer.bias):
-                pname = "weight" if p is layer.weight else "bias"
-                pl = placement(layer.kind, self.styles.get(layer.name), pname,
-                               self.prop.packed.get(layer.name), layer.name in self.prop.grouped)
-                if pl is not None:
-                    return pl
-        return None
+        return read_placement(p, self.styles, self.prop)
 
     # -- parameters: read once at the top; replicated ones feeding Q ops get synced grads
     def _inputs(self) -> None:
@@ -525,6 +515,20 @@ class _Builder:
         a = list(a)
         a[pos if n.target is not aten.unflatten.int else 2] = sizes
         return self.g.create_node(n.op, n.target, tuple(a), k, n.name)
+
+
+def read_placement(p: fx.Node, styles: dict[str, str], prop: Propagation) -> Any:
+    """The tp placement a program reads a parameter placeholder under (None: replicated),
+    from the style of any layer that uses it (tied layers agree, the analysis made sure)."""
+    for n in [*p.users, *(v for u in p.users for v in u.users)]:  # experts: a view between
+        layer = layer_of(n)
+        if layer is not None and p in (layer.weight, layer.bias):
+            pname = "weight" if p is layer.weight else "bias"
+            pl = placement(layer.kind, styles.get(layer.name), pname,
+                           prop.packed.get(layer.name), layer.name in prop.grouped)
+            if pl is not None:
+                return pl
+    return None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
