@@ -214,8 +214,9 @@ def auto_parallelize(model: nn.Module, mesh: DeviceMesh, *, example_inputs: tupl
                     f"{type(model).__name__} computes with different layers for this call "
                     "than for the one it was planned on, so one tensor-parallel plan cannot "
                     "serve both")
-            _refuse_hooked_blocks_inline(root, compiled, again)
-            late = [m for m in to_checkpoint if m in _inlined_for_outputs(again)]
+            inlined = _inlined_for_outputs(again)
+            _refuse_hooked_blocks_inline(root, compiled, inlined)
+            late = [m for m in to_checkpoint if m in inlined]
             if late and root.training and torch.is_grad_enabled():
                 warn(f"tpcompile: this call computes {late[0]}"
                      + (f" (and {len(late) - 1} more)" if len(late) > 1 else "")
@@ -459,12 +460,12 @@ def _refuse_misplaced(root: nn.Module, now: Compiled) -> None:
                         "call's structure")
 
 
-def _refuse_hooked_blocks_inline(root: nn.Module, before: Compiled, now: Compiled) -> None:
+def _refuse_hooked_blocks_inline(root: nn.Module, before: Compiled, now_inline: list[str]) -> None:
     """A re-plan may compute inline a block the first plan ran as a program of its own (a
     call asking for outputs transformers collects inside the decoder layers: attention
     weights, router logits). Hooks on it would not run there: FSDP2's, which gather its
     parameters over dp, or the user's. Refused, with the way to plan it so."""
-    inlined = set(_inlined_for_outputs(now)) & {m for u in before.units for m in u.members}
+    inlined = set(now_inline) & {m for u in before.units for m in u.members}
     for name, m in root.named_modules():
         if name in inlined and any(not inert_hook(h) for d in hook_dicts(m) for h in d.values()):
             raise UnsupportedError(

@@ -45,6 +45,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .api import ON_COMMIT, auto_parallelize, split_mesh
 from .errors import TPCompileError, warn
+from .planning.calls import is_transformers
 
 
 class CheckpointFolderError(TPCompileError):
@@ -429,8 +430,7 @@ def route_save_pretrained(model: nn.Module) -> None:
     ``save_pretrained``: the same folder, written from the gathered parameters."""
     for m in model.modules():  # a transformers model inside a wrapper too (not a PEFT
         # model around one: its save_pretrained writes the adapter alone)
-        if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
-               for c in type(m).__mro__):
+        if is_transformers(m, "PreTrainedModel"):
             _route(m)
 
 

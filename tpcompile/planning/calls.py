@@ -13,10 +13,16 @@ import torch.nn as nn
 from ..errors import UnsupportedError, warn
 
 
-def _is_cache(x: Any) -> bool:
-    """A transformers ``Cache`` (``DynamicCache`` and kin), by its base class's name."""
-    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+def is_transformers(x: Any, base: str) -> bool:
+    """Whether ``x`` is an instance of transformers' class named ``base`` (a ``Cache``, a
+    ``PreTrainedModel``), by name: transformers is never imported for it."""
+    return any(c.__name__ == base and c.__module__.startswith("transformers")
                for c in type(x).__mro__)
+
+
+def _is_cache(x: Any) -> bool:
+    """A transformers ``Cache`` (``DynamicCache`` and kin)."""
+    return is_transformers(x, "Cache")
 
 
 def without_kv_cache(sk: nn.Module, args: tuple, kwargs: dict) -> None:
